@@ -1,0 +1,441 @@
+"""Typed configuration: small frozen sections, validated on load, every error reported at once.
+
+The YAML holds names and scalars only (read with `yaml.safe_load`). `load_config(path, overrides)` returns a
+frozen `KDConfig`; components never receive it whole: builders turn one section into flat arguments.
+This module imports no torch and nothing of kdkit but `errors`, so `kdkit validate` is instant.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kdkit.errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(Section):
+    """How to build one network."""
+
+    source: Literal["builtin", "timm", "torchvision", "kdkit"] = Field(
+        "builtin",
+        description="builtin: kdkit's small nets (mlp, small_cnn, resnet); timm/torchvision: a model by name from "
+        "that library (optional extra); kdkit: a student folder written by an earlier run (`path`).",
+    )
+    name: str | None = Field(None, description="Model name within its source, e.g. `mlp`, `small_cnn`, `resnet`.")
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Constructor arguments, checked against the model's signature."
+    )
+    path: str | None = Field(None, description="Folder of a kdkit student (source: kdkit).")
+    checkpoint: str | None = Field(
+        None,
+        description="Weights to load into the built model: a .safetensors file, or a .pt state dict (loaded with "
+        "weights_only=True). For a teacher, a checkpoint means the member is not trained.",
+    )
+
+    @model_validator(mode="after")
+    def _needs_name_or_path(self) -> "ModelSpec":
+        if self.source == "kdkit" and not self.path:
+            raise ValueError("source 'kdkit' needs `path` (a student folder written by kdkit)")
+        if self.source != "kdkit" and not self.name:
+            raise ValueError(f"source {self.source!r} needs `name`")
+        return self
+
+
+class DataConfig(Section):
+    """Where the examples come from and how they are split."""
+
+    source: Literal["builtin", "arrays", "csv", "parquet", "image_folder", "hf"] = Field(
+        "builtin",
+        description="builtin: a data set shipped inside a dependency (`name`: mnist5k or digits); arrays: an .npz "
+        "with `x` and `y`; csv/parquet: a table; image_folder: one sub-folder per class; hf: Hugging Face "
+        "`datasets` (a dataset name, or a builder such as csv/json/parquet with `data_files`).",
+    )
+    name: str | None = Field("mnist5k", description="Built-in data set name, or the `datasets` name/builder for hf.")
+    path: str | None = Field(None, description="File or folder for arrays, csv, parquet and image_folder.")
+    data_files: str | list[str] | None = Field(None, description="Files passed to `datasets.load_dataset` (hf).")
+    label_column: str = Field("label", description="Label column (csv, parquet, hf).")
+    feature_columns: list[str] | None = Field(
+        None, description="Feature columns (csv, parquet, hf); default: every column but the label."
+    )
+    image_column: str | None = Field(None, description="Image column (hf); when set, images are the input.")
+    image_size: int = Field(32, gt=0, description="Images are resized to image_size × image_size (image_folder, hf).")
+    grayscale: bool = Field(False, description="Read images as one channel (image_folder, hf).")
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="Share of the examples held out for validation.")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="Share held out for the final test.")
+    split_seed: int = Field(0, description="Seed of the stratified split; the same seed gives the same split.")
+    limit: int | None = Field(None, gt=0, description="Use only the first `limit` examples (quick runs, tests).")
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "DataConfig":
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError(
+                f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:g}; expected < 0.9 "
+                "so that training keeps at least 10% of the data"
+            )
+        if self.source in ("arrays", "csv", "parquet", "image_folder") and not self.path:
+            raise ValueError(f"source {self.source!r} needs `path`")
+        if self.source in ("builtin", "hf") and not self.name:
+            raise ValueError(f"source {self.source!r} needs `name`")
+        return self
+
+
+class TrainConfig(Section):
+    """Optimisation of one network (the student, or a teacher trained from this config)."""
+
+    epochs: int = Field(10, gt=0, description="Passes over the training split.")
+    batch_size: int = Field(128, gt=0, description="Examples per optimizer step (before accumulation).")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step.")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Optimizer.")
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (AdamW) or L2 (SGD).")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (Nesterov).")
+    schedule: Literal["constant", "cosine", "step"] = Field("cosine", description="LR schedule after warm-up.")
+    warmup_steps: int = Field(0, ge=0, description="Linear LR warm-up, in optimizer steps.")
+    step_every_epochs: int = Field(10, gt=0, description="For schedule: step, decay the LR every so many epochs.")
+    step_gamma: float = Field(0.1, gt=0, le=1, description="For schedule: step, the decay factor.")
+    grad_clip: float | None = Field(None, gt=0, description="Clip the global gradient norm to this value.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Autocast precision of the forward passes (losses are always computed in fp32)."
+    )
+    eval_every_epochs: int = Field(1, gt=0, description="Evaluate on the validation split every so many epochs.")
+    keep_best: Literal["accuracy", "f1_macro", "loss", "none"] = Field(
+        "accuracy", description="Keep the weights of the best validation epoch by this metric; none keeps the last."
+    )
+    early_stopping_patience: int | None = Field(
+        None, gt=0, description="Stop after this many evaluations without improvement of keep_best."
+    )
+    checkpoint_every_steps: int = Field(0, ge=0, description="Write a resumable checkpoint every N steps; 0: per epoch.")
+    keep_checkpoints: int = Field(2, gt=0, description="How many recent checkpoints to keep.")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+
+
+class TeacherMember(Section):
+    """One member of the teacher (ensemble)."""
+
+    model: ModelSpec = Field(description="The member's network.")
+    weight: float = Field(1.0, gt=0, description="Weight in the ensemble average (normalised over members).")
+    seed: int | None = Field(None, description="Seed when the member is trained here; default: its position.")
+
+
+class TeacherConfig(Section):
+    """The frozen teacher: one model or a weighted ensemble."""
+
+    members: list[TeacherMember] = Field(min_length=1, description="One or more teachers.")
+    combine: Literal["probs", "logits"] = Field(
+        "probs",
+        description="How members are averaged: probs averages softmax probabilities (the ensemble's logits are "
+        "then log-probabilities); logits averages raw logits.",
+    )
+    train: TrainConfig = Field(
+        default_factory=TrainConfig, description="Training of members that have no checkpoint (cross-entropy)."
+    )
+
+
+class StudentConfig(Section):
+    """The network being distilled."""
+
+    model: ModelSpec = Field(description="The student's network.")
+    baseline: bool = Field(
+        True, description="Also train the same architecture on labels alone, with the same budget, to measure the gain."
+    )
+
+
+class LossTerm(Section):
+    """One weighted part of the training loss."""
+
+    name: str = Field(description="Registered loss name: ce, soft_kl, hard_teacher, dkd.")
+    weight: float = Field(1.0, ge=0, description="Weight of this part in the total.")
+    params: dict[str, Any] = Field(default_factory=dict, description="Loss parameters, e.g. temperature.")
+
+
+class DistillConfig(Section):
+    """How the student learns from the teacher."""
+
+    losses: list[LossTerm] = Field(
+        default_factory=lambda: [
+            LossTerm(name="ce", weight=0.1),
+            LossTerm(name="soft_kl", weight=0.9, params={"temperature": 4.0}),
+        ],
+        min_length=1,
+        description="Weighted sum of losses; printed as a formula when a run starts.",
+    )
+    cache_teacher: bool = Field(
+        False,
+        description="Compute the teacher's outputs once per training example, store them on disk (memory-mapped) "
+        "and reuse them every epoch. Keyed by a hash of the teacher weights and the data.",
+    )
+    cache_dir: str | None = Field(
+        None, description="Folder of the teacher-output cache; default: $KDKIT_CACHE_DIR or ~/.cache/kdkit."
+    )
+    teacher_precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="Autocast precision of the teacher's forward pass (its outputs are kept in fp32)."
+    )
+    channels_last: bool = Field(False, description="Run conv teachers in channels-last memory format (faster on CPU).")
+
+
+class EvalConfig(Section):
+    """Final evaluation on the test split."""
+
+    batch_size: int = Field(256, gt=0, description="Batch size of evaluation and of the throughput figure.")
+    ece_bins: int = Field(15, gt=1, description="Bins of the expected calibration error.")
+    latency_repeats: int = Field(50, gt=0, description="Timed batch-1 forward passes per model (median reported).")
+    latency_warmup: int = Field(10, ge=0, description="Untimed batch-1 passes before timing.")
+
+
+class RunConfig(Section):
+    """The run as a whole."""
+
+    name: str = Field("run", description="Name of the run; the run directory is out_dir/name.")
+    out_dir: str = Field("runs", description="Parent folder of run directories (relative to the working directory).")
+    seeds: list[int] = Field(
+        default_factory=lambda: [0], min_length=1, description="Student seeds; metrics are mean ± std over them."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU.")
+    threads: int | None = Field(None, gt=0, description="torch CPU threads; default: torch's choice.")
+    tensorboard: bool = Field(True, description="Write TensorBoard scalars to RUN_DIR/tb.")
+    progress: bool = Field(True, description="Show progress bars.")
+
+
+class KDConfig(Section):
+    """A whole distillation run."""
+
+    run: RunConfig = Field(default_factory=RunConfig, description="The run as a whole.")
+    data: DataConfig = Field(default_factory=DataConfig, description="The data.")
+    teacher: TeacherConfig = Field(description="The teacher or ensemble.")
+    student: StudentConfig = Field(description="The student.")
+    distill: DistillConfig = Field(default_factory=DistillConfig, description="Losses and teacher caching.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training of the student (and baseline).")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Final evaluation.")
+
+    @field_validator("distill")
+    @classmethod
+    def _losses_named(cls, v: DistillConfig) -> DistillConfig:
+        names = [t.name for t in v.losses]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"loss listed twice: {', '.join(dupes)}; give each loss once with its weight")
+        return v
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for i, key in enumerate(keys[:-1]):
+        nxt = node.get(key)
+        if isinstance(nxt, list) and keys[i + 1].isdigit():
+            idx = int(keys[i + 1])
+            if idx >= len(nxt):
+                raise ConfigError(f"--set {dotted}: index {idx} out of range; {'.'.join(keys[: i + 1])} has {len(nxt)} items")
+            rest = ".".join(keys[i + 2 :])
+            if not rest:
+                nxt[idx] = value
+                return
+            if not isinstance(nxt[idx], dict):
+                raise ConfigError(f"--set {dotted}: {'.'.join(keys[: i + 2])} is not a section")
+            _set_dotted(nxt[idx], rest, value)
+            return
+        if nxt is None:
+            nxt = node[key] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {dotted}: {'.'.join(keys[: i + 1])} is a value, not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.epochs=3' -> ('train.epochs', 3). The value is read as YAML (numbers, lists, true/false, null)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. train.epochs=3")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: expected a dotted key such as train.epochs")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _section_model(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that holds the field at `loc` (for suggestions on unknown keys)."""
+    model: Any = KDConfig
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return None
+        ann = model.model_fields[part].annotation
+        model = _unwrap(ann)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _unwrap(ann: Any) -> Any:
+    origin = typing.get_origin(ann)
+    if origin in (list, typing.Union, types.UnionType):
+        for arg in typing.get_args(ann):
+            inner = _unwrap(arg)
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                return inner
+    return ann
+
+
+def _format_error(err: dict) -> str:
+    loc = tuple(err["loc"])
+    path = ".".join(str(p) for p in loc) or "(top level)"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        model = _section_model(loc)
+        fields = sorted(model.model_fields) if model else []
+        close = difflib.get_close_matches(str(loc[-1]), fields, n=3, cutoff=0.5)
+        hint = f" (did you mean: {', '.join(close)}?)" if close else ""
+        return f"{path}: unknown key{hint}; expected one of: {', '.join(fields)}"
+    if kind == "missing":
+        return f"{path}: required, but missing"
+    value = err.get("input")
+    shown = repr(value) if not isinstance(value, dict) else "a section"
+    msg = err["msg"].removeprefix("Value error, ")
+    if kind == "model_type" or kind == "dict_type":
+        return f"{path}: got {shown}; expected a section (key: value pairs)"
+    return f"{path}: got {shown}; {msg[0].lower() + msg[1:] if msg else 'invalid'}"
+
+
+def config_from_dict(raw: Any, source: str = "config") -> KDConfig:
+    """Validate a plain dict; every problem is listed in one ConfigError."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections (run, data, teacher, ...), got {type(raw).__name__}")
+    try:
+        return KDConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = [_format_error(e) for e in exc.errors()]
+        if len(problems) == 1:
+            raise ConfigError(f"{source}: {problems[0]}") from None
+        raise ConfigError(f"{source}: {len(problems)} problems", details=problems) from None
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config: file {str(p)!r} not found" + ("" if p.parent.exists() else " (nor its folder)"))
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"config {str(p)!r}: {problem}{where}") from None
+    return raw if raw is not None else {}
+
+
+def load_config(path: str | Path | dict, overrides: list[str] | tuple[str, ...] = ()) -> KDConfig:
+    """Read a YAML file (or take a dict), apply `--set key=value` overrides, and validate."""
+    raw = dict(path) if isinstance(path, dict) else read_yaml(path)
+    source = "config" if isinstance(path, dict) else str(path)
+    import copy
+
+    raw = copy.deepcopy(raw)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(raw, key, value)
+    return config_from_dict(raw, source)
+
+
+def dump_config(cfg: KDConfig) -> str:
+    """The resolved config as YAML (every default written out)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def config_diff(a: KDConfig, b: KDConfig, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Dotted keys whose values differ between two configs."""
+
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(d, dict):
+            out = {}
+            for k, v in d.items():
+                out.update(flat(v, f"{prefix}{k}."))
+            return out
+        return {prefix[:-1]: d}
+
+    fa, fb = flat(a.model_dump(mode="json")), flat(b.model_dump(mode="json"))
+    keys = sorted(set(fa) | set(fb))
+    return [k for k in keys if fa.get(k) != fb.get(k) and not any(k.startswith(i) for i in ignore)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Documentation generated from the field descriptions (docs/config.md; a test keeps it fresh)
+
+
+def _type_name(ann: Any) -> str:
+    origin = typing.get_origin(ann)
+    if origin is Literal:
+        return " \\| ".join(str(a) for a in typing.get_args(ann))
+    if origin in (typing.Union, types.UnionType):
+        return " \\| ".join(_type_name(a) for a in typing.get_args(ann))
+    if origin is not None:
+        args = ", ".join(_type_name(a) for a in typing.get_args(ann))
+        return f"{origin.__name__}[{args}]"
+    if ann is type(None):
+        return "null"
+    return getattr(ann, "__name__", str(ann))
+
+
+def config_markdown() -> str:
+    """Markdown reference of every config section and field, from the models' descriptions."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `src/kdkit/config.py` by `kdkit config-docs > docs/config.md`; a test fails when it is stale.",
+        "Every key is checked on load: an unknown key fails with the closest valid names.",
+        "",
+    ]
+    seen: list[type[BaseModel]] = []
+
+    def visit(model: type[BaseModel], path: str) -> None:
+        if model in seen:
+            return
+        seen.append(model)
+        lines.append(f"## `{path}` — {model.__doc__.strip().splitlines()[0] if model.__doc__ else ''}")
+        lines.append("")
+        lines.append("| key | type | default | meaning |")
+        lines.append("|---|---|---|---|")
+        nested = []
+        for name, f in model.model_fields.items():
+            inner = _unwrap(f.annotation)
+            if f.is_required():
+                default = "required"
+            elif f.default_factory is not None:
+                made = f.default_factory()
+                default = "see below" if isinstance(made, BaseModel) else f"`{_short(made)}`"
+            else:
+                default = f"`{_short(f.default)}`"
+            lines.append(f"| `{name}` | {_type_name(f.annotation)} | {default} | {f.description or ''} |")
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                suffix = "[]" if typing.get_origin(f.annotation) is list else ""
+                nested.append((inner, f"{path}.{name}{suffix}" if path else name + suffix))
+        lines.append("")
+        for inner, sub in nested:
+            visit(inner, sub)
+
+    for name, f in KDConfig.model_fields.items():
+        visit(_unwrap(f.annotation), name)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, list) and value and isinstance(value[0], BaseModel):
+        return str([v.model_dump() for v in value])
+    return "null" if value is None else str(value)

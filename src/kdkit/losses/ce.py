@@ -1,0 +1,24 @@
+"""Cross-entropy with the true labels."""
+
+from __future__ import annotations
+
+from kdkit.losses import functional as Fk
+from kdkit.losses.base import Loss
+from kdkit.types import Batch, ModelOutputs
+
+
+class CrossEntropy(Loss):
+    name = "ce"
+    needs_teacher = False
+
+    def __init__(self, label_smoothing: float = 0.0):
+        super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing={label_smoothing}; expected 0 <= value < 1")
+        self.label_smoothing = label_smoothing
+
+    def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, batch: Batch):
+        return Fk.cross_entropy(student.logits, batch.labels, self.label_smoothing)
+
+    def describe(self) -> str:
+        return f"ce(smoothing={self.label_smoothing:g})" if self.label_smoothing else "ce"

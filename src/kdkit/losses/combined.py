@@ -1,0 +1,36 @@
+"""The total loss: an explicit weighted sum of named parts."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kdkit.losses.base import Loss
+from kdkit.types import Batch, ModelOutputs, StepOutput
+
+
+class WeightedLoss(nn.Module):
+    """total = Σ weight_i · loss_i. Weights are explicit: there is no hidden (1 − α) complement."""
+
+    def __init__(self, terms: list[tuple[float, Loss]]):
+        super().__init__()
+        if not terms:
+            raise ValueError("a WeightedLoss needs at least one term")
+        self.weights = [float(w) for w, _ in terms]
+        self.parts = nn.ModuleList([loss for _, loss in terms])
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(p.needs_teacher and w > 0 for w, p in zip(self.weights, self.parts))
+
+    def formula(self) -> str:
+        return "total = " + " + ".join(f"{w:g}*{p.describe()}" for w, p in zip(self.weights, self.parts))
+
+    def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, batch: Batch) -> StepOutput:
+        total = torch.zeros((), device=student.logits.device)
+        parts = {}
+        for w, p in zip(self.weights, self.parts):
+            value = p(student, teacher, batch)
+            parts[p.name] = value.detach()
+            total = total + w * value
+        return StepOutput(loss=total, parts=parts)

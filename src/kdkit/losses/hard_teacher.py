@@ -1,0 +1,14 @@
+"""Hard distillation: cross-entropy with the teacher's top-1 class as the label."""
+
+from __future__ import annotations
+
+from kdkit.losses import functional as Fk
+from kdkit.losses.base import Loss
+from kdkit.types import Batch, ModelOutputs
+
+
+class HardTeacher(Loss):
+    name = "hard_teacher"
+
+    def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, batch: Batch):
+        return Fk.hard_teacher(student.logits, teacher.logits)

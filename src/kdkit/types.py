@@ -1,0 +1,49 @@
+"""The shared vocabulary: what flows between data, models, teachers, losses and the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+
+@dataclass
+class Batch:
+    """One mini-batch.
+
+    inputs: (B, ...) model input; labels: (B,) int64 class ids; index: (B,) int64 positions of the samples in their
+    data set (the teacher-output cache is keyed by it).
+    """
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    index: torch.Tensor
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch(self.inputs.to(device), self.labels.to(device), self.index.to(device))
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass
+class ModelOutputs:
+    """What a student or a teacher produced for a batch.
+
+    logits: (B, C) unnormalised scores. For an ensemble that averages probabilities these are log-probabilities,
+    which softmax maps back to the averaged probabilities. features: tapped activations by module path.
+    """
+
+    logits: torch.Tensor
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def detach(self) -> "ModelOutputs":
+        return replace(self, logits=self.logits.detach(), features={k: v.detach() for k, v in self.features.items()})
+
+
+@dataclass
+class StepOutput:
+    """The result of one training step: the total loss (with grad) and each named, weighted part (detached)."""
+
+    loss: torch.Tensor
+    parts: dict[str, torch.Tensor]
