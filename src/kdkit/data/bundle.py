@@ -1,0 +1,145 @@
+"""From a data section to train/val/test data sets: stratified split with a fixed seed, normalisation fitted on
+the training split only, and batches as `kdkit.types.Batch`."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from kdkit.errors import DataError
+from kdkit.types import Batch
+
+
+class TensorData(Dataset):
+    """In-memory examples; an item is (input, label, position in this data set)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.x, self.labels = x, y
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def __getitem__(self, i: int):
+        return self.x[i], self.labels[i], i
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(str(tuple(self.x.shape)).encode())
+        h.update(self.x.contiguous().numpy().tobytes())
+        h.update(self.labels.numpy().tobytes())
+        return h.hexdigest()
+
+
+def collate(items: list) -> Batch:
+    xs, ys, idx = zip(*items)
+    return Batch(torch.stack(list(xs)), torch.as_tensor(ys, dtype=torch.long), torch.as_tensor(idx, dtype=torch.long))
+
+
+@dataclass
+class DataBundle:
+    train: Dataset
+    val: Dataset | None
+    test: Dataset
+    num_classes: int
+    class_names: list[str]
+    input_shape: tuple[int, ...]  # one example, without the batch dimension
+
+    def example(self, n: int = 1) -> torch.Tensor:
+        """The first n training inputs as a batch (shape checks, latency)."""
+        return torch.stack([self.train[i][0] for i in range(min(n, len(self.train)))])
+
+
+def split_indices(y: np.ndarray, val_fraction: float, test_fraction: float, seed: int):
+    """Stratified train/val/test positions; the same seed gives the same split."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(y))
+    counts = np.bincount(y)
+    stratify = y if counts[counts > 0].min() >= 3 else None  # too few of a class to stratify: plain random split
+    rest, test = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=stratify)
+    if val_fraction <= 0:
+        return np.sort(rest), np.array([], dtype=np.int64), np.sort(test)
+    rel = val_fraction / (1.0 - test_fraction)
+    train, val = train_test_split(rest, test_size=rel, random_state=seed, stratify=None if stratify is None else y[rest])
+    return np.sort(train), np.sort(val), np.sort(test)
+
+
+def bundle_from_arrays(x: np.ndarray, y: np.ndarray, names: list[str], val_fraction: float, test_fraction: float,
+                       seed: int, limit: int | None) -> DataBundle:
+    """Split, fit the normalisation on the training split (per channel for images, per feature for tables)."""
+    if limit:
+        x, y = x[:limit], y[:limit]
+    if len(y) == 0:
+        raise DataError("data: the data set is empty; expected at least a few examples per class")
+    num_classes = len(names)
+    if len(np.unique(y)) < 2:
+        raise DataError(f"data: only one class ({names[int(y[0])]!r}) present; expected at least two classes")
+    if len(y) < 10:
+        raise DataError(f"data: {len(y)} examples; expected at least 10 to make train, validation and test splits")
+    tr, va, te = split_indices(y, val_fraction, test_fraction, seed)
+    x_t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    axes = (0, 2, 3) if x_t.dim() == 4 else tuple(i for i in range(x_t.dim()) if i != 1)
+    mean = x_t[tr].mean(dim=axes, keepdim=True)
+    std = x_t[tr].std(dim=axes, keepdim=True).clamp_min(1e-6)
+    x_t = (x_t - mean) / std
+    y_t = torch.from_numpy(y.astype(np.int64))
+
+    def part(ix):
+        return TensorData(x_t[ix].contiguous(), y_t[ix].contiguous())
+
+    return DataBundle(part(tr), part(va) if len(va) else None, part(te), num_classes, names, tuple(x_t.shape[1:]))
+
+
+def build_data(
+    source: str,
+    name: str | None = None,
+    path: str | None = None,
+    data_files=None,
+    label_column: str = "label",
+    feature_columns: list[str] | None = None,
+    image_column: str | None = None,
+    image_size: int = 32,
+    grayscale: bool = False,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    split_seed: int = 0,
+    limit: int | None = None,
+) -> DataBundle:
+    """The flat arguments of the `data` config section → DataBundle."""
+    from kdkit.data import builtin, hf, images, tables
+    from kdkit.registry import lookup
+
+    if source == "image_folder":
+        return _image_folder_bundle(path, image_size, grayscale, val_fraction, test_fraction, split_seed, limit)
+    if source == "builtin":
+        x, y, names = lookup(builtin.BUILTIN_DATASETS, name, "data.name")()
+    elif source == "arrays":
+        x, y, names = tables.load_arrays(path)
+    elif source in ("csv", "parquet"):
+        x, y, names = tables.load_table(path, source, label_column, feature_columns)
+    elif source == "hf":
+        x, y, names = hf.load_hf(name, data_files, label_column, feature_columns, image_column, image_size, grayscale)
+    else:  # the config's Literal makes this unreachable from YAML
+        raise DataError(f"data.source: unknown source {source!r}")
+    del images
+    return bundle_from_arrays(x, y, names, val_fraction, test_fraction, split_seed, limit)
+
+
+def _image_folder_bundle(path, size, grayscale, val_fraction, test_fraction, seed, limit) -> DataBundle:
+    from kdkit.data.images import ImageFiles, scan_image_folder
+
+    paths, y, names = scan_image_folder(path)
+    if limit:
+        paths, y = paths[:limit], y[:limit]
+    if len(np.unique(y)) < 2:
+        raise DataError(f"data.path: only one class folder with images under {path!r}; expected at least two")
+    tr, va, te = split_indices(y, val_fraction, test_fraction, seed)
+    raw = ImageFiles(paths, y, size, grayscale)
+    sample = torch.stack([raw.load(int(i)) for i in tr[:256]])
+    mean, std = sample.mean(dim=(0, 2, 3)), sample.std(dim=(0, 2, 3)).clamp_min(1e-6)
+    full = ImageFiles(paths, y, size, grayscale, mean, std)
+    return DataBundle(full.subset(tr), full.subset(va) if len(va) else None, full.subset(te), len(names), names,
+                      tuple(sample.shape[1:]))

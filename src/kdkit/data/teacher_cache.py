@@ -1,0 +1,95 @@
+"""Teacher outputs computed once per training example, stored on disk, memory-mapped and reused every epoch.
+
+The cache is keyed by a hash of the teacher's weights (and how it is run) and of the data set, so a changed
+teacher or data set gets a new cache instead of a stale one. Files: <key>.npy (float32 (N, C) logits) and
+<key>.json (what was hashed, shapes); both written atomically. The data layer does not know what a teacher is:
+it takes a function inputs → logits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from kdkit.atomic import write_json, write_with
+from kdkit.data.bundle import collate
+from kdkit.errors import DataError
+from kdkit.types import Batch, ModelOutputs
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("KDKIT_CACHE_DIR") or Path.home() / ".cache" / "kdkit") / "teacher_outputs"
+
+
+def cache_key(teacher_fingerprint: str, data_fingerprint: str) -> str:
+    return hashlib.sha256(f"{teacher_fingerprint}|{data_fingerprint}".encode()).hexdigest()[:32]
+
+
+class TeacherCache:
+    """Maps a batch to the teacher's stored outputs by the examples' positions (Batch.index)."""
+
+    def __init__(self, logits: np.ndarray, path: Path | None = None):
+        self.logits = logits  # (N, C) float32, usually a read-only memory map
+        self.path = path
+
+    def __len__(self) -> int:
+        return int(self.logits.shape[0])
+
+    def __call__(self, batch: Batch) -> ModelOutputs:
+        idx = batch.index.cpu().numpy()
+        rows = torch.from_numpy(np.ascontiguousarray(self.logits[idx]))
+        return ModelOutputs(logits=rows.to(batch.inputs.device))
+
+    @classmethod
+    def build_or_load(
+        cls,
+        dataset: Dataset,
+        forward: Callable[[torch.Tensor], torch.Tensor],
+        teacher_fingerprint: str,
+        cache_dir: str | Path | None = None,
+        batch_size: int = 256,
+        device: torch.device | str = "cpu",
+        log: Callable[[str], None] = print,
+    ) -> "TeacherCache":
+        fp = getattr(dataset, "fingerprint", None)
+        if fp is None:
+            raise DataError("distill.cache_teacher: this data set cannot be fingerprinted; set cache_teacher: false")
+        data_fp = fp()
+        folder = Path(cache_dir) if cache_dir else default_cache_dir()
+        key = cache_key(teacher_fingerprint, data_fp)
+        npy, meta_path = folder / f"{key}.npy", folder / f"{key}.json"
+        if npy.is_file() and meta_path.is_file():
+            meta = json.loads(meta_path.read_text())
+            if meta.get("teacher") == teacher_fingerprint and meta.get("data") == data_fp and meta.get("n") == len(dataset):
+                logits = np.load(npy, mmap_mode="r")
+                if logits.shape[0] == len(dataset):
+                    log(f"teacher cache: reusing {npy} ({logits.shape[0]} × {logits.shape[1]})")
+                    return cls(logits, npy)
+            log(f"teacher cache: {npy} does not match this teacher and data; rebuilding")
+        logits = compute_logits(dataset, forward, batch_size, device)
+        write_with(npy, lambda p: _save_npy(p, logits))
+        write_json(meta_path, {"teacher": teacher_fingerprint, "data": data_fp, "n": len(dataset),
+                               "num_classes": int(logits.shape[1]), "dtype": "float32"})
+        log(f"teacher cache: wrote {npy} ({logits.nbytes / 1e6:.2f} MB)")
+        return cls(np.load(npy, mmap_mode="r"), npy)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as fh:  # np.save on a path would append '.npy' to the temp name
+        np.save(fh, array)
+
+
+@torch.inference_mode()
+def compute_logits(dataset: Dataset, forward, batch_size: int, device) -> np.ndarray:
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    out = []
+    for batch in loader:
+        out.append(forward(batch.inputs.to(device)).float().cpu())
+    return torch.cat(out).numpy()

@@ -1,0 +1,298 @@
+"""The training loop: one readable function. The step's forward is `distill_step`; evaluation comes in as a
+callable (`on_eval`) so the engine never imports evaluation; the teacher comes in as a callable too (a frozen
+Teacher/TeacherEnsemble, or a TeacherCache that looks outputs up by example index)."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from kdkit.data import collate
+from kdkit.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from kdkit.engine.optim import build_optimizer, build_scheduler
+from kdkit.engine.runtime import make_accelerator
+from kdkit.engine.step import distill_step
+from kdkit.errors import TrainingError
+from kdkit.losses import WeightedLoss
+from kdkit.types import Batch, ModelOutputs
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Flat training settings (the fields of the `train` config section)."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    grad_accum: int = 1
+    optimizer: str = "adamw"
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    step_every_epochs: int = 10
+    step_gamma: float = 0.1
+    grad_clip: float | None = None
+    precision: str = "fp32"
+    eval_every_epochs: int = 1
+    keep_best: str = "accuracy"
+    early_stopping_patience: int | None = None
+    checkpoint_every_steps: int = 0
+    keep_checkpoints: int = 2
+    num_workers: int = 0
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainOptions":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
+@dataclass
+class TrainResult:
+    history: list[dict] = field(default_factory=list)
+    steps: int = 0
+    epochs_run: int = 0
+    best_epoch: int | None = None
+    best_value: float | None = None
+    stopped_early: bool = False
+    interrupted: bool = False
+    seconds: float = 0.0
+
+
+class EpochShuffle(Sampler[int]):
+    """A permutation per epoch from (seed, epoch): the data order is the same on every run and after a resume."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+def _better(value: float, best: float | None, metric: str) -> bool:
+    if best is None:
+        return True
+    return value < best if metric == "loss" else value > best
+
+
+def train(
+    student: nn.Module,
+    loss: WeightedLoss,
+    train_data: Dataset,
+    opts: TrainOptions,
+    *,
+    teacher: Callable[[Batch], ModelOutputs] | None = None,
+    on_eval: Callable[[nn.Module], dict[str, float]] | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    ckpt_dir: Path | None = None,
+    resume: bool = False,
+    tb_dir: Path | None = None,
+    progress: bool = True,
+    desc: str = "train",
+    log: Callable[[str], None] = print,
+    interrupt_after: int | None = None,
+) -> TrainResult:
+    """Train `student` (and any parameters of `loss`, e.g. projectors) on `train_data`.
+
+    teacher(batch) gives the teacher's outputs when the loss needs them. on_eval(student) returns validation
+    metrics ({"accuracy", "f1_macro", "loss", ...}) every `opts.eval_every_epochs`; the best state by
+    `opts.keep_best` is restored at the end. With ckpt_dir, a checkpoint is written every
+    `opts.checkpoint_every_steps` optimizer steps (or each epoch) and `resume=True` continues from the newest
+    one exactly. interrupt_after stops after that many optimizer steps in this call, as a crash would (tests).
+    """
+    started = time.perf_counter()
+    if len(train_data) == 0:
+        raise TrainingError("data: the training split is empty; expected at least one example")
+    accelerator = make_accelerator(device, opts.precision, opts.grad_accum)
+    torch.manual_seed(seed)
+    sampler = EpochShuffle(len(train_data), seed)
+    loader = DataLoader(train_data, batch_size=opts.batch_size, sampler=sampler, collate_fn=collate,
+                        num_workers=opts.num_workers)
+    micro_per_epoch = len(loader)
+    steps_per_epoch = math.ceil(micro_per_epoch / opts.grad_accum)
+    total_steps = steps_per_epoch * opts.epochs
+    params = list(student.parameters()) + list(loss.parameters())
+    optimizer = build_optimizer(params, opts.optimizer, opts.lr, opts.weight_decay, opts.momentum)
+    scheduler = build_scheduler(optimizer, total_steps, opts.schedule, opts.warmup_steps, steps_per_epoch,
+                                opts.step_every_epochs, opts.step_gamma)
+    model, optimizer, loader = accelerator.prepare(student, optimizer, loader)
+    loss = loss.to(accelerator.device)
+    needs_teacher = loss.needs_teacher
+    if needs_teacher and teacher is None:
+        raise TrainingError("distill.losses: a loss needs the teacher's outputs, but no teacher was given")
+
+    result = TrainResult()
+    step, epoch, skip = 0, 0, 0
+    best_state: dict | None = None
+    bad_evals = 0
+    if resume and ckpt_dir is not None and (path := latest_checkpoint(ckpt_dir)) is not None:
+        ck = load_checkpoint(path)
+        accelerator.unwrap_model(model).load_state_dict(ck["student"])
+        if ck["loss_modules"]:
+            loss.load_state_dict(ck["loss_modules"])
+        optimizer.optimizer.load_state_dict(ck["trainer"]["optimizer"])
+        scheduler.load_state_dict(ck["trainer"]["scheduler"])
+        torch.set_rng_state(ck["trainer"]["rng"])
+        st = ck["state"]
+        step, epoch, skip = st["step"], st["epoch"], st["batch_in_epoch"]
+        result.history, result.best_value, result.best_epoch = st["history"], st["best_value"], st["best_epoch"]
+        bad_evals = st["bad_evals"]
+        best_state = ck["best"]
+        log(f"{desc}: resumed from {path.name} (epoch {epoch + 1}, step {step})")
+
+    def checkpoint(batch_in_epoch: int, at_epoch: int) -> None:
+        if ckpt_dir is None or not accelerator.is_main_process:
+            return
+        save_checkpoint(
+            ckpt_dir, step,
+            student=accelerator.unwrap_model(model).state_dict(), loss_modules=loss.state_dict(), best=best_state,
+            trainer={"optimizer": optimizer.optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "rng": torch.get_rng_state()},
+            state={"step": step, "epoch": at_epoch, "batch_in_epoch": batch_in_epoch, "history": result.history,
+                   "best_value": result.best_value, "best_epoch": result.best_epoch, "bad_evals": bad_evals},
+            keep=opts.keep_checkpoints,
+        )
+
+    writer = None
+    if tb_dir is not None and accelerator.is_main_process:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(tb_dir))
+    bar = _Progress(total_steps, desc, enabled=progress and accelerator.is_main_process)
+    bar.advance(step)
+    steps_this_call = 0
+    sums: dict[str, torch.Tensor] = {}
+    n_sums = 0
+    log_every = max(1, min(50, steps_per_epoch // 4))
+    try:
+        while epoch < opts.epochs:
+            sampler.set_epoch(epoch)
+            model.train()
+            batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+            micro = skip
+            skip = 0
+            for batch in batches:
+                with accelerator.accumulate(model):
+                    t_out = teacher(batch) if needs_teacher else None
+                    out = distill_step(model, loss, batch, t_out)
+                    if not torch.isfinite(out.loss):
+                        parts = ", ".join(f"{k}={v.item():.4g}" for k, v in out.parts.items())
+                        last = latest_checkpoint(ckpt_dir) if ckpt_dir is not None else None
+                        kept = f"; last good checkpoint: {last}" if last else "; no checkpoint was written yet"
+                        raise TrainingError(
+                            f"{desc}: the loss became {out.loss.item()} at step {step + 1} (epoch {epoch + 1}; "
+                            f"parts: {parts}); training stopped{kept}. Lower train.lr or set train.grad_clip"
+                        )
+                    accelerator.backward(out.loss)
+                    if accelerator.sync_gradients and opts.grad_clip:
+                        accelerator.clip_grad_norm_(params, opts.grad_clip)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                micro += 1
+                for k, v in {"total": out.loss.detach(), **out.parts}.items():
+                    sums[k] = sums.get(k, 0.0) + v.float()
+                n_sums += 1
+                if not accelerator.sync_gradients:
+                    continue
+                scheduler.step()
+                step += 1
+                steps_this_call += 1
+                bar.advance(1)
+                if step % log_every == 0 or micro == micro_per_epoch:
+                    record = {"step": step, "epoch": epoch + micro / micro_per_epoch,
+                              **{f"train/{k}": (v / n_sums).item() for k, v in sums.items()},
+                              "lr": scheduler.get_last_lr()[0]}
+                    result.history.append(record)
+                    bar.show(record)
+                    if writer:
+                        for k, v in record.items():
+                            if k not in ("step", "epoch"):
+                                writer.add_scalar(k, v, step)
+                    sums, n_sums = {}, 0
+                if opts.checkpoint_every_steps and step % opts.checkpoint_every_steps == 0 and micro < micro_per_epoch:
+                    checkpoint(micro, epoch)
+                if interrupt_after is not None and steps_this_call >= interrupt_after:
+                    result.interrupted = True
+                    return result
+            epoch += 1
+            if on_eval is not None and (epoch % opts.eval_every_epochs == 0 or epoch == opts.epochs):
+                metrics = on_eval(accelerator.unwrap_model(model))
+                model.train()
+                result.history.append({"step": step, "epoch": float(epoch), **{f"val/{k}": v for k, v in metrics.items()}})
+                if writer:
+                    for k, v in metrics.items():
+                        writer.add_scalar(f"val/{k}", v, step)
+                if opts.keep_best != "none" and opts.keep_best in metrics:
+                    if _better(metrics[opts.keep_best], result.best_value, opts.keep_best):
+                        result.best_value, result.best_epoch, bad_evals = metrics[opts.keep_best], epoch, 0
+                        best_state = {k: v.detach().cpu().clone()
+                                      for k, v in accelerator.unwrap_model(model).state_dict().items()}
+                    else:
+                        bad_evals += 1
+                bar.note(f"epoch {epoch}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            if not opts.checkpoint_every_steps or step % opts.checkpoint_every_steps == 0 or epoch == opts.epochs:
+                checkpoint(0, epoch)
+            if opts.early_stopping_patience and bad_evals >= opts.early_stopping_patience:
+                result.stopped_early = True
+                log(f"{desc}: early stop after epoch {epoch} ({bad_evals} evaluations without a better {opts.keep_best})")
+                break
+    finally:
+        bar.close()
+        if writer:
+            writer.close()
+    final = accelerator.unwrap_model(model)
+    if best_state is not None:
+        final.load_state_dict(best_state)
+    result.steps, result.epochs_run = step, epoch
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+class _Progress:
+    """A rich progress bar with ETA and the latest loss parts; silent when disabled."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"), transient=False,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task(desc, total=total, info="")
+
+    def advance(self, n: int) -> None:
+        if self.enabled and n:
+            self.progress.advance(self.task, n)
+
+    def show(self, record: dict) -> None:
+        if self.enabled:
+            info = " ".join(f"{k.split('/', 1)[1]}={v:.4f}" for k, v in record.items() if k.startswith("train/"))
+            self.progress.update(self.task, info=info)
+
+    def note(self, text: str) -> None:
+        if self.enabled:
+            self.progress.console.print(f"  {text}", highlight=False)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.progress.stop()

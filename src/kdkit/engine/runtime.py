@@ -1,0 +1,40 @@
+"""The one place that knows about devices, processes and precision: a thin boundary around Accelerate.
+
+Accelerate keeps its state per process (a singleton). kdkit trains several networks in one process (teacher
+members, baseline, student), possibly at different precisions, so each training run starts a fresh
+AcceleratorState while keeping the process group (PartialState) of a multi-process launch.
+"""
+
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+
+from kdkit.errors import ConfigError
+
+_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+def resolve_device(device: str) -> str:
+    """auto → cuda when available, else cpu; cuda without a GPU is an error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device: 'cuda' asked for, but no CUDA device is available; use auto or cpu")
+    return device
+
+
+def make_accelerator(device: str, precision: str, grad_accum: int) -> Accelerator:
+    device = resolve_device(device)
+    if precision == "fp16" and device == "cpu":
+        raise ConfigError("train.precision: 'fp16' needs a CUDA device; on CPU use bf16 or fp32")
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    return Accelerator(cpu=device == "cpu", mixed_precision=_PRECISION[precision], gradient_accumulation_steps=grad_accum)
+
+
+def is_main_process() -> bool:
+    from accelerate.state import PartialState
+
+    return PartialState().is_main_process

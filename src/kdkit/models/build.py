@@ -1,0 +1,160 @@
+"""build_model: one network from its source (built-in, timm, torchvision, a kdkit student folder), with weights.
+
+A student folder is what kdkit writes for every trained network: `model.safetensors` and `model.json` (source,
+name, kwargs, input shape, class count), which is all it takes to rebuild it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdkit.atomic import write_json, write_with
+from kdkit.errors import CompatibilityError, ConfigError
+from kdkit.models.small import BUILTIN_MODELS
+from kdkit.registry import bind, lookup
+
+
+def build_model(
+    source: str,
+    name: str | None,
+    kwargs: dict[str, Any],
+    in_shape: tuple[int, ...],
+    num_classes: int,
+    path: str | None = None,
+    checkpoint: str | None = None,
+    where: str = "model",
+) -> nn.Module:
+    """Build a network for inputs of `in_shape` and `num_classes` outputs; load `checkpoint` weights if given."""
+    if source == "kdkit":
+        model = load_model_folder(path, where=f"{where}.path")
+    elif source == "builtin":
+        cls = lookup(BUILTIN_MODELS, name, f"{where}.name")
+        params = bind(cls.__init__, kwargs, f"{where}.kwargs", provided=("in_shape", "num_classes"))
+        try:
+            model = cls(in_shape=tuple(in_shape), num_classes=num_classes, **params)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{where}.kwargs: {exc}") from None
+    elif source == "timm":
+        model = _timm(name, kwargs, in_shape, num_classes, where)
+    elif source == "torchvision":
+        model = _torchvision(name, kwargs, num_classes, where)
+    else:
+        raise ConfigError(f"{where}.source: unknown source {source!r}; expected builtin, timm, torchvision or kdkit")
+    if checkpoint:
+        load_weights(model, checkpoint, f"{where}.checkpoint")
+    return model
+
+
+def _timm(name: str, kwargs: dict, in_shape, num_classes: int, where: str) -> nn.Module:
+    try:
+        import timm
+    except ImportError:
+        raise ConfigError(f"{where}.source: 'timm' is not installed (pip install 'kdkit[vision]')") from None
+    if not timm.is_model(name):
+        from kdkit.registry import suggest
+
+        raise ConfigError(f"{where}.name: timm has no model {name!r}{suggest(name, timm.list_models())}")
+    kwargs = {"pretrained": False, **kwargs}
+    return timm.create_model(name, num_classes=num_classes, in_chans=in_shape[0], **kwargs)
+
+
+def _torchvision(name: str, kwargs: dict, num_classes: int, where: str) -> nn.Module:
+    try:
+        import torchvision
+    except ImportError:
+        raise ConfigError(f"{where}.source: 'torchvision' is not installed (pip install 'kdkit[vision]')") from None
+    available = torchvision.models.list_models()
+    if name not in available:
+        from kdkit.registry import suggest
+
+        raise ConfigError(f"{where}.name: torchvision has no model {name!r}{suggest(name, available)}")
+    return torchvision.models.get_model(name, num_classes=num_classes, **kwargs)
+
+
+def load_weights(model: nn.Module, path: str | Path, where: str) -> None:
+    """Load a .safetensors file or a .pt/.pth state dict (weights_only: nothing is unpickled)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{where}: file {str(p)!r} not found")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(p))
+    else:
+        try:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ConfigError(f"{where}: could not read {str(p)!r} as a weights-only state dict: {exc}".splitlines()[0]) from None
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if wrong:
+            parts.append(f"{len(wrong)} of another shape (e.g. {wrong[0]}; file vs model)")
+        raise CompatibilityError(f"{where}: {p.name} does not fit the model: {'; '.join(parts)}")
+    model.load_state_dict(state)
+
+
+def save_model_folder(model: nn.Module, folder: str | Path, spec: dict[str, Any]) -> Path:
+    """Write model.safetensors + model.json (spec: source, name, kwargs, in_shape, num_classes, ...) atomically."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    write_with(folder / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    write_json(folder / "model.json", spec)
+    return folder
+
+
+def load_model_folder(path: str | Path | None, where: str = "model.path") -> nn.Module:
+    folder = Path(path or "")
+    spec_path = folder / "model.json"
+    if not spec_path.is_file():
+        raise ConfigError(f"{where}: {str(folder)!r} is not a kdkit model folder (no model.json)")
+    spec = json.loads(spec_path.read_text())
+    if spec.get("source") == "kdkit":
+        raise ConfigError(f"{where}: {spec_path} points to another folder; expected a concrete model spec")
+    model = build_model(spec["source"], spec["name"], spec.get("kwargs", {}), tuple(spec["in_shape"]),
+                        int(spec["num_classes"]), where=where)
+    load_weights(model, folder / "model.safetensors", where)
+    return model
+
+
+def model_spec(source: str, name: str | None, kwargs: dict, in_shape, num_classes: int, path: str | None = None) -> dict:
+    """What save_model_folder records; for a model loaded from a kdkit folder, the folder's own spec."""
+    if source == "kdkit":
+        return json.loads((Path(path) / "model.json").read_text())
+    return {"source": source, "name": name, "kwargs": dict(kwargs), "in_shape": list(in_shape), "num_classes": num_classes}
+
+
+def output_classes(model: nn.Module, example: torch.Tensor, where: str) -> int:
+    """Run one example through the model (eval, no grad) and return its class count; shape errors become clear."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            out = model(example)
+    except RuntimeError as exc:
+        raise CompatibilityError(
+            f"{where}: the model cannot take inputs of shape {tuple(example.shape[1:])}: {str(exc).splitlines()[0]}"
+        ) from None
+    finally:
+        model.train(was_training)
+    logits = getattr(out, "logits", out)
+    if logits.dim() != 2:
+        raise CompatibilityError(f"{where}: the model returns shape {tuple(logits.shape)}; expected (batch, classes)")
+    return int(logits.shape[-1])

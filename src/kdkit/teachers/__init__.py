@@ -1,0 +1,6 @@
+"""Teachers: one frozen model, or a weighted ensemble that returns the same ModelOutputs."""
+
+from kdkit.teachers.ensemble import TeacherEnsemble
+from kdkit.teachers.teacher import Teacher
+
+__all__ = ["Teacher", "TeacherEnsemble"]

@@ -1,0 +1,65 @@
+"""An ensemble of teachers that looks like one teacher: the same ModelOutputs, so losses do not care."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+
+from kdkit.errors import CompatibilityError
+from kdkit.teachers.teacher import Teacher
+from kdkit.types import ModelOutputs
+
+
+class TeacherEnsemble(nn.Module):
+    """Weighted average of members.
+
+    combine="probs": p = Σ w_i softmax(z_i); the returned logits are log p (softmax(log p) = p, so a loss at T=1
+    sees exactly the averaged probabilities; at T ≠ 1 it softens the averaged distribution).
+    combine="logits": z = Σ w_i z_i. Weights are normalised to sum to 1.
+    """
+
+    def __init__(self, members: list[Teacher], weights: list[float] | None = None, combine: str = "probs"):
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one teacher")
+        if combine not in ("probs", "logits"):
+            raise ValueError(f"combine={combine!r}; expected 'probs' or 'logits'")
+        weights = list(weights) if weights is not None else [1.0] * len(members)
+        if len(weights) != len(members) or any(w <= 0 for w in weights):
+            raise ValueError(f"weights={weights}; expected {len(members)} positive numbers")
+        total = sum(weights)
+        self.members = nn.ModuleList(members)
+        self.weights = [w / total for w in weights]
+        self.combine = combine
+
+    def train(self, mode: bool = True) -> "TeacherEnsemble":
+        return super().train(False)
+
+    @torch.inference_mode()
+    def forward(self, inputs: torch.Tensor) -> ModelOutputs:
+        outs = [m(inputs).logits for m in self.members]  # each (B, C) fp32
+        classes = {o.shape[-1] for o in outs}
+        if len(classes) > 1:
+            raise CompatibilityError(f"teacher.members: members output different class counts {sorted(classes)}")
+        if self.combine == "logits":
+            logits = sum(w * o for w, o in zip(self.weights, outs))
+        else:
+            # log Σ w_i softmax(z_i), computed stably in log space.
+            stacked = torch.stack([o.log_softmax(-1) + torch.log(torch.tensor(w)) for w, o in zip(self.weights, outs)])
+            logits = torch.logsumexp(stacked, dim=0)
+        return ModelOutputs(logits=logits)
+
+    def logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.forward(inputs).logits
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(f"ensemble|{self.combine}|{self.weights}".encode())
+        for m in self.members:
+            h.update(m.fingerprint().encode())
+        return h.hexdigest()
+
+    def check(self, example: torch.Tensor, num_classes: int, where: str = "teacher") -> None:
+        for i, m in enumerate(self.members):
+            m.check(example, num_classes, f"{where}.members.{i}")
