@@ -1,1 +1,3 @@
-"""kdkit."""
+"""kdkit: knowledge distillation."""
+
+__version__ = "0.1.0"

@@ -13,6 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def write_with(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call write(tmp_path) and move tmp_path onto `path` atomically."""
@@ -20,6 +23,7 @@ def write_with(path: str | Path, write: Callable[[Path], None]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the mode a plain open() would
     tmp_path = Path(tmp)
     try:
         write(tmp_path)

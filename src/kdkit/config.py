@@ -43,7 +43,7 @@ class ModelSpec(Section):
     )
 
     @model_validator(mode="after")
-    def _needs_name_or_path(self) -> "ModelSpec":
+    def _needs_name_or_path(self) -> ModelSpec:
         if self.source == "kdkit" and not self.path:
             raise ValueError("source 'kdkit' needs `path` (a student folder written by kdkit)")
         if self.source != "kdkit" and not self.name:
@@ -76,7 +76,7 @@ class DataConfig(Section):
     limit: int | None = Field(None, gt=0, description="Use only the first `limit` examples (quick runs, tests).")
 
     @model_validator(mode="after")
-    def _fractions(self) -> "DataConfig":
+    def _fractions(self) -> DataConfig:
         if self.val_fraction + self.test_fraction >= 0.9:
             raise ValueError(
                 f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:g}; expected < 0.9 "

@@ -19,7 +19,7 @@ class Batch:
     labels: torch.Tensor
     index: torch.Tensor
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         return Batch(
             self.inputs.to(device, non_blocking=non_blocking),
             self.labels.to(device, non_blocking=non_blocking),
@@ -41,7 +41,7 @@ class ModelOutputs:
     logits: torch.Tensor
     features: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def detach(self) -> "ModelOutputs":
+    def detach(self) -> ModelOutputs:
         return replace(self, logits=self.logits.detach(), features={k: v.detach() for k, v in self.features.items()})
 
 

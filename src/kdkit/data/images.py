@@ -64,7 +64,7 @@ class ImageFiles(Dataset):
     def __getitem__(self, i: int):
         return (self.load(i) - self.mean) / self.std, self.labels[i], i
 
-    def subset(self, idx: np.ndarray) -> "ImageFiles":
+    def subset(self, idx: np.ndarray) -> ImageFiles:
         return ImageFiles([self.paths[i] for i in idx], self.labels.numpy()[idx], self.size, self.grayscale, self.mean, self.std)
 
     def fingerprint(self) -> str:

@@ -57,7 +57,7 @@ class TeacherCache:
         batch_size: int = 256,
         device: torch.device | str = "cpu",
         log: Callable[[str], None] = print,
-    ) -> "TeacherCache":
+    ) -> TeacherCache:
         fp = getattr(dataset, "fingerprint", None)
         if fp is None:
             raise DataError("distill.cache_teacher: this data set cannot be fingerprinted; set cache_teacher: false")

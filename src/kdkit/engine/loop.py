@@ -50,7 +50,7 @@ class TrainOptions:
     num_workers: int = 0
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainOptions":
+    def from_dict(cls, values: dict[str, Any]) -> TrainOptions:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
 
@@ -271,7 +271,14 @@ class _Progress:
         self.enabled = enabled
         if not enabled:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

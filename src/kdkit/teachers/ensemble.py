@@ -34,7 +34,7 @@ class TeacherEnsemble(nn.Module):
         self.weights = [w / total for w in weights]
         self.combine = combine
 
-    def train(self, mode: bool = True) -> "TeacherEnsemble":
+    def train(self, mode: bool = True) -> TeacherEnsemble:
         return super().train(False)
 
     @torch.inference_mode()

@@ -30,7 +30,7 @@ class Teacher(nn.Module):
             p.requires_grad_(False)
         self.model.eval()
 
-    def train(self, mode: bool = True) -> "Teacher":
+    def train(self, mode: bool = True) -> Teacher:
         # A teacher stays in eval mode (BatchNorm statistics and dropout frozen), whatever the caller asks.
         return super().train(False)
 

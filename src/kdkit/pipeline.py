@@ -1,0 +1,267 @@
+"""The whole flow, top to bottom: config → data → teacher → student → losses → engine → evaluation → report.
+
+A run directory holds everything a run made and how it was made:
+    config.yaml  env.json  metrics.json  history.json  report.md  plots/*.png  tb/
+    teachers/member_<i>/   student/ (the chosen seed's student)   phases/<phase>/   checkpoints/<phase>/
+A finished phase (a teacher member, a baseline or a student seed) leaves a model folder with result.json under
+phases/ or teachers/; `--resume` reuses finished phases and continues the unfinished one from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kdkit.atomic import write_json, write_text
+from kdkit.config import KDConfig, config_diff, dump_config, load_config
+from kdkit.data import DataBundle, TeacherCache, build_data
+from kdkit.engine import TrainOptions, train
+from kdkit.engine.runtime import is_main_process, resolve_device
+from kdkit.errors import CompatibilityError, ConfigError, TrainingError
+from kdkit.evaluate import (
+    classification_metrics,
+    confusion,
+    footprint,
+    gain,
+    latency_ms,
+    reliability,
+    summarize_seeds,
+    throughput,
+)
+from kdkit.evaluate.predict import predict
+from kdkit.losses import build_loss
+from kdkit.models import build_model, load_model_folder, model_spec, output_classes, save_model_folder
+from kdkit.report import write_report
+from kdkit.teachers import Teacher, TeacherEnsemble
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: dict
+    student: nn.Module
+    teacher: TeacherEnsemble
+
+
+def distill(config: KDConfig | str | Path | dict, *, out: str | Path | None = None, overrides: tuple[str, ...] = (),
+            resume: bool = False, log: Log = print) -> RunResult:
+    """Train (or load) the teacher, then for each seed a baseline student and a distilled student; evaluate, report."""
+    cfg = config if isinstance(config, KDConfig) else load_config(config, overrides)
+    run_dir = Path(out) if out else Path(cfg.run.out_dir) / cfg.run.name
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    device = resolve_device(cfg.run.device)
+    env = prepare_run_dir(run_dir, cfg, resume, device)
+    data = build_data(**cfg.data.model_dump())
+    log(f"data: {len(data.train)} train / {len(data.val) if data.val else 0} val / {len(data.test)} test, "
+        f"{data.num_classes} classes, input {data.input_shape}")
+
+    teacher, teacher_histories = build_teacher(cfg, data, run_dir, resume, device, log)
+    loss = build_loss([(t.name, t.weight, t.params) for t in cfg.distill.losses])
+    teacher_outputs = teacher_source(cfg, data, teacher, device, log) if loss.needs_teacher else None
+    baseline_loss = build_loss([("ce", 1.0, next((t.params for t in cfg.distill.losses if t.name == "ce"), {}))])
+    log(f"loss: {loss.formula()}" + (f"   (baseline: {baseline_loss.formula()})" if cfg.student.baseline else ""))
+
+    s = cfg.student.model
+    spec = model_spec(s.source, s.name, s.kwargs, data.input_shape, data.num_classes, s.path)
+    kinds = [("baseline", baseline_loss)] * cfg.student.baseline + [("student", loss)]
+    runs: dict[str, list[dict]] = {"student": [], "baseline": []}
+    for seed in cfg.run.seeds:
+        for kind, phase_loss in kinds:
+            phase = f"{kind}-s{seed}"
+
+            def make(seed=seed):
+                torch.manual_seed(seed)
+                return build_model(s.source, s.name, s.kwargs, data.input_shape, data.num_classes, s.path,
+                                   s.checkpoint, where="student.model")
+
+            model, result = run_phase(cfg, cfg.train, data, run_dir, phase, make, spec, phase_loss,
+                                      teacher_outputs if kind == "student" else None, seed, resume, device, log)
+            runs[kind].append({"phase": phase, "model": model, **result})
+
+    metrics, extras = evaluate_all(cfg, data, teacher, runs, device)
+    best = max(runs["student"], key=lambda r: r["val_score"])
+    save_model_folder(best["model"], run_dir / "student", spec)
+    write_json(run_dir / "metrics.json", metrics)
+    histories = teacher_histories | {r["phase"]: r["history"] for kind in runs.values() for r in kind}
+    write_json(run_dir / "history.json", histories)
+    write_report(run_dir, metrics=metrics, histories=histories, formula=loss.formula(), config_yaml=dump_config(cfg),
+                 class_names=data.class_names, env=env, **extras)
+    return RunResult(run_dir, metrics, best["model"], teacher)
+
+
+def prepare_run_dir(run_dir: Path, cfg: KDConfig, resume: bool, device: str) -> dict:
+    """Write config.yaml and env.json; on resume, refuse a config that differs from the run's own."""
+    saved = run_dir / "config.yaml"
+    if resume and saved.is_file():
+        before = load_config(saved)
+        changed = config_diff(before, cfg, ignore=("run.progress", "run.threads"))
+        if changed:
+            raise TrainingError(f"--resume: the config differs from {saved} in {', '.join(changed[:5])}; "
+                                "resume with the same config, or start a new run directory")
+    elif resume:
+        raise TrainingError(f"--resume: {run_dir} holds no run (no config.yaml); drop --resume to start it")
+    elif (run_dir / "metrics.json").exists() or (run_dir / "checkpoints").exists():
+        shutil.rmtree(run_dir)  # a fresh run in a used folder starts clean; stale phases must not be reused
+    run_dir.mkdir(parents=True, exist_ok=True)
+    import accelerate
+    import numpy
+    import sklearn
+
+    from kdkit import __version__
+
+    env = {"kdkit": __version__, "python": platform.python_version(), "torch": torch.__version__,
+           "accelerate": accelerate.__version__, "numpy": numpy.__version__, "scikit-learn": sklearn.__version__,
+           "platform": platform.platform(), "device": device, "threads": torch.get_num_threads(),
+           "seeds": list(cfg.run.seeds), "split_seed": cfg.data.split_seed}
+    if is_main_process():
+        write_text(saved, dump_config(cfg))
+        write_json(run_dir / "env.json", env)
+    return env
+
+
+def run_phase(cfg: KDConfig, train_cfg, data: DataBundle, run_dir: Path, phase: str, make: Callable[[], nn.Module],
+              spec: dict, loss, teacher_outputs, seed: int, resume: bool, device: str, log: Log,
+              folder: Path | None = None) -> tuple[nn.Module, dict]:
+    """Train one network (or reuse it when a resumed run already finished this phase)."""
+    folder = folder or run_dir / "phases" / phase
+    done = folder / "result.json"
+    if resume and done.is_file():
+        log(f"{phase}: finished earlier, reusing {folder}")
+        return load_model_folder(folder), json.loads(done.read_text())
+    model = make()
+    got = output_classes(model, data.example(2), f"{phase.split('-')[0]}.model")
+    if got != data.num_classes:
+        raise CompatibilityError(f"{phase.split('-')[0]}.model: outputs {got} classes; the data has {data.num_classes}")
+    on_eval = (lambda m: val_metrics(m, data, cfg.eval.batch_size, device)) if data.val is not None else None
+    result = train(model, loss, data.train, TrainOptions.from_dict(train_cfg.model_dump()), teacher=teacher_outputs,
+                   on_eval=on_eval, seed=seed, device=device, ckpt_dir=run_dir / "checkpoints" / phase, resume=resume,
+                   tb_dir=(run_dir / "tb" / phase) if cfg.run.tensorboard else None, progress=cfg.run.progress,
+                   desc=phase, log=log)
+    model = model.cpu()
+    summary = {"history": result.history, "val_score": result.best_value if result.best_value is not None else 0.0,
+               "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "steps": result.steps,
+               "seconds": result.seconds, "stopped_early": result.stopped_early}
+    save_model_folder(model, folder, spec)
+    write_json(done, summary)
+    return model, summary
+
+
+def val_metrics(model: nn.Module, data: DataBundle, batch_size: int, device: str) -> dict[str, float]:
+    logits, labels = predict(model, data.val, batch_size, device)
+    m = classification_metrics(logits, labels)
+    return {"accuracy": m["accuracy"], "f1_macro": m["f1_macro"], "loss": m["nll"]}
+
+
+def build_teacher(cfg: KDConfig, data: DataBundle, run_dir: Path, resume: bool, device: str,
+                  log: Log) -> tuple[TeacherEnsemble, dict[str, list[dict]]]:
+    """Load each member from its checkpoint, or train it here with cross-entropy; wrap them frozen.
+    Returns the ensemble and the training histories of the members trained here."""
+    members, histories = [], {}
+    for i, member in enumerate(cfg.teacher.members):
+        m = member.model
+        where = f"teacher.members.{i}.model"
+        spec = model_spec(m.source, m.name, m.kwargs, data.input_shape, data.num_classes, m.path)
+        if m.checkpoint or m.source == "kdkit":
+            model = build_model(m.source, m.name, m.kwargs, data.input_shape, data.num_classes, m.path, m.checkpoint,
+                                where=where)
+        else:
+            seed = member.seed if member.seed is not None else i
+
+            def make(m=m, seed=seed, where=where):
+                torch.manual_seed(seed)
+                return build_model(m.source, m.name, m.kwargs, data.input_shape, data.num_classes, where=where)
+
+            model, result = run_phase(cfg, cfg.teacher.train, data, run_dir, f"teacher-{i}", make, spec,
+                                      build_loss([("ce", 1.0, {})]), None, seed, resume, device, log,
+                                      folder=run_dir / "teachers" / f"member_{i}")
+            histories[f"teacher-{i}"] = result["history"]
+        members.append(Teacher(model.to(device), cfg.distill.teacher_precision, cfg.distill.channels_last))
+    ensemble = TeacherEnsemble(members, [mb.weight for mb in cfg.teacher.members], cfg.teacher.combine)
+    ensemble.check(data.example(2).to(device), data.num_classes)
+    return ensemble, histories
+
+
+def teacher_source(cfg: KDConfig, data: DataBundle, teacher: TeacherEnsemble, device: str, log: Log):
+    """What the loop calls for teacher outputs: the disk cache (looked up by example index), or the live teacher."""
+    if cfg.distill.cache_teacher:
+        return TeacherCache.build_or_load(data.train, teacher.logits, teacher.fingerprint(), cfg.distill.cache_dir,
+                                          cfg.eval.batch_size, device, log)
+    return lambda batch: teacher(batch.inputs)
+
+
+def evaluate_all(cfg: KDConfig, data: DataBundle, teacher: TeacherEnsemble, runs: dict, device: str):
+    """Test-split metrics of teacher, baseline and students (mean ± std over seeds), cost and speed-up."""
+    e = cfg.eval
+    t_logits, labels = predict(teacher, data.test, e.batch_size, device)
+    one, batch = data.example(1).to(device), data.example(e.batch_size).to(device)
+
+    def cost(forward, modules) -> dict:
+        return {**footprint(modules), "latency_ms": latency_ms(forward, one, e.latency_repeats, e.latency_warmup),
+                "throughput": throughput(forward, batch)}
+
+    teacher_cost = cost(teacher, [mb.model for mb in teacher.members])
+    teacher_m = {**classification_metrics(t_logits, labels, t_logits, e.ece_bins), **teacher_cost, "speedup": 1.0,
+                 "members": len(teacher.members)}
+    metrics, curves = {"teacher": teacher_m}, {"teacher": reliability(t_logits, labels, e.ece_bins)}
+    student_cost = None
+    student_logits = None
+    for kind, key in (("baseline", "baseline_student"), ("student", "student")):
+        if not runs[kind]:
+            continue
+        per_seed = []
+        for r in runs[kind]:
+            model = r["model"].to(device).eval()
+            logits, _ = predict(model, data.test, e.batch_size, device)
+            per_seed.append({**classification_metrics(logits, labels, t_logits, e.ece_bins), "seed": r["phase"]})
+            if kind == "student" and student_logits is None:
+                student_logits = logits
+        if student_cost is None:  # baseline and student share one architecture: one cost measurement
+            model = runs[kind][0]["model"]
+            student_cost = cost(model, [model])
+            student_cost["speedup"] = teacher_cost["latency_ms"] / max(student_cost["latency_ms"], 1e-9)
+        metrics[key] = {**summarize_seeds(per_seed), **student_cost}
+        curves[key] = reliability(logits, labels, e.ece_bins)
+        for r in runs[kind]:
+            r["model"].cpu()
+    if runs["baseline"]:
+        strip = [{k: v for k, v in d.items() if k != "seed"} for d in metrics["student"]["per_seed"]]
+        base = [{k: v for k, v in d.items() if k != "seed"} for d in metrics["baseline_student"]["per_seed"]]
+        metrics["gain"] = gain(strip, base)
+    extras = {"confusion_matrix": confusion(student_logits, labels, data.num_classes), "reliability_curves": curves}
+    return metrics, extras
+
+
+def evaluate_run(run_dir: str | Path, log: Log = print) -> dict:
+    """Re-evaluate a finished run from its folder: the saved teacher members and student on the test split."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"RUN_DIR: {str(run_dir)!r} is not a kdkit run directory (no config.yaml)")
+    if not (run_dir / "student" / "model.json").is_file():
+        raise ConfigError(f"RUN_DIR: {str(run_dir)!r} has no trained student (student/model.json); did the run finish?")
+    cfg = load_config(run_dir / "config.yaml")
+    device = resolve_device(cfg.run.device)
+    data = build_data(**cfg.data.model_dump())
+    members = []
+    for i, member in enumerate(cfg.teacher.members):
+        folder = run_dir / "teachers" / f"member_{i}"
+        m = member.model
+        model = load_model_folder(folder) if (folder / "model.json").is_file() else build_model(
+            m.source, m.name, m.kwargs, data.input_shape, data.num_classes, m.path, m.checkpoint,
+            where=f"teacher.members.{i}.model")
+        members.append(Teacher(model.to(device), cfg.distill.teacher_precision, cfg.distill.channels_last))
+    teacher = TeacherEnsemble(members, [mb.weight for mb in cfg.teacher.members], cfg.teacher.combine)
+    student = load_model_folder(run_dir / "student")
+    runs = {"student": [{"phase": "student", "model": student}], "baseline": []}
+    metrics, _ = evaluate_all(cfg, data, teacher, runs, device)
+    write_json(run_dir / "eval.json", metrics)
+    return metrics

@@ -1,0 +1,187 @@
+"""report.md: what was trained, how well it did, what it costs, and how it was made.
+
+The summary table shares its rows and number formats with the terminal table (table.summary_rows), so the two
+never disagree.
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+
+import numpy as np
+
+from kdkit.atomic import write_text
+from kdkit.report import plots
+from kdkit.report.table import (
+    MISSING,
+    gain_numbers,
+    percent,
+    summary_headers,
+    summary_rows,
+    three_decimals,
+)
+
+# A confusion matrix of more classes than this is unreadable as an image.
+MAX_CONFUSION_CLASSES = 20
+
+PLOT_FILES = ["comparison.png", "loss_parts.png", "val_accuracy.png", "reliability.png", "confusion.png"]
+
+
+def write_report(
+    run_dir: pathlib.Path,
+    *,
+    metrics: dict,
+    histories: dict[str, list[dict]],
+    formula: str,
+    config_yaml: str,
+    class_names: list[str],
+    confusion_matrix: np.ndarray | None,
+    reliability_curves: dict[str, dict],
+    env: dict,
+) -> pathlib.Path:
+    """Write RUN_DIR/report.md and its PNGs under RUN_DIR/plots/; return the path of report.md.
+
+    metrics: the content of metrics.json ({"teacher", "student", optional "baseline_student", optional "gain"}).
+    histories: phase name ("student-s0", "baseline-s0", "teacher-0") → records in time order.
+    formula: the loss as printed at the start of the run, e.g. "total = 0.1*ce + 0.9*soft_kl(T=4)".
+    confusion_matrix: the distilled student's (C, C) matrix; plotted only when given and C ≤ 20.
+    reliability_curves: model key ("teacher", "student", "baseline_student") → output of evaluate.reliability.
+    env: versions, seed, device, ... shown as a two-column table.
+
+    Plots without data (no history for a phase, no curves) are not drawn and not linked. A plot from an earlier
+    report in the same run directory that this report does not draw is removed, so plots/ matches report.md.
+    """
+    run_dir = pathlib.Path(run_dir)
+    plot_dir = run_dir / "plots"
+    drawn = [
+        plots.plot_comparison(metrics, plot_dir / "comparison.png"),
+        plots.plot_loss_parts(histories, plot_dir / "loss_parts.png"),
+        plots.plot_val_accuracy(histories, plot_dir / "val_accuracy.png"),
+        plots.plot_reliability(reliability_curves, plot_dir / "reliability.png"),
+    ]
+    if confusion_matrix is not None and np.asarray(confusion_matrix).shape[0] <= MAX_CONFUSION_CLASSES:
+        drawn.append(plots.plot_confusion(confusion_matrix, class_names, plot_dir / "confusion.png"))
+    drawn_names = {path.name for path in drawn if path is not None}
+    for name in PLOT_FILES:
+        if name not in drawn_names:
+            (plot_dir / name).unlink(missing_ok=True)
+
+    sections = [
+        f"# kdkit report: {run_dir.name}",
+        f"**Loss:** `{formula}`",
+        _summary_section(metrics),
+        _per_seed_section(metrics),
+        _plots_section(drawn_names, class_names, confusion_matrix),
+        "## Environment\n\n" + _table(["", "value"], [[str(k), str(v)] for k, v in env.items()], numeric=False),
+        "## Resolved config\n\n" + _code_block(config_yaml, "yaml"),
+    ]
+    text = "\n\n".join(section for section in sections if section) + "\n"
+    return write_text(run_dir / "report.md", text)
+
+
+def _summary_section(metrics: dict) -> str:
+    lines = ["## Summary", "", _table(summary_headers(), summary_rows(metrics))]
+    lines += ["", "Accuracy, macro F1 and agreement (top-1 agreement with the teacher) in %; ECE: expected calibration"]
+    lines += ["error (lower is better); speed-up: teacher latency ÷ this model's latency (batch 1)."]
+    student = metrics.get("student") or {}
+    if student.get("n_seeds", 1) > 1:
+        lines += [f"Students: mean ± std (population) over {student['n_seeds']} seeds."]
+    if metrics.get("teacher", {}).get("members", 1) > 1:
+        lines += [f"The teacher is an ensemble of {metrics['teacher']['members']} members."]
+    if metrics.get("gain"):
+        lines += ["", "### Distillation gain", "", *_gain_lines(metrics)]
+    elif not metrics.get("baseline_student"):
+        lines += ["", "No baseline student was trained, so the gain of distillation is not measured."]
+    return "\n".join(lines)
+
+
+def _gain_lines(metrics: dict) -> list[str]:
+    """One line per key of metrics["gain"], e.g. "Distillation gain (accuracy): +0.80 ± 0.31 points over 3 seeds".
+
+    Differences are paired by seed (distilled − baseline with the same seed). Accuracy and F1 are in percentage
+    points; ECE is absolute, and negative is better. With one seed there is no spread to show.
+    """
+    lines = []
+    for key in metrics["gain"]:
+        mean, std, n = gain_numbers(metrics, key)
+        if key == "ece":
+            name, scale, digits, unit = "ECE, lower is better", 1, 3, ""
+        else:
+            name, scale, digits, unit = _LABELS.get(key, key), 100, 2, " points"
+        value = f"{scale * mean:+.{digits}f}" + (f" ± {scale * std:.{digits}f}" if n > 1 else "")
+        lines.append(f"- Distillation gain ({name}): {value}{unit} over {n} seed{'s' if n != 1 else ''}")
+    return lines
+
+
+_LABELS = {"accuracy": "accuracy", "f1_macro": "macro F1", "agreement": "agreement"}
+
+
+def _per_seed_section(metrics: dict) -> str:
+    """One row per seed: the distilled student's and, when trained, the baseline's scores and the paired difference."""
+    student_seeds = (metrics.get("student") or {}).get("per_seed") or []
+    if not student_seeds:
+        return ""
+    baseline_seeds = (metrics.get("baseline_student") or {}).get("per_seed") or []
+    headers = ["seed", "student accuracy", "student macro F1", "student ECE", "student agreement"]
+    if baseline_seeds:
+        headers += ["baseline accuracy", "baseline macro F1", "baseline ECE", "Δ accuracy (pts)"]
+    rows = []
+    for i, student in enumerate(student_seeds):
+        row = [str(student.get("seed", i))]
+        row += [percent(student.get("accuracy")), percent(student.get("f1_macro")), three_decimals(student.get("ece"))]
+        row += [percent(student.get("agreement"))]
+        if baseline_seeds:
+            baseline = baseline_seeds[i] if i < len(baseline_seeds) else {}
+            row += [percent(baseline.get("accuracy")), percent(baseline.get("f1_macro"))]
+            row += [three_decimals(baseline.get("ece")), _difference(student, baseline, "accuracy")]
+        rows.append(row)
+    return "## Per seed\n\n" + _table(headers, rows)
+
+
+def _plots_section(drawn: set[str], class_names: list[str], confusion_matrix: np.ndarray | None) -> str:
+    captions = {
+        "comparison.png": "Accuracy and macro F1; error bars are the std over seeds.",
+        "loss_parts.png": "Training loss parts of the distilled student (weighted, as summed into the total).",
+        "val_accuracy.png": "Validation accuracy per epoch for every trained phase.",
+        "reliability.png": "Reliability diagram: points below the diagonal are over-confident.",
+        "confusion.png": "Confusion matrix of the distilled student (rows true, columns predicted).",
+    }
+    parts = ["## Plots"]
+    for name in PLOT_FILES:
+        if name in drawn:
+            parts.append(f"![{name.removesuffix('.png')}](plots/{name})\n\n{captions[name]}")
+    if confusion_matrix is not None and "confusion.png" not in drawn:
+        num_classes = np.asarray(confusion_matrix).shape[0]
+        parts.append(
+            f"The confusion matrix ({num_classes} classes) is not drawn above {MAX_CONFUSION_CLASSES} classes."
+        )
+    return "\n\n".join(parts) if len(parts) > 1 else ""
+
+
+def _difference(student: dict, baseline: dict, key: str) -> str:
+    try:
+        value = 100 * (float(student[key]) - float(baseline[key]))
+    except (KeyError, TypeError, ValueError):
+        return MISSING
+    return MISSING if math.isnan(value) else f"{value:+.2f}"
+
+
+def _table(headers: list[str], rows: list[list[str]], numeric: bool = True) -> str:
+    """A GitHub-flavoured markdown table; the first column left-aligned, the others right-aligned if numeric."""
+    align = [":--"] + ["--:" if numeric else ":--"] * (len(headers) - 1)
+    lines = [_row(headers), _row(align)] + [_row(row) for row in rows]
+    return "\n".join(lines)
+
+
+def _row(cells: list[str]) -> str:
+    # A "|" inside a cell would end it early.
+    return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
+
+
+def _code_block(text: str, language: str) -> str:
+    # The fence must be longer than any run of backticks in the text, or the text would close it.
+    fence = "```"
+    while fence in text:
+        fence += "`"
+    return f"{fence}{language}\n{text.rstrip()}\n{fence}"

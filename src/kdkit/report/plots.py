@@ -1,0 +1,207 @@
+"""The report's figures, one function per PNG.
+
+Each function draws from plain data (histories, reliability curves, metrics.json entries), writes the PNG
+atomically and returns its path, or returns None and writes nothing when there is no data to draw (a run whose
+teacher was loaded pretrained has no teacher history, say). Every figure is closed before returning: a long
+session that writes many reports must not accumulate open figures.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+# Agg renders to files with no display; selected before pyplot is imported so that a headless machine (CI, a
+# training server) never tries to open a window.
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from kdkit.atomic import write_with  # noqa: E402
+
+DPI = 110
+# One colour per kind of phase, so that seeds of the same kind read as one family.
+PHASE_COLOURS = {"teacher": "tab:purple", "baseline": "tab:gray", "student": "tab:blue"}
+MODEL_LABELS = {"teacher": "teacher", "baseline_student": "baseline student", "student": "distilled student"}
+MODEL_COLOURS = {"teacher": "tab:purple", "baseline_student": "tab:gray", "student": "tab:blue"}
+
+
+def plot_loss_parts(histories: dict[str, list[dict]], path: Path) -> Path | None:
+    """Training loss parts ("train/<part>", including train/total) over steps, for the distilled-student phases.
+
+    One colour per part. With several seeds each seed is drawn faintly and the mean over seeds at each step is
+    drawn on top; with one seed its line is drawn plainly.
+    """
+    phases = [records for name, records in sorted(histories.items()) if _phase_kind(name) == "student"]
+    parts = sorted({key for records in phases for r in records for key in r if key.startswith("train/")})
+    # part → one (steps, values) series per seed that logged it
+    series = {part: [xy for xy in (_series(records, "step", part) for records in phases) if xy[0]] for part in parts}
+    series = {part: per_seed for part, per_seed in series.items() if per_seed}
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    try:
+        for i, (part, per_seed) in enumerate(series.items()):
+            colour = f"C{i % 10}"
+            by_step: dict[int, list[float]] = {}
+            for steps, values in per_seed:
+                for step, value in zip(steps, values, strict=True):
+                    by_step.setdefault(step, []).append(value)
+                if len(per_seed) > 1:
+                    ax.plot(steps, values, color=colour, alpha=0.25, linewidth=0.8)
+            steps = sorted(by_step)
+            mean = [float(np.mean(by_step[s])) for s in steps]
+            ax.plot(steps, mean, color=colour, linewidth=1.6, label=part.removeprefix("train/"))
+        seeds = f" (mean of {len(phases)} seeds)" if len(phases) > 1 else ""
+        ax.set(xlabel="step", ylabel="loss (weighted part)", title=f"Training loss parts, distilled student{seeds}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def plot_val_accuracy(histories: dict[str, list[dict]], path: Path) -> Path | None:
+    """Validation accuracy (%) per epoch, one line per phase that logged "val/accuracy"."""
+    series = {name: _series(records, "epoch", "val/accuracy") for name, records in sorted(histories.items())}
+    series = {name: xy for name, xy in series.items() if xy[0]}
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    try:
+        for name, (epochs, accuracy) in series.items():
+            colour = PHASE_COLOURS.get(_phase_kind(name), "tab:green")
+            ax.plot(epochs, [100 * a for a in accuracy], marker="o", markersize=3, color=colour, alpha=0.8, label=name)
+        ax.set(xlabel="epoch", ylabel="validation accuracy (%)", title="Validation accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small", ncol=2 if len(series) > 6 else 1)
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def plot_reliability(curves: dict[str, dict], path: Path) -> Path | None:
+    """Reliability diagram: accuracy against confidence per bin, one curve per model, and the diagonal."""
+    curves = {model: curve for model, curve in curves.items() if curve and curve.get("confidence")}
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 5))
+    try:
+        ax.plot([0, 1], [0, 1], linestyle="--", color="black", linewidth=1, label="perfectly calibrated")
+        for model, curve in curves.items():
+            ax.plot(
+                curve["confidence"],
+                curve["accuracy"],
+                marker="o",
+                markersize=4,
+                color=MODEL_COLOURS.get(model),
+                label=MODEL_LABELS.get(model, model),
+            )
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top-1 probability)", ylabel="accuracy")
+        ax.set_title("Reliability (below the diagonal: over-confident)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small", loc="upper left")
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def plot_confusion(matrix: np.ndarray, class_names: list[str], path: Path) -> Path:
+    """The confusion matrix (rows true, columns predicted), coloured by row fraction, with counts in the cells.
+
+    Colour by fraction of the true class, so rare classes are as readable as common ones; the counts are written in
+    the cells while they fit (up to 12 classes).
+    """
+    matrix = np.asarray(matrix)
+    num_classes = matrix.shape[0]
+    names = list(class_names) if len(class_names) == num_classes else [str(i) for i in range(num_classes)]
+    row_fraction = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    side = min(4 + 0.45 * num_classes, 12)
+    fig, ax = plt.subplots(figsize=(side, side * 0.9))
+    try:
+        image = ax.imshow(row_fraction, cmap="Blues", vmin=0, vmax=1)
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
+        ax.set_xticks(range(num_classes), names, rotation=45, ha="right", fontsize="small")
+        ax.set_yticks(range(num_classes), names, fontsize="small")
+        ax.set(xlabel="predicted", ylabel="true", title="Confusion matrix, distilled student")
+        if num_classes <= 12:
+            for t in range(num_classes):
+                for p in range(num_classes):
+                    colour = "white" if row_fraction[t, p] > 0.5 else "black"
+                    ax.text(p, t, str(int(matrix[t, p])), ha="center", va="center", fontsize="x-small", color=colour)
+        fig.tight_layout()
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def plot_comparison(metrics: dict, path: Path) -> Path | None:
+    """Bars of accuracy and macro F1 (%) for teacher, baseline student and distilled student.
+
+    Students with more than one seed carry their std as error bars.
+    """
+    models = [m for m in ("teacher", "baseline_student", "student") if metrics.get(m)]
+    if not models:
+        return None
+    keys = [("accuracy", "accuracy"), ("f1_macro", "macro F1")]
+    width = 0.8 / len(models)
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    try:
+        x = np.arange(len(keys))
+        for i, model in enumerate(models):
+            entry = metrics[model]
+            heights = [100 * _number(entry.get(key)) for key, _ in keys]
+            errors = None
+            if entry.get("n_seeds", 1) > 1:
+                errors = [100 * _number(entry.get("std", {}).get(key), default=0.0) for key, _ in keys]
+            offset = (i - (len(models) - 1) / 2) * width
+            bars = ax.bar(
+                x + offset,
+                heights,
+                width,
+                yerr=errors,
+                capsize=4,
+                color=MODEL_COLOURS[model],
+                label=MODEL_LABELS[model],
+            )
+            ax.bar_label(bars, fmt="%.2f", fontsize="x-small", padding=2)
+        # Zoom in on the range the bars occupy: distillation gains are often a point or less, invisible from 0.
+        finite = [100 * _number(metrics[m].get(k)) for m in models for k, _ in keys]
+        finite = [h for h in finite if np.isfinite(h)]
+        low = max(0.0, min(finite) - 10) if finite else 0.0
+        ax.set_ylim(low, 101)
+        ax.set_xticks(x, [label for _, label in keys])
+        ax.set(ylabel="%", title="Teacher, baseline and distilled student")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize="small", loc="lower right")
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    return write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight"))
+
+
+def _series(records: list[dict], x_key: str, y_key: str) -> tuple[list, list[float]]:
+    """(xs, ys) of the records that carry both keys with a finite y, in record order."""
+    xs, ys = [], []
+    for record in records:
+        if x_key in record and y_key in record and np.isfinite(_number(record[y_key])):
+            xs.append(record[x_key])
+            ys.append(float(record[y_key]))
+    return xs, ys
+
+
+def _phase_kind(name: str) -> str:
+    """The kind of a phase from its name: "student-s0" → "student", "baseline-s2" → "baseline"."""
+    return name.split("-", 1)[0]
+
+
+def _number(value: object, default: float = float("nan")) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return default

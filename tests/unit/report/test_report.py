@@ -1,0 +1,209 @@
+"""report.md, its plots and the terminal table, from fabricated metrics and histories."""
+
+from __future__ import annotations
+
+import ast
+import math
+import statistics
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+from rich.console import Console
+
+from kdkit.report import gain_line, summary_table, write_report
+from kdkit.report.table import summary_rows
+
+ALWAYS_DRAWN = ["loss_parts.png", "val_accuracy.png", "reliability.png", "comparison.png"]
+FORMULA = "total = 0.1*ce + 0.9*soft_kl(T=4)"
+
+
+def model_entry(accuracy: float, latency: float, params: int = 50_890) -> dict:
+    return {
+        "accuracy": accuracy,
+        "precision_macro": accuracy - 0.01,
+        "recall_macro": accuracy - 0.01,
+        "f1_macro": accuracy - 0.02,
+        "agreement": accuracy + 0.01,
+        "ece": 0.031,
+        "params": params,
+        "size_mb": params * 4 / 1e6,
+        "latency_ms": latency,
+        "throughput": 1000 / latency,
+        "speedup": 2.0 / latency,
+    }
+
+
+def summarize(per_seed: list[dict]) -> dict:
+    """The layout of evaluate.summarize_seeds, built here so that this test does not pay for importing evaluate."""
+    keys = [k for k, v in per_seed[0].items() if isinstance(v, (int, float))]
+    summary = {k: statistics.mean(s[k] for s in per_seed) for k in keys}
+    summary["std"] = {k: statistics.pstdev(s[k] for s in per_seed) for k in keys}
+    return {**summary, "per_seed": per_seed, "n_seeds": len(per_seed)}
+
+
+def paired_gain(student: list[dict], baseline: list[dict]) -> dict:
+    """The layout of evaluate.gain: per key, mean and population std of the paired differences."""
+    result = {}
+    for key in ("accuracy", "f1_macro", "ece"):
+        differences = [s[key] - b[key] for s, b in zip(student, baseline, strict=True)]
+        result[key] = {"mean": statistics.mean(differences), "std": statistics.pstdev(differences), "n": len(student)}
+    return result
+
+
+def fabricated_metrics(with_baseline: bool = True) -> dict:
+    students = [model_entry(a, 0.2) for a in (0.941, 0.945, 0.938)]
+    metrics = {"teacher": {**model_entry(0.975, 2.0, 1_200_000), "agreement": 1.0, "members": 2}}
+    metrics["student"] = summarize(students)
+    if with_baseline:
+        baselines = [model_entry(a, 0.2) for a in (0.932, 0.940, 0.931)]
+        metrics["baseline_student"] = summarize(baselines)
+        metrics["gain"] = paired_gain(students, baselines)
+    return metrics
+
+
+def fabricated_histories(with_baseline: bool = True) -> dict:
+    def phase(seed: int, parts: list[str]) -> list[dict]:
+        records = []
+        for epoch in range(3):
+            for step in range(epoch * 10, epoch * 10 + 10, 5):
+                record = {"step": step, "epoch": step / 10, "lr": 0.1}
+                record.update({f"train/{p}": 2.0 / (step + 1) + seed * 0.01 for p in parts})
+                record["train/total"] = sum(record[f"train/{p}"] for p in parts)
+                records.append(record)
+            records.append({"step": epoch * 10 + 9, "epoch": epoch + 1.0, "val/accuracy": 0.8 + 0.05 * epoch})
+        return records
+
+    histories = {"teacher-0": phase(0, ["ce"]), "teacher-1": phase(1, ["ce"])}
+    for seed in range(3):
+        histories[f"student-s{seed}"] = phase(seed, ["ce", "soft_kl"])
+        if with_baseline:
+            histories[f"baseline-s{seed}"] = phase(seed, ["ce"])
+    return histories
+
+
+def curve(shift: float) -> dict:
+    confidence = [0.35, 0.55, 0.75, 0.95]
+    return {"confidence": confidence, "accuracy": [c - shift for c in confidence], "count": [5, 10, 20, 65]}
+
+
+def report(tmp_path, num_classes: int = 5, with_confusion: bool = True, with_baseline: bool = True):
+    rng = np.random.default_rng(0)
+    matrix = rng.integers(0, 20, size=(num_classes, num_classes)) + np.eye(num_classes, dtype=int) * 100
+    curves = {"teacher": curve(0.01), "student": curve(0.03)}
+    if with_baseline:
+        curves["baseline_student"] = curve(0.06)
+    return write_report(
+        tmp_path,
+        metrics=fabricated_metrics(with_baseline),
+        histories=fabricated_histories(with_baseline),
+        formula=FORMULA,
+        config_yaml="task: classification\nstudent:\n  name: mlp\n",
+        class_names=[f"class {i}" for i in range(num_classes)],
+        confusion_matrix=matrix if with_confusion else None,
+        reliability_curves=curves,
+        env={"torch": "2.x", "seed": 0, "device": "cpu"},
+    )
+
+
+def assert_png(path):
+    data = path.read_bytes()
+    assert data.startswith(b"\x89PNG"), path
+    assert len(data) > 5_000, path  # a real plot, not an empty canvas
+
+
+def test_report_has_the_summary_and_every_plot(tmp_path):
+    path = report(tmp_path)
+    assert path == tmp_path / "report.md"
+    text = path.read_text(encoding="utf-8")
+    assert FORMULA in text
+    for row in ("| teacher |", "| baseline student |", "| distilled student |"):
+        assert row in text
+    assert "94.13 ± 0.29" in text  # student accuracy: mean ± population std over 3 seeds, in %
+    assert "50,890" in text and "10.0×" in text
+    assert "Distillation gain (accuracy): +0.70 ± 0.16 points over 3 seeds" in text
+    assert "```yaml\ntask: classification" in text
+    assert "| device | cpu |" in text
+    for name in ALWAYS_DRAWN + ["confusion.png"]:
+        assert f"](plots/{name})" in text
+        assert_png(tmp_path / "plots" / name)
+    assert not list(tmp_path.rglob("*.tmp"))  # atomic writes leave no temp files behind
+    assert plt.get_fignums() == []  # every figure was closed
+
+
+def test_no_confusion_plot_above_twenty_classes(tmp_path):
+    text = report(tmp_path, num_classes=21).read_text(encoding="utf-8")
+    assert not (tmp_path / "plots" / "confusion.png").exists()
+    assert "not drawn above 20 classes" in text
+
+
+def test_no_confusion_plot_without_a_matrix_and_a_stale_one_is_removed(tmp_path):
+    report(tmp_path)
+    assert (tmp_path / "plots" / "confusion.png").exists()
+    text = report(tmp_path, with_confusion=False).read_text(encoding="utf-8")  # the same run dir, rewritten
+    assert not (tmp_path / "plots" / "confusion.png").exists()
+    assert "confusion.png" not in text
+
+
+def test_report_without_a_baseline(tmp_path):
+    text = report(tmp_path, with_baseline=False, with_confusion=False).read_text(encoding="utf-8")
+    assert "| baseline student | — | — |" in text
+    assert "No baseline student was trained" in text
+    assert "Distillation gain" not in text
+    for name in ALWAYS_DRAWN:
+        assert_png(tmp_path / "plots" / name)
+
+
+def test_plots_without_data_are_skipped(tmp_path):
+    metrics = {"teacher": model_entry(0.9, 1.0), "student": model_entry(0.8, 0.5)}
+    text = write_report(
+        tmp_path,
+        metrics=metrics,
+        histories={"student-s0": [{"step": 0, "epoch": 0.0, "train/total": math.nan}], "teacher-0": []},
+        formula=FORMULA,
+        config_yaml="",
+        class_names=[],
+        confusion_matrix=None,
+        reliability_curves={},
+        env={},
+    ).read_text(encoding="utf-8")
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["comparison.png"]
+    assert "loss_parts.png" not in text
+
+
+def test_summary_rows_formats_and_missing_values():
+    metrics = {"teacher": {**model_entry(0.9435, 1.0), "agreement": math.nan}, "student": model_entry(0.9, 0.5)}
+    teacher, baseline, student = summary_rows(metrics)
+    assert teacher[:5] == ["teacher", "94.35", "92.35", "—", "0.031"]
+    assert teacher[5:] == ["50,890", "0.204", "1.000", "2.0×"]
+    assert baseline == ["baseline student"] + ["—"] * 8
+    assert "±" not in " ".join(student)  # a single run has no spread
+
+
+def test_terminal_table_and_gain_line():
+    metrics = fabricated_metrics()
+    console = Console(record=True, width=200)
+    console.print(summary_table(metrics))
+    rendered = console.export_text()
+    assert "distilled student" in rendered and "94.13 ± 0.29" in rendered
+    assert gain_line(metrics) == "distillation gain: accuracy +0.70 ± 0.16 pts (3 seeds)"
+    assert gain_line(fabricated_metrics(with_baseline=False)) == ""
+
+
+def test_gain_line_with_one_seed_has_no_spread():
+    students, baselines = [model_entry(0.95, 0.2)], [model_entry(0.94, 0.2)]
+    metrics = {"student": summarize(students), "gain": paired_gain(students, baselines)}
+    assert gain_line(metrics) == "distillation gain: accuracy +1.00 pts (1 seed)"
+
+
+def test_evaluate_and_report_import_nothing_above_them():
+    # evaluate/ and report/ sit above the engine and below pipeline/cli, and take no dependency on the engine.
+    forbidden = ("kdkit.engine", "kdkit.pipeline", "kdkit.cli", "kdkit.serve", "kdkit.export", "kdkit.search")
+    src = Path(__file__).resolve().parents[3] / "src" / "kdkit"
+    for path in [*(src / "evaluate").glob("*.py"), *(src / "report").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            for name in names:
+                assert not name.startswith(forbidden), f"{path.name} imports {name}"
