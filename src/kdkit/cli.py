@@ -39,8 +39,9 @@ def _show(metrics: dict) -> None:
 
 
 @app.command()
-def demo(out: Path = typer.Option(None, help="Run directory (default: runs/demo)."),
-         set_: Optional[list[str]] = SetOpt) -> None:
+def demo(
+    out: Path = typer.Option(None, help="Run directory (default: runs/demo)."), set_: Optional[list[str]] = SetOpt
+) -> None:
     """Run the main job on the embedded data: ensemble teacher → MLP student vs labels-only baseline, 3 seeds."""
     from importlib.resources import files
 
@@ -53,10 +54,12 @@ def demo(out: Path = typer.Option(None, help="Run directory (default: runs/demo)
 
 
 @app.command("train")
-def train_cmd(config: Path = typer.Argument(..., help="YAML config."),
-              out: Path = typer.Option(None, help="Run directory (default: run.out_dir/run.name)."),
-              set_: Optional[list[str]] = SetOpt,
-              resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoints.")) -> None:
+def train_cmd(
+    config: Path = typer.Argument(..., help="YAML config."),
+    out: Path = typer.Option(None, help="Run directory (default: run.out_dir/run.name)."),
+    set_: Optional[list[str]] = SetOpt,
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoints."),
+) -> None:
     """Train the teacher (if needed), the baseline and the distilled student from a config."""
     from kdkit.pipeline import distill
 
@@ -116,8 +119,11 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(1)
         if os.environ.get("KDKIT_DEBUG"):
             raise
-        print(f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-              "(set KDKIT_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(
+            f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+            "(set KDKIT_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
         sys.exit(1)
 
 

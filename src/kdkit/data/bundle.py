@@ -63,12 +63,21 @@ def split_indices(y: np.ndarray, val_fraction: float, test_fraction: float, seed
     if val_fraction <= 0:
         return np.sort(rest), np.array([], dtype=np.int64), np.sort(test)
     rel = val_fraction / (1.0 - test_fraction)
-    train, val = train_test_split(rest, test_size=rel, random_state=seed, stratify=None if stratify is None else y[rest])
+    train, val = train_test_split(
+        rest, test_size=rel, random_state=seed, stratify=None if stratify is None else y[rest]
+    )
     return np.sort(train), np.sort(val), np.sort(test)
 
 
-def bundle_from_arrays(x: np.ndarray, y: np.ndarray, names: list[str], val_fraction: float, test_fraction: float,
-                       seed: int, limit: int | None) -> DataBundle:
+def bundle_from_arrays(
+    x: np.ndarray,
+    y: np.ndarray,
+    names: list[str],
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    limit: int | None,
+) -> DataBundle:
     """Split, fit the normalisation on the training split (per channel for images, per feature for tables)."""
     if limit:
         x, y = x[:limit], y[:limit]
@@ -141,5 +150,11 @@ def _image_folder_bundle(path, size, grayscale, val_fraction, test_fraction, see
     sample = torch.stack([raw.load(int(i)) for i in tr[:256]])
     mean, std = sample.mean(dim=(0, 2, 3)), sample.std(dim=(0, 2, 3)).clamp_min(1e-6)
     full = ImageFiles(paths, y, size, grayscale, mean, std)
-    return DataBundle(full.subset(tr), full.subset(va) if len(va) else None, full.subset(te), len(names), names,
-                      tuple(sample.shape[1:]))
+    return DataBundle(
+        full.subset(tr),
+        full.subset(va) if len(va) else None,
+        full.subset(te),
+        len(names),
+        names,
+        tuple(sample.shape[1:]),
+    )

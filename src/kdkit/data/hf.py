@@ -41,22 +41,30 @@ def load_hf(
         raise DataError(f"data.name: {name!r} has no rows")
     columns = list(split.column_names)
     if label_column not in columns:
-        raise DataError(f"data.label_column: {label_column!r} not found{suggest(label_column, columns)}; columns: {', '.join(columns)}")
+        raise DataError(
+            f"data.label_column: {label_column!r} not found{suggest(label_column, columns)}; columns: {', '.join(columns)}"
+        )
     y, names = encode_labels(np.asarray(split[label_column]), "data.label_column")
     feature = split.features.get(label_column)
     if hasattr(feature, "names") and feature.names and len(feature.names) >= len(names):
         names = [feature.names[int(v)] for v in np.unique(np.asarray(split[label_column]))]
     if image_column:
         if image_column not in columns:
-            raise DataError(f"data.image_column: {image_column!r} not found{suggest(image_column, columns)}; columns: {', '.join(columns)}")
+            raise DataError(
+                f"data.image_column: {image_column!r} not found{suggest(image_column, columns)}; columns: {', '.join(columns)}"
+            )
         x = np.stack([to_array(im, image_size, grayscale) for im in split[image_column]])
         return x, y, names
     features = feature_columns or [c for c in columns if c != label_column]
     missing = [c for c in features if c not in columns]
     if missing:
-        raise DataError(f"data.feature_columns: {', '.join(map(repr, missing))} not found; columns: {', '.join(columns)}")
+        raise DataError(
+            f"data.feature_columns: {', '.join(map(repr, missing))} not found; columns: {', '.join(columns)}"
+        )
     try:
         x = np.stack([np.asarray(split[c], dtype=np.float32) for c in features], axis=1)
     except (TypeError, ValueError):
-        raise DataError(f"data.feature_columns: {features} are not all numeric; expected numeric feature columns") from None
+        raise DataError(
+            f"data.feature_columns: {features} are not all numeric; expected numeric feature columns"
+        ) from None
     return x, y, names

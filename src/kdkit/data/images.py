@@ -35,7 +35,9 @@ def scan_image_folder(root: str) -> tuple[list[Path], np.ndarray, list[str]]:
         paths += files
         labels += [i] * len(files)
     if not paths:
-        raise DataError(f"data.path: no image files under {str(base)!r} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise DataError(
+            f"data.path: no image files under {str(base)!r} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
     return paths, np.asarray(labels, dtype=np.int64), classes
 
 
@@ -65,7 +67,9 @@ class ImageFiles(Dataset):
         return (self.load(i) - self.mean) / self.std, self.labels[i], i
 
     def subset(self, idx: np.ndarray) -> ImageFiles:
-        return ImageFiles([self.paths[i] for i in idx], self.labels.numpy()[idx], self.size, self.grayscale, self.mean, self.std)
+        return ImageFiles(
+            [self.paths[i] for i in idx], self.labels.numpy()[idx], self.size, self.grayscale, self.mean, self.std
+        )
 
     def fingerprint(self) -> str:
         h = hashlib.sha256(f"{self.size}:{self.grayscale}".encode())

@@ -39,7 +39,9 @@ def load_table(path: str, kind: str, label_column: str, feature_columns: list[st
     features = feature_columns or [c for c in columns if c != label_column]
     missing = [c for c in features if c not in columns]
     if missing:
-        raise DataError(f"data.feature_columns: {', '.join(map(repr, missing))} not in {p.name}; columns: {', '.join(columns)}")
+        raise DataError(
+            f"data.feature_columns: {', '.join(map(repr, missing))} not in {p.name}; columns: {', '.join(columns)}"
+        )
     sub = frame[features]
     non_numeric = [c for c in features if not np.issubdtype(sub[c].dtype, np.number)]
     if non_numeric:

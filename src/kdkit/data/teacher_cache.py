@@ -67,7 +67,11 @@ class TeacherCache:
         npy, meta_path = folder / f"{key}.npy", folder / f"{key}.json"
         if npy.is_file() and meta_path.is_file():
             meta = json.loads(meta_path.read_text())
-            if meta.get("teacher") == teacher_fingerprint and meta.get("data") == data_fp and meta.get("n") == len(dataset):
+            if (
+                meta.get("teacher") == teacher_fingerprint
+                and meta.get("data") == data_fp
+                and meta.get("n") == len(dataset)
+            ):
                 logits = np.load(npy, mmap_mode="r")
                 if logits.shape[0] == len(dataset):
                     log(f"teacher cache: reusing {npy} ({logits.shape[0]} × {logits.shape[1]})")
@@ -75,8 +79,16 @@ class TeacherCache:
             log(f"teacher cache: {npy} does not match this teacher and data; rebuilding")
         logits = compute_logits(dataset, forward, batch_size, device)
         write_with(npy, lambda p: _save_npy(p, logits))
-        write_json(meta_path, {"teacher": teacher_fingerprint, "data": data_fp, "n": len(dataset),
-                               "num_classes": int(logits.shape[1]), "dtype": "float32"})
+        write_json(
+            meta_path,
+            {
+                "teacher": teacher_fingerprint,
+                "data": data_fp,
+                "n": len(dataset),
+                "num_classes": int(logits.shape[1]),
+                "dtype": "float32",
+            },
+        )
         log(f"teacher cache: wrote {npy} ({logits.nbytes / 1e6:.2f} MB)")
         return cls(np.load(npy, mmap_mode="r"), npy)
 

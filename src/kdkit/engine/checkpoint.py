@@ -26,8 +26,17 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fh.fileno())
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, *, student: dict, loss_modules: dict, best: dict | None,
-                    trainer: dict[str, Any], state: dict[str, Any], keep: int = 2) -> Path:
+def save_checkpoint(
+    ckpt_dir: Path,
+    step: int,
+    *,
+    student: dict,
+    loss_modules: dict,
+    best: dict | None,
+    trainer: dict[str, Any],
+    state: dict[str, Any],
+    keep: int = 2,
+) -> Path:
     from safetensors.torch import save_file
 
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -83,5 +92,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             "state": json.loads((path / "state.json").read_text()),
         }
     except Exception as exc:
-        raise TrainingError(f"checkpoint: {path} is damaged ({str(exc).splitlines()[0]}); delete it to start over") from None
+        raise TrainingError(
+            f"checkpoint: {path} is damaged ({str(exc).splitlines()[0]}); delete it to start over"
+        ) from None
     return out

@@ -122,15 +122,23 @@ def train(
     accelerator = make_accelerator(device, opts.precision, opts.grad_accum)
     torch.manual_seed(seed)
     sampler = EpochShuffle(len(train_data), seed)
-    loader = DataLoader(train_data, batch_size=opts.batch_size, sampler=sampler, collate_fn=collate,
-                        num_workers=opts.num_workers)
+    loader = DataLoader(
+        train_data, batch_size=opts.batch_size, sampler=sampler, collate_fn=collate, num_workers=opts.num_workers
+    )
     micro_per_epoch = len(loader)
     steps_per_epoch = math.ceil(micro_per_epoch / opts.grad_accum)
     total_steps = steps_per_epoch * opts.epochs
     params = list(student.parameters()) + list(loss.parameters())
     optimizer = build_optimizer(params, opts.optimizer, opts.lr, opts.weight_decay, opts.momentum)
-    scheduler = build_scheduler(optimizer, total_steps, opts.schedule, opts.warmup_steps, steps_per_epoch,
-                                opts.step_every_epochs, opts.step_gamma)
+    scheduler = build_scheduler(
+        optimizer,
+        total_steps,
+        opts.schedule,
+        opts.warmup_steps,
+        steps_per_epoch,
+        opts.step_every_epochs,
+        opts.step_gamma,
+    )
     model, optimizer, loader = accelerator.prepare(student, optimizer, loader)
     loss = loss.to(accelerator.device)
     needs_teacher = loss.needs_teacher
@@ -160,12 +168,25 @@ def train(
         if ckpt_dir is None or not accelerator.is_main_process:
             return
         save_checkpoint(
-            ckpt_dir, step,
-            student=accelerator.unwrap_model(model).state_dict(), loss_modules=loss.state_dict(), best=best_state,
-            trainer={"optimizer": optimizer.optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "rng": torch.get_rng_state()},
-            state={"step": step, "epoch": at_epoch, "batch_in_epoch": batch_in_epoch, "history": result.history,
-                   "best_value": result.best_value, "best_epoch": result.best_epoch, "bad_evals": bad_evals},
+            ckpt_dir,
+            step,
+            student=accelerator.unwrap_model(model).state_dict(),
+            loss_modules=loss.state_dict(),
+            best=best_state,
+            trainer={
+                "optimizer": optimizer.optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": torch.get_rng_state(),
+            },
+            state={
+                "step": step,
+                "epoch": at_epoch,
+                "batch_in_epoch": batch_in_epoch,
+                "history": result.history,
+                "best_value": result.best_value,
+                "best_epoch": result.best_epoch,
+                "bad_evals": bad_evals,
+            },
             keep=opts.keep_checkpoints,
         )
 
@@ -215,9 +236,12 @@ def train(
                 steps_this_call += 1
                 bar.advance(1)
                 if step % log_every == 0 or micro == micro_per_epoch:
-                    record = {"step": step, "epoch": epoch + micro / micro_per_epoch,
-                              **{f"train/{k}": (v / n_sums).item() for k, v in sums.items()},
-                              "lr": scheduler.get_last_lr()[0]}
+                    record = {
+                        "step": step,
+                        "epoch": epoch + micro / micro_per_epoch,
+                        **{f"train/{k}": (v / n_sums).item() for k, v in sums.items()},
+                        "lr": scheduler.get_last_lr()[0],
+                    }
                     result.history.append(record)
                     bar.show(record)
                     if writer:
@@ -234,15 +258,18 @@ def train(
             if on_eval is not None and (epoch % opts.eval_every_epochs == 0 or epoch == opts.epochs):
                 metrics = on_eval(accelerator.unwrap_model(model))
                 model.train()
-                result.history.append({"step": step, "epoch": float(epoch), **{f"val/{k}": v for k, v in metrics.items()}})
+                result.history.append(
+                    {"step": step, "epoch": float(epoch), **{f"val/{k}": v for k, v in metrics.items()}}
+                )
                 if writer:
                     for k, v in metrics.items():
                         writer.add_scalar(f"val/{k}", v, step)
                 if opts.keep_best != "none" and opts.keep_best in metrics:
                     if _better(metrics[opts.keep_best], result.best_value, opts.keep_best):
                         result.best_value, result.best_epoch, bad_evals = metrics[opts.keep_best], epoch, 0
-                        best_state = {k: v.detach().cpu().clone()
-                                      for k, v in accelerator.unwrap_model(model).state_dict().items()}
+                        best_state = {
+                            k: v.detach().cpu().clone() for k, v in accelerator.unwrap_model(model).state_dict().items()
+                        }
                     else:
                         bad_evals += 1
                 bar.note(f"epoch {epoch}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
@@ -250,7 +277,9 @@ def train(
                 checkpoint(0, epoch)
             if opts.early_stopping_patience and bad_evals >= opts.early_stopping_patience:
                 result.stopped_early = True
-                log(f"{desc}: early stop after epoch {epoch} ({bad_evals} evaluations without a better {opts.keep_best})")
+                log(
+                    f"{desc}: early stop after epoch {epoch} ({bad_evals} evaluations without a better {opts.keep_best})"
+                )
                 break
     finally:
         bar.close()
@@ -281,8 +310,14 @@ class _Progress:
         )
 
         self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"), transient=False,
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+            transient=False,
         )
         self.progress.start()
         self.task = self.progress.add_task(desc, total=total, info="")

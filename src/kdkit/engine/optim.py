@@ -16,8 +16,15 @@ def build_optimizer(params, optimizer: str, lr: float, weight_decay: float, mome
     raise ValueError(f"optimizer={optimizer!r}; expected adamw or sgd")
 
 
-def lr_factor(step: int, total_steps: int, schedule: str, warmup_steps: int, steps_per_epoch: int,
-              step_every_epochs: int, step_gamma: float) -> float:
+def lr_factor(
+    step: int,
+    total_steps: int,
+    schedule: str,
+    warmup_steps: int,
+    steps_per_epoch: int,
+    step_every_epochs: int,
+    step_gamma: float,
+) -> float:
     """Multiplier of the peak LR at optimizer step `step` (0-based)."""
     if warmup_steps and step < warmup_steps:
         return (step + 1) / warmup_steps
@@ -32,8 +39,15 @@ def lr_factor(step: int, total_steps: int, schedule: str, warmup_steps: int, ste
     raise ValueError(f"schedule={schedule!r}; expected constant, cosine or step")
 
 
-def build_scheduler(optimizer, total_steps: int, schedule: str, warmup_steps: int, steps_per_epoch: int,
-                    step_every_epochs: int, step_gamma: float) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer,
+    total_steps: int,
+    schedule: str,
+    warmup_steps: int,
+    steps_per_epoch: int,
+    step_every_epochs: int,
+    step_gamma: float,
+) -> torch.optim.lr_scheduler.LambdaLR:
     def factor(step: int) -> float:
         return lr_factor(step, total_steps, schedule, warmup_steps, steps_per_epoch, step_every_epochs, step_gamma)
 

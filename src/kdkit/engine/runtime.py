@@ -31,7 +31,9 @@ def make_accelerator(device: str, precision: str, grad_accum: int) -> Accelerato
         raise ConfigError("train.precision: 'fp16' needs a CUDA device; on CPU use bf16 or fp32")
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
-    return Accelerator(cpu=device == "cpu", mixed_precision=_PRECISION[precision], gradient_accumulation_steps=grad_accum)
+    return Accelerator(
+        cpu=device == "cpu", mixed_precision=_PRECISION[precision], gradient_accumulation_steps=grad_accum
+    )
 
 
 def is_main_process() -> bool:

@@ -89,13 +89,19 @@ def load_weights(model: nn.Module, path: str | Path, where: str) -> None:
         try:
             state = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise ConfigError(f"{where}: could not read {str(p)!r} as a weights-only state dict: {exc}".splitlines()[0]) from None
+            raise ConfigError(
+                f"{where}: could not read {str(p)!r} as a weights-only state dict: {exc}".splitlines()[0]
+            ) from None
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
     if missing or unexpected or wrong:
         parts = []
         if missing:
@@ -128,17 +134,31 @@ def load_model_folder(path: str | Path | None, where: str = "model.path") -> nn.
     spec = json.loads(spec_path.read_text())
     if spec.get("source") == "kdkit":
         raise ConfigError(f"{where}: {spec_path} points to another folder; expected a concrete model spec")
-    model = build_model(spec["source"], spec["name"], spec.get("kwargs", {}), tuple(spec["in_shape"]),
-                        int(spec["num_classes"]), where=where)
+    model = build_model(
+        spec["source"],
+        spec["name"],
+        spec.get("kwargs", {}),
+        tuple(spec["in_shape"]),
+        int(spec["num_classes"]),
+        where=where,
+    )
     load_weights(model, folder / "model.safetensors", where)
     return model
 
 
-def model_spec(source: str, name: str | None, kwargs: dict, in_shape, num_classes: int, path: str | None = None) -> dict:
+def model_spec(
+    source: str, name: str | None, kwargs: dict, in_shape, num_classes: int, path: str | None = None
+) -> dict:
     """What save_model_folder records; for a model loaded from a kdkit folder, the folder's own spec."""
     if source == "kdkit":
         return json.loads((Path(path) / "model.json").read_text())
-    return {"source": source, "name": name, "kwargs": dict(kwargs), "in_shape": list(in_shape), "num_classes": num_classes}
+    return {
+        "source": source,
+        "name": name,
+        "kwargs": dict(kwargs),
+        "in_shape": list(in_shape),
+        "num_classes": num_classes,
+    }
 
 
 def output_classes(model: nn.Module, example: torch.Tensor, where: str) -> int:
