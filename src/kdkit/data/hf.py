@@ -42,7 +42,8 @@ def load_hf(
     columns = list(split.column_names)
     if label_column not in columns:
         raise DataError(
-            f"data.label_column: {label_column!r} not found{suggest(label_column, columns)}; columns: {', '.join(columns)}"
+            f"data.label_column: {label_column!r} not found{suggest(label_column, columns)}; "
+            f"columns: {', '.join(columns)}"
         )
     y, names = encode_labels(np.asarray(split[label_column]), "data.label_column")
     feature = split.features.get(label_column)
@@ -51,7 +52,8 @@ def load_hf(
     if image_column:
         if image_column not in columns:
             raise DataError(
-                f"data.image_column: {image_column!r} not found{suggest(image_column, columns)}; columns: {', '.join(columns)}"
+                f"data.image_column: {image_column!r} not found{suggest(image_column, columns)}; "
+                f"columns: {', '.join(columns)}"
             )
         x = np.stack([to_array(im, image_size, grayscale) for im in split[image_column]])
         return x, y, names

@@ -278,7 +278,8 @@ def train(
             if opts.early_stopping_patience and bad_evals >= opts.early_stopping_patience:
                 result.stopped_early = True
                 log(
-                    f"{desc}: early stop after epoch {epoch} ({bad_evals} evaluations without a better {opts.keep_best})"
+                    f"{desc}: early stop after epoch {epoch} "
+                    f"({bad_evals} evaluations without a better {opts.keep_best})"
                 )
                 break
     finally:
