@@ -122,8 +122,15 @@ def train(
     accelerator = make_accelerator(device, opts.precision, opts.grad_accum)
     torch.manual_seed(seed)
     sampler = EpochShuffle(len(train_data), seed)
+    # The loader gets its own generator: creating an iterator would otherwise draw from the global RNG, which
+    # also drives dropout, and a resumed run creates its iterators at other moments than an uninterrupted one.
     loader = DataLoader(
-        train_data, batch_size=opts.batch_size, sampler=sampler, collate_fn=collate, num_workers=opts.num_workers
+        train_data,
+        batch_size=opts.batch_size,
+        sampler=sampler,
+        collate_fn=collate,
+        num_workers=opts.num_workers,
+        generator=torch.Generator().manual_seed(seed),
     )
     micro_per_epoch = len(loader)
     steps_per_epoch = math.ceil(micro_per_epoch / opts.grad_accum)
@@ -203,9 +210,11 @@ def train(
     log_every = max(1, min(50, steps_per_epoch // 4))
     try:
         while epoch < opts.epochs:
-            sampler.set_epoch(epoch)
             model.train()
             batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+            # Accelerate's loaders set the sampler's epoch from their own counter when iterated; a loader made by
+            # skip_first_batches starts that counter at 0, so the epoch is set on the loader, not on the sampler.
+            batches.set_epoch(epoch) if hasattr(batches, "set_epoch") else sampler.set_epoch(epoch)
             micro = skip
             skip = 0
             for batch in batches:
