@@ -360,6 +360,13 @@ def load_config(path: str | Path | dict, overrides: list[str] | tuple[str, ...] 
     import copy
 
     raw = copy.deepcopy(raw)
+    if overrides and isinstance(raw, dict):
+        # Overrides apply to the resolved config, so that defaults not written in the YAML (e.g. the default
+        # loss list) can be overridden too; an invalid YAML is reported with the overrides applied to it as is.
+        try:
+            raw = KDConfig.model_validate(raw).model_dump(mode="json")
+        except ValidationError:
+            pass
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(raw, key, value)

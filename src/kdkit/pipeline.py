@@ -80,7 +80,7 @@ def distill(
     log(f"loss: {loss.formula()}" + (f"   (baseline: {baseline_loss.formula()})" if cfg.student.baseline else ""))
 
     s = cfg.student.model
-    spec = model_spec(s.source, s.name, s.kwargs, data.input_shape, data.num_classes, s.path)
+    spec = model_spec(s.source, s.name, s.kwargs, data.input_shape, data.num_classes, s.path, "student.model.path")
     kinds = [("baseline", baseline_loss)] * cfg.student.baseline + [("student", loss)]
     runs: dict[str, list[dict]] = {"student": [], "baseline": []}
     for seed in cfg.run.seeds:
@@ -250,7 +250,7 @@ def build_teacher(
     for i, member in enumerate(cfg.teacher.members):
         m = member.model
         where = f"teacher.members.{i}.model"
-        spec = model_spec(m.source, m.name, m.kwargs, data.input_shape, data.num_classes, m.path)
+        spec = model_spec(m.source, m.name, m.kwargs, data.input_shape, data.num_classes, m.path, f"{where}.path")
         if m.checkpoint or m.source == "kdkit":
             model = build_model(
                 m.source, m.name, m.kwargs, data.input_shape, data.num_classes, m.path, m.checkpoint, where=where

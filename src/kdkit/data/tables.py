@@ -29,7 +29,7 @@ def load_table(path: str, kind: str, label_column: str, feature_columns: list[st
     except Exception as exc:  # pandas raises many types; the message is what matters to the user
         raise DataError(f"data.path: could not read {str(p)!r} as {kind}: {exc}".splitlines()[0]) from None
     if len(frame) == 0:
-        raise DataError(f"data.path: {str(p)!r} has no rows")
+        raise DataError(f"data.path: {str(p)!r} is empty (a header but no rows); expected one example per row")
     columns = [str(c) for c in frame.columns]
     if label_column not in columns:
         raise DataError(

@@ -84,7 +84,10 @@ def load_weights(model: nn.Module, path: str | Path, where: str) -> None:
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(p))
+        try:
+            state = load_file(str(p))
+        except Exception as exc:  # safetensors raises its own error type for a damaged or foreign file
+            raise ConfigError(f"{where}: could not read {str(p)!r} as safetensors: {exc}".splitlines()[0]) from None
     else:
         try:
             state = torch.load(p, map_location="cpu", weights_only=True)
@@ -126,12 +129,25 @@ def save_model_folder(model: nn.Module, folder: str | Path, spec: dict[str, Any]
     return folder
 
 
-def load_model_folder(path: str | Path | None, where: str = "model.path") -> nn.Module:
+def read_model_json(path: str | Path | None, where: str = "model.path") -> dict[str, Any]:
+    """The spec of a kdkit model folder (model.json), or a ConfigError naming the field and the folder."""
     folder = Path(path or "")
     spec_path = folder / "model.json"
     if not spec_path.is_file():
         raise ConfigError(f"{where}: {str(folder)!r} is not a kdkit model folder (no model.json)")
-    spec = json.loads(spec_path.read_text())
+    try:
+        spec = json.loads(spec_path.read_text())
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {spec_path} is not valid JSON ({exc})") from None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: {spec_path} holds {type(spec).__name__}; expected a JSON object")
+    return spec
+
+
+def load_model_folder(path: str | Path | None, where: str = "model.path") -> nn.Module:
+    folder = Path(path or "")
+    spec_path = folder / "model.json"
+    spec = read_model_json(folder, where)
     if spec.get("source") == "kdkit":
         raise ConfigError(f"{where}: {spec_path} points to another folder; expected a concrete model spec")
     model = build_model(
@@ -147,11 +163,17 @@ def load_model_folder(path: str | Path | None, where: str = "model.path") -> nn.
 
 
 def model_spec(
-    source: str, name: str | None, kwargs: dict, in_shape, num_classes: int, path: str | None = None
+    source: str,
+    name: str | None,
+    kwargs: dict,
+    in_shape,
+    num_classes: int,
+    path: str | None = None,
+    where: str = "model.path",
 ) -> dict:
     """What save_model_folder records; for a model loaded from a kdkit folder, the folder's own spec."""
     if source == "kdkit":
-        return json.loads((Path(path) / "model.json").read_text())
+        return read_model_json(path, where)
     return {
         "source": source,
         "name": name,
