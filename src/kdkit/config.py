@@ -121,9 +121,11 @@ class TrainConfig(Section):
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
 
     @model_validator(mode="after")
-    def _early_stopping_needs_a_metric(self) -> "TrainConfig":
+    def _early_stopping_needs_a_metric(self) -> TrainConfig:
         if self.early_stopping_patience and self.keep_best == "none":
-            raise ValueError("early_stopping_patience needs a metric to watch; set keep_best (accuracy, f1_macro, loss)")
+            raise ValueError(
+                "early_stopping_patience needs a metric to watch; set keep_best (accuracy, f1_macro, loss)"
+            )
         return self
 
 

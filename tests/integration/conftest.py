@@ -13,9 +13,9 @@ Every test (and every process it starts) is offline and keeps its teacher-output
 from __future__ import annotations
 
 import contextlib
-import json
 import copy
 import io
+import json
 import os
 import subprocess
 import sys

@@ -22,7 +22,9 @@ def test_defaults_and_overrides():
 
 def test_config_is_frozen():
     cfg = load_config(BASE)
-    with pytest.raises(Exception):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="frozen"):
         cfg.train.epochs = 5
 
 

@@ -8,9 +8,26 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "kdkit"
 LAYER = {
-    "cli": 10, "__main__": 10, "pipeline": 9, "validate": 9, "serve": 8, "search": 8, "export": 8,
-    "evaluate": 7, "report": 7, "engine": 6, "losses": 5, "teachers": 4, "models": 3, "data": 2,
-    "types": 1, "registry": 1, "config": 0.5, "errors": 0, "atomic": 0, "__init__": 0,
+    "cli": 10,
+    "__main__": 10,
+    "pipeline": 9,
+    "validate": 9,
+    "serve": 8,
+    "search": 8,
+    "export": 8,
+    "evaluate": 7,
+    "report": 7,
+    "engine": 6,
+    "losses": 5,
+    "teachers": 4,
+    "models": 3,
+    "data": 2,
+    "types": 1,
+    "registry": 1,
+    "config": 0.5,
+    "errors": 0,
+    "atomic": 0,
+    "__init__": 0,
 }
 
 

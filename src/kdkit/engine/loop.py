@@ -295,7 +295,7 @@ def train(
         bar.close()
         if writer:
             writer.close()
-    final = accelerator.unwrap_model(model)
+    final = accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # no autocast left on forward
     if best_state is not None:
         final.load_state_dict(best_state)
     result.steps, result.epochs_run = step, epoch

@@ -142,7 +142,7 @@ def _per_seed_section(metrics: dict) -> str:
 def _plots_section(drawn: set[str], class_names: list[str], confusion_matrix: np.ndarray | None) -> str:
     captions = {
         "comparison.png": "Accuracy and macro F1; error bars are the std over seeds.",
-        "loss_parts.png": "Training loss parts of the distilled student (weighted, as summed into the total).",
+        "loss_parts.png": "Loss parts of the distilled student, each before its weight; total is the weighted sum.",
         "val_accuracy.png": "Validation accuracy per epoch for every trained phase.",
         "reliability.png": "Reliability diagram: points below the diagonal are over-confident.",
         "confusion.png": "Confusion matrix of the distilled student (rows true, columns predicted).",

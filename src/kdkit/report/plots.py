@@ -55,7 +55,9 @@ def plot_loss_parts(histories: dict[str, list[dict]], path: Path) -> Path | None
             mean = [float(np.mean(by_step[s])) for s in steps]
             ax.plot(steps, mean, color=colour, linewidth=1.6, label=part.removeprefix("train/"))
         seeds = f" (mean of {len(phases)} seeds)" if len(phases) > 1 else ""
-        ax.set(xlabel="step", ylabel="loss (weighted part)", title=f"Training loss parts, distilled student{seeds}")
+        ax.set(
+            xlabel="step", ylabel="loss (part before weighting)", title=f"Training loss parts, distilled student{seeds}"
+        )
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
         return _save(fig, path)

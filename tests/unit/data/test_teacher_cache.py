@@ -27,8 +27,14 @@ def _teacher(seed=0):
 
 
 def _build(data, teacher, folder, logs=None):
-    return TeacherCache.build_or_load(data, teacher.logits, teacher.fingerprint(), folder, batch_size=7,
-                                      log=(logs.append if logs is not None else lambda m: None))
+    return TeacherCache.build_or_load(
+        data,
+        teacher.logits,
+        teacher.fingerprint(),
+        folder,
+        batch_size=7,
+        log=(logs.append if logs is not None else lambda m: None),
+    )
 
 
 def test_cached_outputs_equal_online_and_give_the_same_loss(tmp_path):

@@ -90,15 +90,37 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path):
             return {"loss": F.cross_entropy(model(data.x), data.labels).item()}
 
     full = _mlp(dropout=0.3)
-    r_full = train(full, loss, data, opts, on_eval=on_eval, seed=3, device="cpu", ckpt_dir=tmp_path / "a", progress=False)
+    r_full = train(
+        full, loss, data, opts, on_eval=on_eval, seed=3, device="cpu", ckpt_dir=tmp_path / "a", progress=False
+    )
 
     part = _mlp(dropout=0.3)
-    r1 = train(part, loss, data, opts, on_eval=on_eval, seed=3, device="cpu", ckpt_dir=tmp_path / "b",
-               progress=False, interrupt_after=7)  # 5 steps/epoch: stops mid-epoch 2, last checkpoint at step 6
+    r1 = train(
+        part,
+        loss,
+        data,
+        opts,
+        on_eval=on_eval,
+        seed=3,
+        device="cpu",
+        ckpt_dir=tmp_path / "b",
+        progress=False,
+        interrupt_after=7,
+    )  # 5 steps/epoch: stops mid-epoch 2, last checkpoint at step 6
     assert r1.interrupted and r1.steps == 0
     resumed = _mlp(dropout=0.3, seed=99)  # different init: everything must come from the checkpoint
-    r2 = train(resumed, loss, data, opts, on_eval=on_eval, seed=3, device="cpu", ckpt_dir=tmp_path / "b",
-               resume=True, progress=False)
+    r2 = train(
+        resumed,
+        loss,
+        data,
+        opts,
+        on_eval=on_eval,
+        seed=3,
+        device="cpu",
+        ckpt_dir=tmp_path / "b",
+        resume=True,
+        progress=False,
+    )
     assert r2.steps == r_full.steps == 15
     for p, q in zip(full.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(p, q)
@@ -150,8 +172,15 @@ def test_keep_best_restores_the_best_epoch():
         return {"accuracy": next(scores)}
 
     model = _mlp()
-    r = train(model, build_loss([("ce", 1.0, {})]), data, TrainOptions(**{**OPTS, "epochs": 3, "keep_best": "accuracy"}),
-              on_eval=on_eval, device="cpu", progress=False)
+    r = train(
+        model,
+        build_loss([("ce", 1.0, {})]),
+        data,
+        TrainOptions(**{**OPTS, "epochs": 3, "keep_best": "accuracy"}),
+        on_eval=on_eval,
+        device="cpu",
+        progress=False,
+    )
     assert r.best_epoch == 2 and r.best_value == 0.9
     for k, v in model.state_dict().items():
         assert torch.equal(v, snapshots[1][k])
@@ -160,12 +189,32 @@ def test_keep_best_restores_the_best_epoch():
 def test_early_stopping_stops_after_patience():
     data = _data()
     scores = iter([0.9, 0.5, 0.5, 0.5, 0.5])
-    r = train(_mlp(), build_loss([("ce", 1.0, {})]),
-              data, TrainOptions(**{**OPTS, "epochs": 5, "early_stopping_patience": 2, "keep_best": "accuracy"}),
-              on_eval=lambda m: {"accuracy": next(scores)}, device="cpu", progress=False)
+    r = train(
+        _mlp(),
+        build_loss([("ce", 1.0, {})]),
+        data,
+        TrainOptions(**{**OPTS, "epochs": 5, "early_stopping_patience": 2, "keep_best": "accuracy"}),
+        on_eval=lambda m: {"accuracy": next(scores)},
+        device="cpu",
+        progress=False,
+    )
     assert r.stopped_early and r.epochs_run == 3
 
 
 def test_a_loss_that_needs_the_teacher_without_one_is_refused():
     with pytest.raises(TrainingError, match="teacher"):
         train(_mlp(), build_loss([("soft_kl", 1.0, {})]), _data(), TrainOptions(**OPTS), device="cpu", progress=False)
+
+
+def test_bf16_training_runs_and_leaves_a_plain_fp32_model():
+    model = _mlp()
+    r = train(
+        model,
+        build_loss([("ce", 1.0, {})]),
+        _data(),
+        TrainOptions(**{**OPTS, "precision": "bf16", "grad_clip": 1.0}),
+        device="cpu",
+        progress=False,
+    )
+    assert r.steps == 8 and all(p.dtype == torch.float32 for p in model.parameters())
+    assert model(torch.randn(2, 6)).dtype == torch.float32
