@@ -192,17 +192,19 @@ def run_phase(
     device: str,
     log: Log,
     folder: Path | None = None,
+    where: str = "student.model",
 ) -> tuple[nn.Module, dict]:
-    """Train one network (or reuse it when a resumed run already finished this phase)."""
+    """Train one network (or reuse it when a resumed run already finished this phase).
+    `where` is the config field of the network, for error messages."""
     folder = folder or run_dir / "phases" / phase
     done = folder / "result.json"
     if resume and done.is_file():
         log(f"{phase}: finished earlier, reusing {folder}")
         return load_model_folder(folder), json.loads(done.read_text())
     model = make()
-    got = output_classes(model, data.example(2), f"{phase.split('-')[0]}.model")
+    got = output_classes(model, data.example(2), where)
     if got != data.num_classes:
-        raise CompatibilityError(f"{phase.split('-')[0]}.model: outputs {got} classes; the data has {data.num_classes}")
+        raise CompatibilityError(f"{where}: outputs {got} classes ({phase}); the data has {data.num_classes}")
     on_eval = (lambda m: val_metrics(m, data, cfg.eval.batch_size, device)) if data.val is not None else None
     result = train(
         model,
@@ -277,6 +279,7 @@ def build_teacher(
                 device,
                 log,
                 folder=run_dir / "teachers" / f"member_{i}",
+                where=where,
             )
             histories[f"teacher-{i}"] = result["history"]
         members.append(Teacher(model.to(device), cfg.distill.teacher_precision, cfg.distill.channels_last))
