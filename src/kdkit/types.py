@@ -12,18 +12,22 @@ class Batch:
     """One mini-batch.
 
     inputs: (B, ...) model input; labels: (B,) int64 class ids; index: (B,) int64 positions of the samples in their
-    data set (the teacher-output cache is keyed by it).
+    data set (the teacher-output cache is keyed by it); attention_mask: (B, T) 1 for real tokens, 0 for padding
+    (sequence inputs only), used by losses over hidden states and attention maps.
     """
 
     inputs: torch.Tensor
     labels: torch.Tensor
     index: torch.Tensor
+    attention_mask: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        mask = self.attention_mask
         return Batch(
             self.inputs.to(device, non_blocking=non_blocking),
             self.labels.to(device, non_blocking=non_blocking),
             self.index.to(device, non_blocking=non_blocking),
+            None if mask is None else mask.to(device, non_blocking=non_blocking),
         )
 
     def __len__(self) -> int:
