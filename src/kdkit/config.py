@@ -149,6 +149,12 @@ class TeacherConfig(Section):
     train: TrainConfig = Field(
         default_factory=TrainConfig, description="Training of members that have no checkpoint (cross-entropy)."
     )
+    feature_member: int | None = Field(
+        None,
+        ge=0,
+        description="For feature losses: take activations from this member only; default: the weighted mean over "
+        "members (which then need the same layer shapes).",
+    )
 
 
 class StudentConfig(Section):

@@ -74,18 +74,25 @@ def distill(
     )
 
     teacher, teacher_histories = build_teacher(cfg, data, run_dir, resume, device, log)
-    loss = build_loss([(t.name, t.weight, t.params) for t in cfg.distill.losses])
+    terms = [(t.name, t.weight, t.params) for t in cfg.distill.losses]
+    loss = build_loss(terms)  # the formula; each student seed gets its own instance (adapters are per seed)
     teacher_outputs = teacher_source(cfg, data, teacher, device, log) if loss.needs_teacher else None
     baseline_loss = build_loss([("ce", 1.0, next((t.params for t in cfg.distill.losses if t.name == "ce"), {}))])
     log(f"loss: {loss.formula()}" + (f"   (baseline: {baseline_loss.formula()})" if cfg.student.baseline else ""))
 
     s = cfg.student.model
     spec = model_spec(s.source, s.name, s.kwargs, data.input_shape, data.num_classes, s.path, "student.model.path")
-    kinds = [("baseline", baseline_loss)] * cfg.student.baseline + [("student", loss)]
+    kinds = ["baseline"] * cfg.student.baseline + ["student"]
     runs: dict[str, list[dict]] = {"student": [], "baseline": []}
     for seed in cfg.run.seeds:
-        for kind, phase_loss in kinds:
+        for kind in kinds:
             phase = f"{kind}-s{seed}"
+
+            def attach(model, kind=kind):
+                if kind == "baseline":
+                    return baseline_loss, None
+                seeded = build_loss(terms)
+                return seeded, wire_features(cfg, seeded, model, teacher, data, device)
 
             def make(seed=seed):
                 torch.manual_seed(seed)
@@ -108,7 +115,7 @@ def distill(
                 phase,
                 make,
                 spec,
-                phase_loss,
+                attach,
                 teacher_outputs if kind == "student" else None,
                 seed,
                 resume,
@@ -117,6 +124,7 @@ def distill(
             )
             runs[kind].append({"phase": phase, "model": model, **result})
 
+    teacher.tap([])  # feature taps were for training only
     metrics, extras = evaluate_all(cfg, data, teacher, runs, device)
     best = max(runs["student"], key=lambda r: r["val_score"])
     save_model_folder(best["model"], run_dir / "student", spec)
@@ -185,7 +193,7 @@ def run_phase(
     phase: str,
     make: Callable[[], nn.Module],
     spec: dict,
-    loss,
+    attach: Callable[[nn.Module], tuple],
     teacher_outputs,
     seed: int,
     resume: bool,
@@ -195,6 +203,7 @@ def run_phase(
     where: str = "student.model",
 ) -> tuple[nn.Module, dict]:
     """Train one network (or reuse it when a resumed run already finished this phase).
+    make() builds the network; attach(network) gives its (loss, student feature taps or None).
     `where` is the config field of the network, for error messages."""
     folder = folder or run_dir / "phases" / phase
     done = folder / "result.json"
@@ -206,6 +215,7 @@ def run_phase(
     if got != data.num_classes:
         raise CompatibilityError(f"{where}: outputs {got} classes ({phase}); the data has {data.num_classes}")
     on_eval = (lambda m: val_metrics(m, data, cfg.eval.batch_size, device)) if data.val is not None else None
+    loss, taps = attach(model)
     result = train(
         model,
         loss,
@@ -221,7 +231,10 @@ def run_phase(
         progress=cfg.run.progress,
         desc=phase,
         log=log,
+        student_taps=taps,
     )
+    if taps is not None:
+        taps.remove()
     model = model.cpu()
     summary = {
         "history": result.history,
@@ -235,6 +248,34 @@ def run_phase(
     save_model_folder(model, folder, spec)
     write_json(done, summary)
     return model, summary
+
+
+def wire_features(cfg: KDConfig, loss, student: nn.Module, teacher: TeacherEnsemble, data: DataBundle, device: str):
+    """For feature losses: resolve layer names against the real models, tap student and teacher by module path,
+    and let the losses build their adapters from the tapped shapes (before the optimizer is made)."""
+    loss.resolve(student, [m.model for m in teacher.members])
+    student_paths, teacher_paths = loss.feature_paths()
+    if not student_paths and not teacher_paths:
+        return None
+    if cfg.distill.cache_teacher:
+        raise ConfigError(
+            "distill.cache_teacher: true, but feature losses need the live teacher's activations "
+            f"({', '.join(teacher_paths)}); the cache stores outputs only: set cache_teacher: false"
+        )
+    from kdkit.models.taps import FeatureTaps
+
+    taps = FeatureTaps(student, student_paths, "student.model")
+    teacher.tap(teacher_paths, "teacher")
+    example = data.example(2)
+    was_training = student.training
+    student.eval()
+    with torch.no_grad():
+        student(example)
+    student.train(was_training)
+    student_shapes = {k: v.shape[1:] for k, v in taps.collect().items()}
+    teacher_shapes = {k: v.shape[1:] for k, v in teacher(example.to(device)).features.items()}
+    loss.setup(student_shapes, teacher_shapes)
+    return taps
 
 
 def val_metrics(model: nn.Module, data: DataBundle, batch_size: int, device: str) -> dict[str, float]:
@@ -272,7 +313,7 @@ def build_teacher(
                 f"teacher-{i}",
                 make,
                 spec,
-                build_loss([("ce", 1.0, {})]),
+                lambda model: (build_loss([("ce", 1.0, {})]), None),
                 None,
                 seed,
                 resume,
@@ -283,7 +324,9 @@ def build_teacher(
             )
             histories[f"teacher-{i}"] = result["history"]
         members.append(Teacher(model.to(device), cfg.distill.teacher_precision, cfg.distill.channels_last))
-    ensemble = TeacherEnsemble(members, [mb.weight for mb in cfg.teacher.members], cfg.teacher.combine)
+    ensemble = TeacherEnsemble(
+        members, [mb.weight for mb in cfg.teacher.members], cfg.teacher.combine, cfg.teacher.feature_member
+    )
     ensemble.check(data.example(2).to(device), data.num_classes)
     return ensemble, histories
 
@@ -375,7 +418,9 @@ def evaluate_run(run_dir: str | Path, log: Log = print) -> dict:
             )
         )
         members.append(Teacher(model.to(device), cfg.distill.teacher_precision, cfg.distill.channels_last))
-    teacher = TeacherEnsemble(members, [mb.weight for mb in cfg.teacher.members], cfg.teacher.combine)
+    teacher = TeacherEnsemble(
+        members, [mb.weight for mb in cfg.teacher.members], cfg.teacher.combine, cfg.teacher.feature_member
+    )
     student = load_model_folder(run_dir / "student")
     runs = {"student": [{"phase": "student", "model": student}], "baseline": []}
     metrics, _ = evaluate_all(cfg, data, teacher, runs, device)

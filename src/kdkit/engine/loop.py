@@ -107,6 +107,7 @@ def train(
     desc: str = "train",
     log: Callable[[str], None] = print,
     interrupt_after: int | None = None,
+    student_taps=None,
 ) -> TrainResult:
     """Train `student` (and any parameters of `loss`, e.g. projectors) on `train_data`.
 
@@ -115,6 +116,7 @@ def train(
     `opts.keep_best` is restored at the end. With ckpt_dir, a checkpoint is written every
     `opts.checkpoint_every_steps` optimizer steps (or each epoch) and `resume=True` continues from the newest
     one exactly. interrupt_after stops after that many optimizer steps in this call, as a crash would (tests).
+    student_taps (kdkit.models.taps.FeatureTaps on the student) feeds feature losses.
     """
     started = time.perf_counter()
     if len(train_data) == 0:
@@ -220,7 +222,7 @@ def train(
             for batch in batches:
                 with accelerator.accumulate(model):
                     t_out = teacher(batch) if needs_teacher else None
-                    out = distill_step(model, loss, batch, t_out)
+                    out = distill_step(model, loss, batch, t_out, student_taps)
                     if not torch.isfinite(out.loss):
                         parts = ", ".join(f"{k}={v.item():.4g}" for k, v in out.parts.items())
                         last = latest_checkpoint(ckpt_dir) if ckpt_dir is not None else None

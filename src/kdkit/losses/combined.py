@@ -23,6 +23,23 @@ class WeightedLoss(nn.Module):
     def needs_teacher(self) -> bool:
         return any(p.needs_teacher and w > 0 for w, p in zip(self.weights, self.parts))
 
+    def resolve(self, student_model: nn.Module, teacher_models: list[nn.Module]) -> None:
+        for p in self.parts:
+            p.resolve(student_model, teacher_models)
+
+    def feature_paths(self) -> tuple[list[str], list[str]]:
+        """Union of the parts' (student paths, teacher paths), in first-seen order."""
+        student, teacher = [], []
+        for p in self.parts:
+            s, t = p.feature_paths()
+            student += [x for x in s if x not in student]
+            teacher += [x for x in t if x not in teacher]
+        return student, teacher
+
+    def setup(self, student_shapes: dict, teacher_shapes: dict) -> None:
+        for p in self.parts:
+            p.setup(student_shapes, teacher_shapes)
+
     def formula(self) -> str:
         return "total = " + " + ".join(f"{w:g}*{p.describe()}" for w, p in zip(self.weights, self.parts))
 

@@ -20,7 +20,13 @@ class TeacherEnsemble(nn.Module):
     combine="logits": z = Σ w_i z_i. Weights are normalised to sum to 1.
     """
 
-    def __init__(self, members: list[Teacher], weights: list[float] | None = None, combine: str = "probs"):
+    def __init__(
+        self,
+        members: list[Teacher],
+        weights: list[float] | None = None,
+        combine: str = "probs",
+        feature_member: int | None = None,
+    ):
         super().__init__()
         if not members:
             raise ValueError("an ensemble needs at least one teacher")
@@ -33,13 +39,23 @@ class TeacherEnsemble(nn.Module):
         self.members = nn.ModuleList(members)
         self.weights = [w / total for w in weights]
         self.combine = combine
+        if feature_member is not None and not 0 <= feature_member < len(members):
+            raise ValueError(f"feature_member={feature_member}; expected 0..{len(members) - 1} or null")
+        self.feature_member = feature_member
+
+    def tap(self, paths: list[str], where: str = "teacher") -> None:
+        """Features for feature losses: from one chosen member, or the weighted mean over members (each member
+        must then have every path, with the same shapes)."""
+        for i, m in enumerate(self.members):
+            if self.feature_member is None or i == self.feature_member:
+                m.tap(paths, f"{where}.members.{i}.model")
 
     def train(self, mode: bool = True) -> TeacherEnsemble:
         return super().train(False)
 
-    @torch.inference_mode()
     def forward(self, inputs: torch.Tensor) -> ModelOutputs:
-        outs = [m(inputs).logits for m in self.members]  # each (B, C) fp32
+        results = [m(inputs) for m in self.members]
+        outs = [r.logits for r in results]  # each (B, C) fp32
         classes = {o.shape[-1] for o in outs}
         if len(classes) > 1:
             raise CompatibilityError(f"teacher.members: members output different class counts {sorted(classes)}")
@@ -49,7 +65,23 @@ class TeacherEnsemble(nn.Module):
             # log Σ w_i softmax(z_i), computed stably in log space.
             stacked = torch.stack([o.log_softmax(-1) + torch.log(torch.tensor(w)) for w, o in zip(self.weights, outs)])
             logits = torch.logsumexp(stacked, dim=0)
-        return ModelOutputs(logits=logits)
+        return ModelOutputs(logits=logits, features=self._features(results))
+
+    def _features(self, results: list[ModelOutputs]) -> dict[str, torch.Tensor]:
+        if self.feature_member is not None:
+            return results[self.feature_member].features
+        if not results[0].features:
+            return {}
+        merged = {}
+        for path in results[0].features:
+            shapes = {tuple(r.features[path].shape) for r in results}
+            if len(shapes) > 1:
+                raise CompatibilityError(
+                    f"teacher.members: feature {path!r} has shapes {sorted(shapes)} across members; averaging needs "
+                    "one shape: set teacher.feature_member to take features from one member"
+                )
+            merged[path] = sum(w * r.features[path] for w, r in zip(self.weights, results))
+        return merged
 
     def logits(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.forward(inputs).logits

@@ -22,6 +22,7 @@ class Teacher(nn.Module):
     def __init__(self, model: nn.Module, precision: str = "fp32", channels_last: bool = False):
         super().__init__()
         self.model = model
+        self.taps = None
         self.precision = precision
         self.channels_last = channels_last
         if channels_last:
@@ -39,14 +40,24 @@ class Teacher(nn.Module):
             return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    @torch.inference_mode()
+    def tap(self, paths: list[str], where: str = "teacher") -> None:
+        """Capture the outputs of these modules (by path) into ModelOutputs.features on every forward."""
+        from kdkit.models.taps import FeatureTaps
+
+        if self.taps is not None:
+            self.taps.remove()
+        self.taps = FeatureTaps(self.model, list(paths), where) if paths else None
+
     def forward(self, inputs: torch.Tensor) -> ModelOutputs:
-        if self.channels_last and inputs.dim() == 4:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        with self._autocast(inputs.device.type):
-            out = self.model(inputs)
-        logits = getattr(out, "logits", out)
-        return ModelOutputs(logits=logits.float())
+        with torch.inference_mode():
+            if self.channels_last and inputs.dim() == 4:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            with self._autocast(inputs.device.type):
+                out = self.model(inputs)
+            logits = getattr(out, "logits", out).float()
+            features = self.taps.collect() if self.taps is not None else {}
+        # Features leave inference mode as ordinary tensors (a clone), so that losses may save them for backward.
+        return ModelOutputs(logits=logits, features={k: v.float().clone() for k, v in features.items()})
 
     def logits(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.forward(inputs).logits
