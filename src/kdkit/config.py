@@ -11,7 +11,7 @@ import difflib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -99,7 +99,9 @@ class TrainConfig(Section):
     lr: float = Field(3e-3, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (AdamW) or L2 (SGD).")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (Nesterov).")
-    schedule: Literal["constant", "cosine", "step"] = Field("cosine", description="LR schedule after warm-up.")
+    schedule: Literal["constant", "linear", "cosine", "step"] = Field(
+        "cosine", description="LR schedule after warm-up (linear and cosine decay to 0)."
+    )
     warmup_steps: int = Field(0, ge=0, description="Linear LR warm-up, in optimizer steps.")
     step_every_epochs: int = Field(10, gt=0, description="For schedule: step, decay the LR every so many epochs.")
     step_gamma: float = Field(0.1, gt=0, le=1, description="For schedule: step, the decay factor.")
@@ -166,12 +168,89 @@ class StudentConfig(Section):
     )
 
 
+class ScheduleSpec(Section):
+    """A value that changes over training (a loss weight, the KD temperature), written where the value goes."""
+
+    schedule: Literal["constant", "linear", "cosine", "step"] = Field(
+        description="constant: start; linear/cosine: start → end; step: start · gamma^(epoch // every)."
+    )
+    start: float = Field(ge=0, description="Value at the first step.")
+    end: float | None = Field(None, ge=0, description="Value at the last step (linear, cosine).")
+    unit: Literal["step", "epoch"] = Field("step", description="Change every optimizer step, or once per epoch.")
+    warmup_steps: int = Field(0, ge=0, description="Ramp linearly from 0 over this many steps first.")
+    every: int = Field(1, gt=0, description="For step: decay every so many epochs.")
+    gamma: float = Field(0.1, gt=0, le=1, description="For step: the decay factor.")
+
+    @model_validator(mode="after")
+    def _needs_end(self) -> ScheduleSpec:
+        if self.schedule in ("linear", "cosine") and self.end is None:
+            raise ValueError(f"a {self.schedule} schedule needs `end`")
+        return self
+
+
 class LossTerm(Section):
     """One weighted part of the training loss."""
 
-    name: str = Field(description="Registered loss name: ce, soft_kl, hard_teacher, dkd.")
-    weight: float = Field(1.0, ge=0, description="Weight of this part in the total.")
-    params: dict[str, Any] = Field(default_factory=dict, description="Loss parameters, e.g. temperature.")
+    name: str = Field(
+        description="Registered loss name: ce, soft_kl, hard_teacher, dkd, hint, attention_transfer, hidden_state, "
+        "attention_map."
+    )
+    weight: Annotated[float, Field(ge=0)] | ScheduleSpec = Field(
+        1.0, description="Weight of this part in the total: a number, or a schedule (progressive KD weight)."
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Loss parameters, e.g. temperature; a numeric parameter may be a schedule "
+        "({schedule: linear, start: 8, end: 2} anneals the temperature).",
+    )
+
+    @field_validator("weight", mode="before")
+    @classmethod
+    def _weight(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            try:
+                return ScheduleSpec.model_validate(value)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(str(p) for p in first["loc"])
+                raise ValueError(
+                    f"{where + ': ' if where else ''}{first['msg'].removeprefix('Value error, ')}"
+                ) from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"got {value!r}; expected a number >= 0 or a schedule {{schedule: linear, start, end}}")
+        return float(value)
+
+    @field_validator("params")
+    @classmethod
+    def _scheduled_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        for key, value in params.items():
+            if isinstance(value, dict) and "schedule" in value:
+                try:
+                    ScheduleSpec.model_validate(value)
+                except ValidationError as exc:
+                    first = exc.errors()[0]
+                    where = ".".join(str(p) for p in first["loc"])
+                    msg = first["msg"].removeprefix("Value error, ")
+                    raise ValueError(f"{key}{'.' + where if where else ''}: {msg}") from None
+        return params
+
+    def start_values(self) -> tuple[float, dict[str, Any]]:
+        """The weight and parameters at the first step (schedules replaced by their start)."""
+        weight = self.weight.start if isinstance(self.weight, ScheduleSpec) else self.weight
+        params = {k: (v["start"] if isinstance(v, dict) and "schedule" in v else v) for k, v in self.params.items()}
+        return weight, params
+
+    def schedules(self) -> dict[str, ScheduleSpec]:
+        """What changes over training: "weight" and/or parameter names → schedule."""
+        out = {"weight": self.weight} if isinstance(self.weight, ScheduleSpec) else {}
+        out.update(
+            {
+                k: ScheduleSpec.model_validate(v)
+                for k, v in self.params.items()
+                if isinstance(v, dict) and "schedule" in v
+            }
+        )
+        return out
 
 
 class DistillConfig(Section):
@@ -324,6 +403,8 @@ def _format_error(err: dict) -> str:
         return f"{path}: unknown key{hint}; expected one of: {', '.join(fields)}"
     if kind == "missing":
         return f"{path}: required, but missing"
+    if kind == "value_error":
+        return f"{path}: {err['msg'].removeprefix('Value error, ')}"
     value = err.get("input")
     shown = repr(value) if not isinstance(value, dict) else "a section"
     msg = err["msg"].removeprefix("Value error, ")

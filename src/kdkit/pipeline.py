@@ -24,6 +24,7 @@ from kdkit.config import KDConfig, config_diff, dump_config, load_config
 from kdkit.data import DataBundle, TeacherCache, build_data
 from kdkit.engine import TrainOptions, train
 from kdkit.engine.runtime import is_main_process, resolve_device
+from kdkit.engine.schedules import Schedule, ScheduledValue
 from kdkit.errors import CompatibilityError, ConfigError, TrainingError
 from kdkit.evaluate import (
     classification_metrics,
@@ -74,11 +75,21 @@ def distill(
     )
 
     teacher, teacher_histories = build_teacher(cfg, data, run_dir, resume, device, log)
-    terms = [(t.name, t.weight, t.params) for t in cfg.distill.losses]
+    terms = [(t.name, *t.start_values()) for t in cfg.distill.losses]
     loss = build_loss(terms)  # the formula; each student seed gets its own instance (adapters are per seed)
-    teacher_outputs = teacher_source(cfg, data, teacher, device, log) if loss.needs_teacher else None
+    schedules = [
+        ScheduledValue(
+            i, what, Schedule(spec.schedule, spec.start, spec.end, spec.unit, spec.warmup_steps, spec.every, spec.gamma)
+        )
+        for i, t in enumerate(cfg.distill.losses)
+        for what, spec in t.schedules().items()
+    ]
+    needs_teacher = loss.needs_teacher or any(loss.parts[sv.term].needs_teacher for sv in schedules)
+    teacher_outputs = teacher_source(cfg, data, teacher, device, log) if needs_teacher else None
     baseline_loss = build_loss([("ce", 1.0, next((t.params for t in cfg.distill.losses if t.name == "ce"), {}))])
     log(f"loss: {loss.formula()}" + (f"   (baseline: {baseline_loss.formula()})" if cfg.student.baseline else ""))
+    for sv in schedules:
+        log(f"schedule: {loss.parts[sv.term].name}.{sv.what}: {sv.schedule.describe()}")
 
     s = cfg.student.model
     spec = model_spec(s.source, s.name, s.kwargs, data.input_shape, data.num_classes, s.path, "student.model.path")
@@ -90,9 +101,9 @@ def distill(
 
             def attach(model, kind=kind):
                 if kind == "baseline":
-                    return baseline_loss, None
+                    return baseline_loss, None, ()
                 seeded = build_loss(terms)
-                return seeded, wire_features(cfg, seeded, model, teacher, data, device)
+                return seeded, wire_features(cfg, seeded, model, teacher, data, device), schedules
 
             def make(seed=seed):
                 torch.manual_seed(seed)
@@ -203,7 +214,7 @@ def run_phase(
     where: str = "student.model",
 ) -> tuple[nn.Module, dict]:
     """Train one network (or reuse it when a resumed run already finished this phase).
-    make() builds the network; attach(network) gives its (loss, student feature taps or None).
+    make() builds the network; attach(network) gives its (loss, student feature taps or None, schedules).
     `where` is the config field of the network, for error messages."""
     folder = folder or run_dir / "phases" / phase
     done = folder / "result.json"
@@ -215,7 +226,7 @@ def run_phase(
     if got != data.num_classes:
         raise CompatibilityError(f"{where}: outputs {got} classes ({phase}); the data has {data.num_classes}")
     on_eval = (lambda m: val_metrics(m, data, cfg.eval.batch_size, device)) if data.val is not None else None
-    loss, taps = attach(model)
+    loss, taps, schedules = attach(model)
     result = train(
         model,
         loss,
@@ -232,6 +243,7 @@ def run_phase(
         desc=phase,
         log=log,
         student_taps=taps,
+        schedules=schedules,
     )
     if taps is not None:
         taps.remove()
@@ -313,7 +325,7 @@ def build_teacher(
                 f"teacher-{i}",
                 make,
                 spec,
-                lambda model: (build_loss([("ce", 1.0, {})]), None),
+                lambda model: (build_loss([("ce", 1.0, {})]), None, ()),
                 None,
                 seed,
                 resume,

@@ -19,6 +19,7 @@ from kdkit.data import collate
 from kdkit.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from kdkit.engine.optim import build_optimizer, build_scheduler
 from kdkit.engine.runtime import make_accelerator
+from kdkit.engine.schedules import ScheduledValue, apply_schedules
 from kdkit.engine.step import distill_step
 from kdkit.errors import TrainingError
 from kdkit.losses import WeightedLoss
@@ -108,6 +109,7 @@ def train(
     log: Callable[[str], None] = print,
     interrupt_after: int | None = None,
     student_taps=None,
+    schedules: list[ScheduledValue] | tuple = (),
 ) -> TrainResult:
     """Train `student` (and any parameters of `loss`, e.g. projectors) on `train_data`.
 
@@ -116,7 +118,8 @@ def train(
     `opts.keep_best` is restored at the end. With ckpt_dir, a checkpoint is written every
     `opts.checkpoint_every_steps` optimizer steps (or each epoch) and `resume=True` continues from the newest
     one exactly. interrupt_after stops after that many optimizer steps in this call, as a crash would (tests).
-    student_taps (kdkit.models.taps.FeatureTaps on the student) feeds feature losses.
+    student_taps (kdkit.models.taps.FeatureTaps on the student) feeds feature losses. schedules set loss weights
+    and loss parameters (the KD temperature) for every step.
     """
     started = time.perf_counter()
     if len(train_data) == 0:
@@ -150,7 +153,10 @@ def train(
     )
     model, optimizer, loader = accelerator.prepare(student, optimizer, loader)
     loss = loss.to(accelerator.device)
-    needs_teacher = loss.needs_teacher
+    # A loss whose weight starts at 0 but is scheduled to grow needs the teacher too.
+    needs_teacher = loss.needs_teacher or any(
+        loss.parts[sv.term].needs_teacher for sv in schedules if sv.what == "weight"
+    )
     if needs_teacher and teacher is None:
         raise TrainingError("distill.losses: a loss needs the teacher's outputs, but no teacher was given")
 
@@ -220,6 +226,8 @@ def train(
             micro = skip
             skip = 0
             for batch in batches:
+                if schedules:
+                    scheduled_now = apply_schedules(loss, schedules, step, total_steps, steps_per_epoch)
                 with accelerator.accumulate(model):
                     t_out = teacher(batch) if needs_teacher else None
                     out = distill_step(model, loss, batch, t_out, student_taps)
@@ -252,6 +260,7 @@ def train(
                         "epoch": epoch + micro / micro_per_epoch,
                         **{f"train/{k}": (v / n_sums).item() for k, v in sums.items()},
                         "lr": scheduler.get_last_lr()[0],
+                        **(scheduled_now if schedules else {}),
                     }
                     result.history.append(record)
                     bar.show(record)

@@ -30,13 +30,16 @@ def lr_factor(
         return (step + 1) / warmup_steps
     if schedule == "constant":
         return 1.0
+    if schedule == "linear":
+        span = max(1, total_steps - warmup_steps)
+        return max(0.0, 1.0 - (step - warmup_steps) / span)
     if schedule == "cosine":
         span = max(1, total_steps - warmup_steps)
         progress = min(1.0, (step - warmup_steps) / span)
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     if schedule == "step":
         return step_gamma ** ((step // max(1, steps_per_epoch)) // step_every_epochs)
-    raise ValueError(f"schedule={schedule!r}; expected constant, cosine or step")
+    raise ValueError(f"schedule={schedule!r}; expected constant, linear, cosine or step")
 
 
 def build_scheduler(
