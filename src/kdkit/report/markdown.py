@@ -25,7 +25,14 @@ from kdkit.report.table import (
 # A confusion matrix of more classes than this is unreadable as an image.
 MAX_CONFUSION_CLASSES = 20
 
-PLOT_FILES = ["comparison.png", "loss_parts.png", "val_accuracy.png", "reliability.png", "confusion.png"]
+PLOT_FILES = [
+    "comparison.png",
+    "loss_parts.png",
+    "schedules.png",
+    "val_accuracy.png",
+    "reliability.png",
+    "confusion.png",
+]
 
 
 def write_report(
@@ -57,6 +64,7 @@ def write_report(
     drawn = [
         plots.plot_comparison(metrics, plot_dir / "comparison.png"),
         plots.plot_loss_parts(histories, plot_dir / "loss_parts.png"),
+        plots.plot_schedules(histories, plot_dir / "schedules.png"),
         plots.plot_val_accuracy(histories, plot_dir / "val_accuracy.png"),
         plots.plot_reliability(reliability_curves, plot_dir / "reliability.png"),
     ]
@@ -143,6 +151,7 @@ def _plots_section(drawn: set[str], class_names: list[str], confusion_matrix: np
     captions = {
         "comparison.png": "Accuracy and macro F1; error bars are the std over seeds.",
         "loss_parts.png": "Loss parts of the distilled student, each before its weight; total is the weighted sum.",
+        "schedules.png": "Scheduled loss weights and parameters (e.g. the KD temperature), and the learning rate.",
         "val_accuracy.png": "Validation accuracy per epoch for every trained phase.",
         "reliability.png": "Reliability diagram: points below the diagonal are over-confident.",
         "confusion.png": "Confusion matrix of the distilled student (rows true, columns predicted).",

@@ -65,6 +65,32 @@ def plot_loss_parts(histories: dict[str, list[dict]], path: Path) -> Path | None
         plt.close(fig)
 
 
+def plot_schedules(histories: dict[str, list[dict]], path: Path) -> Path | None:
+    """Scheduled values ("sched/<loss>.<what>": loss weights, the KD temperature) and the LR over steps, from the
+    first distilled-student phase (every seed follows the same schedules). None when nothing is scheduled."""
+    phases = [records for name, records in sorted(histories.items()) if _phase_kind(name) == "student"]
+    if not phases:
+        return None
+    keys = sorted({key for r in phases[0] for key in r if key.startswith("sched/")})
+    if not keys:
+        return None
+    fig, (ax, ax_lr) = plt.subplots(1, 2, figsize=(10, 3.6))
+    try:
+        for i, key in enumerate(keys):
+            steps, values = _series(phases[0], "step", key)
+            ax.plot(steps, values, color=f"C{i % 10}", label=key.removeprefix("sched/"))
+        ax.set(xlabel="step", ylabel="value", title="Scheduled loss weights and parameters")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+        steps, values = _series(phases[0], "step", "lr")
+        ax_lr.plot(steps, values, color="tab:gray")
+        ax_lr.set(xlabel="step", ylabel="learning rate", title="Learning rate")
+        ax_lr.grid(alpha=0.3)
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
 def plot_val_accuracy(histories: dict[str, list[dict]], path: Path) -> Path | None:
     """Validation accuracy (%) per epoch, one line per phase that logged "val/accuracy"."""
     series = {name: _series(records, "epoch", "val/accuracy") for name, records in sorted(histories.items())}

@@ -207,3 +207,16 @@ def test_evaluate_and_report_import_nothing_above_them():
                 names = [node.module or ""]
             for name in names:
                 assert not name.startswith(forbidden), f"{path.name} imports {name}"
+
+
+def test_schedules_plot_only_when_something_is_scheduled(tmp_path):
+    from kdkit.report.plots import plot_schedules
+
+    plain = {"student-s0": [{"step": s, "lr": 0.1, "train/total": 1.0} for s in range(1, 5)]}
+    assert plot_schedules(plain, tmp_path / "a.png") is None and not (tmp_path / "a.png").exists()
+    scheduled = {
+        "student-s0": [{"step": s, "lr": 0.1 / s, "sched/soft_kl.temperature": 8 - s} for s in range(1, 6)],
+        "baseline-s0": [{"step": 1, "lr": 0.1}],
+    }
+    assert_png(plot_schedules(scheduled, tmp_path / "b.png"))
+    assert plt.get_fignums() == []
