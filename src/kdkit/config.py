@@ -89,6 +89,17 @@ class DataConfig(Section):
         return self
 
 
+class AugmentConfig(Section):
+    """Augmentation of training batches; the teacher sees exactly the student's augmented input."""
+
+    crop_padding: int = Field(0, ge=0, description="Random translation by up to this many pixels (images).")
+    hflip: bool = Field(False, description="Random horizontal flip with probability 0.5 (images).")
+    noise_std: float = Field(0.0, ge=0, description="Gaussian noise of this std, in normalised units (any input).")
+    mixup_alpha: float = Field(0.0, ge=0, description="Mixup with Beta(α, α) mixing; 0: off. Needs the live teacher.")
+    cutmix_alpha: float = Field(0.0, ge=0, description="CutMix with Beta(α, α) areas (images); 0: off. Live teacher.")
+    seed: int = Field(0, description="Seed of the per-example views (the teacher cache stores views by it).")
+
+
 class TrainConfig(Section):
     """Optimisation of one network (the student, or a teacher trained from this config)."""
 
@@ -121,6 +132,7 @@ class TrainConfig(Section):
     )
     keep_checkpoints: int = Field(2, gt=0, description="How many recent checkpoints to keep.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Augmentation of training batches.")
 
     @model_validator(mode="after")
     def _early_stopping_needs_a_metric(self) -> TrainConfig:
@@ -272,6 +284,12 @@ class DistillConfig(Section):
     cache_dir: str | None = Field(
         None, description="Folder of the teacher-output cache; default: $KDKIT_CACHE_DIR or ~/.cache/kdkit."
     )
+    cache_views: int = Field(
+        0,
+        ge=0,
+        description="With augmentation: store the teacher's outputs for this many augmented views per example and "
+        "replay them in training (augmentation-consistent cache); 0: the cache holds un-augmented outputs.",
+    )
     teacher_precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="Autocast precision of the teacher's forward pass (its outputs are kept in fp32)."
     )
@@ -311,6 +329,24 @@ class KDConfig(Section):
     distill: DistillConfig = Field(default_factory=DistillConfig, description="Losses and teacher caching.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training of the student (and baseline).")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Final evaluation.")
+
+    @model_validator(mode="after")
+    def _cache_and_augmentation(self) -> KDConfig:
+        aug, d = self.train.augment, self.distill
+        per_example = aug.crop_padding > 0 or aug.hflip or aug.noise_std > 0
+        if d.cache_teacher and (aug.mixup_alpha > 0 or aug.cutmix_alpha > 0):
+            raise ValueError(
+                "distill.cache_teacher: a mixed input (train.augment mixup/cutmix) has no cached teacher output; "
+                "turn the cache off or mixing off"
+            )
+        if d.cache_teacher and per_example and not d.cache_views:
+            raise ValueError(
+                "distill.cache_views: train.augment is on, so cached un-augmented outputs would not match the "
+                "student's inputs; set cache_views (e.g. 8) or cache_teacher: false"
+            )
+        if d.cache_views and not (d.cache_teacher and per_example):
+            raise ValueError("distill.cache_views: needs cache_teacher: true and a per-example train.augment")
+        return self
 
     @field_validator("distill")
     @classmethod

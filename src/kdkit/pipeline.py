@@ -22,6 +22,7 @@ from torch import nn
 from kdkit.atomic import write_json, write_text
 from kdkit.config import KDConfig, config_diff, dump_config, load_config
 from kdkit.data import DataBundle, TeacherCache, build_data
+from kdkit.data.augment import Augment
 from kdkit.engine import TrainOptions, train
 from kdkit.engine.runtime import is_main_process, resolve_device
 from kdkit.engine.schedules import Schedule, ScheduledValue
@@ -232,6 +233,9 @@ def run_phase(
         loss,
         data.train,
         TrainOptions.from_dict(train_cfg.model_dump()),
+        augment=make_augment(
+            train_cfg.augment, data, "train.augment" if train_cfg is cfg.train else "teacher.train.augment"
+        ),
         teacher=teacher_outputs,
         on_eval=on_eval,
         seed=seed,
@@ -346,10 +350,33 @@ def build_teacher(
 def teacher_source(cfg: KDConfig, data: DataBundle, teacher: TeacherEnsemble, device: str, log: Log):
     """What the loop calls for teacher outputs: the disk cache (looked up by example index), or the live teacher."""
     if cfg.distill.cache_teacher:
+        augment = make_augment(cfg.train.augment, data, "train.augment") if cfg.distill.cache_views else None
         return TeacherCache.build_or_load(
-            data.train, teacher.logits, teacher.fingerprint(), cfg.distill.cache_dir, cfg.eval.batch_size, device, log
+            data.train,
+            teacher.logits,
+            teacher.fingerprint(),
+            cfg.distill.cache_dir,
+            cfg.eval.batch_size,
+            device,
+            log,
+            augment=augment,
+            views=cfg.distill.cache_views,
         )
     return lambda batch: teacher(batch.inputs)
+
+
+def make_augment(section, data: DataBundle, where: str) -> Augment | None:
+    """The augment section → Augment, refusing image-only transforms on other inputs."""
+    aug = Augment(**section.model_dump())
+    if not aug.active:
+        return None
+    if len(data.input_shape) != 3:
+        for name in ("crop_padding", "hflip", "cutmix_alpha"):
+            if getattr(aug, name):
+                raise ConfigError(
+                    f"{where}.{name}: needs image inputs (C, H, W); the data has inputs of shape {data.input_shape}"
+                )
+    return aug
 
 
 def evaluate_all(cfg: KDConfig, data: DataBundle, teacher: TeacherEnsemble, runs: dict, device: str):

@@ -13,21 +13,31 @@ class Batch:
 
     inputs: (B, ...) model input; labels: (B,) int64 class ids; index: (B,) int64 positions of the samples in their
     data set (the teacher-output cache is keyed by it); attention_mask: (B, T) 1 for real tokens, 0 for padding
-    (sequence inputs only), used by losses over hidden states and attention maps.
+    (sequence inputs only), used by losses over hidden states and attention maps. After augmentation: view (B,)
+    the augmented view of each example (the teacher-output cache keys stored views by it); with Mixup/CutMix the
+    inputs mix each example with a partner whose labels are mixed_labels, in the proportion mix_lambda : 1 − mix_lambda.
     """
 
     inputs: torch.Tensor
     labels: torch.Tensor
     index: torch.Tensor
     attention_mask: torch.Tensor | None = None
+    view: torch.Tensor | None = None
+    mixed_labels: torch.Tensor | None = None
+    mix_lambda: float = 1.0
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        mask = self.attention_mask
+        def move(t):
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+
         return Batch(
-            self.inputs.to(device, non_blocking=non_blocking),
-            self.labels.to(device, non_blocking=non_blocking),
-            self.index.to(device, non_blocking=non_blocking),
-            None if mask is None else mask.to(device, non_blocking=non_blocking),
+            move(self.inputs),
+            move(self.labels),
+            move(self.index),
+            move(self.attention_mask),
+            move(self.view),
+            move(self.mixed_labels),
+            self.mix_lambda,
         )
 
     def __len__(self) -> int:

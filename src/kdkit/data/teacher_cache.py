@@ -1,8 +1,11 @@
 """Teacher outputs computed once per training example, stored on disk, memory-mapped and reused every epoch.
 
 The cache is keyed by a hash of the teacher's weights (and how it is run) and of the data set, so a changed
-teacher or data set gets a new cache instead of a stale one. Files: <key>.npy (float32 (N, C) logits) and
-<key>.json (what was hashed, shapes); both written atomically. The data layer does not know what a teacher is:
+teacher or data set gets a new cache instead of a stale one. Files: <key>.npy (float32 (N, C) logits, or
+(N, K, C) for K augmented views per example) and <key>.json (what was hashed, shapes); both written atomically.
+With views, the augmentation of view k of example i is a pure function of (augmentation, i, k)
+(kdkit.data.augment), so training replays exactly the inputs whose teacher outputs were stored.
+The data layer does not know what a teacher is:
 it takes a function inputs → logits.
 """
 
@@ -42,9 +45,19 @@ class TeacherCache:
     def __len__(self) -> int:
         return int(self.logits.shape[0])
 
+    @property
+    def views(self) -> int:
+        """K stored augmented views per example, or 0 for plain (un-augmented) outputs."""
+        return int(self.logits.shape[1]) if self.logits.ndim == 3 else 0
+
     def __call__(self, batch: Batch) -> ModelOutputs:
         idx = batch.index.cpu().numpy()
-        rows = torch.from_numpy(np.ascontiguousarray(self.logits[idx]))
+        if self.views:
+            if batch.view is None:
+                raise DataError("teacher cache: stored views need batches augmented with the same views")
+            rows = torch.from_numpy(np.ascontiguousarray(self.logits[idx, batch.view.cpu().numpy()]))
+        else:
+            rows = torch.from_numpy(np.ascontiguousarray(self.logits[idx]))
         return ModelOutputs(logits=rows.to(batch.inputs.device))
 
     @classmethod
@@ -57,11 +70,15 @@ class TeacherCache:
         batch_size: int = 256,
         device: torch.device | str = "cpu",
         log: Callable[[str], None] = print,
+        augment=None,
+        views: int = 0,
     ) -> TeacherCache:
         fp = getattr(dataset, "fingerprint", None)
         if fp is None:
             raise DataError("distill.cache_teacher: this data set cannot be fingerprinted; set cache_teacher: false")
         data_fp = fp()
+        if views:  # the augmentation and the number of views are part of what the outputs depend on
+            data_fp = f"{data_fp}|views={views}|{augment!r}"
         folder = Path(cache_dir) if cache_dir else default_cache_dir()
         key = cache_key(teacher_fingerprint, data_fp)
         npy, meta_path = folder / f"{key}.npy", folder / f"{key}.json"
@@ -77,7 +94,11 @@ class TeacherCache:
                     log(f"teacher cache: reusing {npy} ({logits.shape[0]} × {logits.shape[1]})")
                     return cls(logits, npy)
             log(f"teacher cache: {npy} does not match this teacher and data; rebuilding")
-        logits = compute_logits(dataset, forward, batch_size, device)
+        if views:
+            per_view = [compute_logits(dataset, forward, batch_size, device, augment, v) for v in range(views)]
+            logits = np.stack(per_view, axis=1)  # (N, K, C)
+        else:
+            logits = compute_logits(dataset, forward, batch_size, device)
         write_with(npy, lambda p: _save_npy(p, logits))
         write_json(
             meta_path,
@@ -99,9 +120,13 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 
 @torch.inference_mode()
-def compute_logits(dataset: Dataset, forward, batch_size: int, device) -> np.ndarray:
+def compute_logits(dataset: Dataset, forward, batch_size: int, device, augment=None, view: int = 0) -> np.ndarray:
+    """Teacher logits for every example in order; with `augment`, for view `view` of each example."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
     out = []
     for batch in loader:
-        out.append(forward(batch.inputs.to(device)).float().cpu())
+        inputs = batch.inputs.to(device)
+        if augment is not None:
+            inputs = augment.view(inputs, batch.index, torch.full_like(batch.index, view))
+        out.append(forward(inputs).float().cpu())
     return torch.cat(out).numpy()

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kdkit.data import collate
+from kdkit.data.augment import Augment
 from kdkit.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from kdkit.engine.optim import build_optimizer, build_scheduler
 from kdkit.engine.runtime import make_accelerator
@@ -110,6 +111,7 @@ def train(
     interrupt_after: int | None = None,
     student_taps=None,
     schedules: list[ScheduledValue] | tuple = (),
+    augment: Augment | None = None,
 ) -> TrainResult:
     """Train `student` (and any parameters of `loss`, e.g. projectors) on `train_data`.
 
@@ -119,7 +121,8 @@ def train(
     `opts.checkpoint_every_steps` optimizer steps (or each epoch) and `resume=True` continues from the newest
     one exactly. interrupt_after stops after that many optimizer steps in this call, as a crash would (tests).
     student_taps (kdkit.models.taps.FeatureTaps on the student) feeds feature losses. schedules set loss weights
-    and loss parameters (the KD temperature) for every step.
+    and loss parameters (the KD temperature) for every step. augment transforms each training batch before
+    the teacher and the student see it; with a teacher cache of stored views it replays those views.
     """
     started = time.perf_counter()
     if len(train_data) == 0:
@@ -226,6 +229,8 @@ def train(
             micro = skip
             skip = 0
             for batch in batches:
+                if augment is not None and augment.active:
+                    batch = augment.apply(batch, seed, epoch, views=getattr(teacher, "views", 0))
                 if schedules:
                     scheduled_now = apply_schedules(loss, schedules, step, total_steps, steps_per_epoch)
                 with accelerator.accumulate(model):

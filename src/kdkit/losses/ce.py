@@ -18,7 +18,12 @@ class CrossEntropy(Loss):
         self.label_smoothing = label_smoothing
 
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, batch: Batch):
-        return Fk.cross_entropy(student.logits, batch.labels, self.label_smoothing)
+        ce = Fk.cross_entropy(student.logits, batch.labels, self.label_smoothing)
+        if batch.mixed_labels is None:
+            return ce
+        # Mixup/CutMix: the input is lam·x_i + (1 − lam)·x_j, so is the label (Zhang et al. 2018).
+        mixed = Fk.cross_entropy(student.logits, batch.mixed_labels, self.label_smoothing)
+        return batch.mix_lambda * ce + (1.0 - batch.mix_lambda) * mixed
 
     def describe(self) -> str:
         return f"ce(smoothing={self.label_smoothing:g})" if self.label_smoothing else "ce"
