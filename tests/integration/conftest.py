@@ -28,18 +28,16 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 
-# The environment for this process and every process it starts. Set at import, before any library that reads
-# them (huggingface_hub reads HF_HUB_OFFLINE when imported) is loaded.
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    # Rich wraps console output at 80 columns when stdout is not a terminal; wide lines keep the printed loss
-    # formula and file paths on one line, so substring checks do not depend on wrapping.
-    "COLUMNS": "200",
-}
-os.environ.update(OFFLINE_ENV)
-os.environ.pop("KDKIT_DEBUG", None)  # the one-line error behaviour is what these tests check
+# Offline for this process and every process it starts. Set at import, before any library that reads them
+# (huggingface_hub reads HF_HUB_OFFLINE when imported) is loaded.
+os.environ.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+
+# Only for the CLI runs (kept out of os.environ so other test folders see their usual environment): rich wraps
+# console output at 80 columns when stdout is not a terminal; wide lines keep the loss formula and file paths on
+# one line, so substring checks do not depend on wrapping. KDKIT_DEBUG would turn the one-line errors that these
+# tests check into tracebacks.
+CLI_ENV = {"COLUMNS": "200"}
+CLI_ENV_REMOVED = ("KDKIT_DEBUG",)
 
 # A config that trains in a few seconds on CPU: digits (1,797 8×8 images), a 32-unit MLP teacher, an 8-unit MLP
 # student, one seed, 2 epochs each, almost no latency timing. The teacher cache folder is filled in per test.
@@ -78,7 +76,7 @@ def run_subprocess(args: list[str], cwd: Path, timeout: float = 180) -> CliResul
     done = subprocess.run(
         [sys.executable, "-m", "kdkit", *map(str, args)],
         cwd=cwd,
-        env=dict(os.environ),
+        env={**{k: v for k, v in os.environ.items() if k not in CLI_ENV_REMOVED}, **CLI_ENV},
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -125,6 +123,10 @@ def _cache_in_tmp(tmp_path_factory):
 def cli(tmp_path, monkeypatch) -> Callable[..., CliResult]:
     """Run the CLI in this process, in tmp_path (relative paths in configs resolve there)."""
     monkeypatch.chdir(tmp_path)
+    for key, value in CLI_ENV.items():
+        monkeypatch.setenv(key, value)
+    for key in CLI_ENV_REMOVED:
+        monkeypatch.delenv(key, raising=False)
     return lambda *args: run_in_process(list(args))
 
 

@@ -8,7 +8,6 @@ error mapping as the binary, milliseconds per case); the last few run `python -m
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 
@@ -220,6 +219,15 @@ def test_teacher_checkpoint_that_is_not_safetensors(cli, make_config, tmp_path, 
 # Training, resuming, evaluating
 
 
+def test_nan_loss_stops_training(cli, make_config):
+    # lr=1e30: AdamW's first step moves every weight by ~1e30, so the next forward overflows and the loss is NaN
+    # at step 2 of the first phase that uses train.lr (the baseline; the teacher has its own teacher.train.lr).
+    result = cli("train", make_config(), "--out", "out", "--set", "train.lr=1e30")
+    first = assert_user_error(result, "baseline-s0", "step 2", "training stopped")
+    assert "nan" in first.lower() or "inf" in first.lower(), first
+    assert "train.lr" in first  # what to do about it
+
+
 def test_fp16_on_cpu(cli, make_config):
     first = assert_user_error(
         cli("train", make_config(), "--out", "out", "--set", "train.precision=fp16", "--set", "run.device=cpu"),
@@ -262,10 +270,11 @@ def test_process_missing_config(cli_process, tmp_path):
     assert_user_error(cli_process("validate", tmp_path / "nope.yaml"), "nope.yaml", "not found")
 
 
-def test_process_nan_loss_stops_training(cli_process, make_config):
-    # lr=1e30: AdamW's first step moves every weight by ~1e30, so the next forward overflows and the loss is NaN
-    # at step 2 of the first phase that uses train.lr (the baseline; the teacher has its own teacher.train.lr).
-    result = cli_process("train", make_config(), "--out", Path("out"), "--set", "train.lr=1e30")
-    first = assert_user_error(result, "baseline-s0", "step 2", "training stopped")
-    assert "nan" in first.lower() or "inf" in first.lower(), first
-    assert "train.lr" in first  # what to do about it
+def test_process_missing_data_file(cli_process, make_config):
+    # `train` imports the whole pipeline (torch, scikit-learn, accelerate) before it fails: nothing they print
+    # may come before the error line.
+    def point_at_nothing(cfg):
+        cfg["data"] = {"source": "csv", "path": "nope.csv"}
+
+    result = cli_process("train", make_config(point_at_nothing), "--out", "out")
+    assert_user_error(result, "data.path", "nope.csv", "not found")

@@ -1,7 +1,8 @@
 """The real CLI, end to end, as a user runs it: `python -m kdkit VERB ...` in a subprocess.
 
 The expensive part, one `kdkit train` of the tiny config, runs once per session (conftest.finished_run);
-the tests here read its run directory, re-evaluate it and resume it.
+the tests here read its run directory, re-evaluate it and resume it. The shipped configs are validated in this
+process (see test_validate_shipped_config); everything else runs as a real process.
 """
 
 from __future__ import annotations
