@@ -76,6 +76,42 @@ def distill(
     )
 
     teacher, teacher_histories = build_teacher(cfg, data, run_dir, resume, device, log)
+    kinds = ["baseline"] * cfg.student.baseline + ["student"]
+    runs, loss, spec = train_students(cfg, data, teacher, run_dir, kinds, resume, device, log)
+
+    metrics, extras = evaluate_all(cfg, data, teacher, runs, device)
+    best = max(runs["student"], key=lambda r: r["val_score"])
+    save_model_folder(best["model"], run_dir / "student", spec)
+    write_json(run_dir / "metrics.json", metrics)
+    histories = teacher_histories | {r["phase"]: r["history"] for kind in runs.values() for r in kind}
+    write_json(run_dir / "history.json", histories)
+    write_report(
+        run_dir,
+        metrics=metrics,
+        histories=histories,
+        formula=loss.formula(),
+        config_yaml=dump_config(cfg),
+        class_names=data.class_names,
+        env=env,
+        **extras,
+    )
+    return RunResult(run_dir, metrics, best["model"], teacher)
+
+
+def train_students(
+    cfg: KDConfig,
+    data: DataBundle,
+    teacher: TeacherEnsemble,
+    run_dir: Path,
+    kinds: list[str],
+    resume: bool,
+    device: str,
+    log: Log,
+    on_epoch: Callable[[str, int, dict], None] | None = None,
+):
+    """For each seed, train each kind of student ("baseline": labels only; "student": the distillation loss).
+    Returns ({kind: [phase results]}, the loss (for its formula), the student's model spec).
+    on_epoch(phase, epoch, validation metrics) is called after each evaluation (a search prunes through it)."""
     terms = [(t.name, *t.start_values()) for t in cfg.distill.losses]
     loss = build_loss(terms)  # the formula; each student seed gets its own instance (adapters are per seed)
     schedules = [
@@ -88,13 +124,12 @@ def distill(
     needs_teacher = loss.needs_teacher or any(loss.parts[sv.term].needs_teacher for sv in schedules)
     teacher_outputs = teacher_source(cfg, data, teacher, device, log) if needs_teacher else None
     baseline_loss = build_loss([("ce", 1.0, next((t.params for t in cfg.distill.losses if t.name == "ce"), {}))])
-    log(f"loss: {loss.formula()}" + (f"   (baseline: {baseline_loss.formula()})" if cfg.student.baseline else ""))
+    log(f"loss: {loss.formula()}" + (f"   (baseline: {baseline_loss.formula()})" if "baseline" in kinds else ""))
     for sv in schedules:
         log(f"schedule: {loss.parts[sv.term].name}.{sv.what}: {sv.schedule.describe()}")
 
     s = cfg.student.model
     spec = model_spec(s.source, s.name, s.kwargs, data.input_shape, data.num_classes, s.path, "student.model.path")
-    kinds = ["baseline"] * cfg.student.baseline + ["student"]
     runs: dict[str, list[dict]] = {"student": [], "baseline": []}
     for seed in cfg.run.seeds:
         for kind in kinds:
@@ -133,27 +168,11 @@ def distill(
                 resume,
                 device,
                 log,
+                on_epoch=(lambda epoch, m, phase=phase: on_epoch(phase, epoch, m)) if on_epoch else None,
             )
             runs[kind].append({"phase": phase, "model": model, **result})
-
     teacher.tap([])  # feature taps were for training only
-    metrics, extras = evaluate_all(cfg, data, teacher, runs, device)
-    best = max(runs["student"], key=lambda r: r["val_score"])
-    save_model_folder(best["model"], run_dir / "student", spec)
-    write_json(run_dir / "metrics.json", metrics)
-    histories = teacher_histories | {r["phase"]: r["history"] for kind in runs.values() for r in kind}
-    write_json(run_dir / "history.json", histories)
-    write_report(
-        run_dir,
-        metrics=metrics,
-        histories=histories,
-        formula=loss.formula(),
-        config_yaml=dump_config(cfg),
-        class_names=data.class_names,
-        env=env,
-        **extras,
-    )
-    return RunResult(run_dir, metrics, best["model"], teacher)
+    return runs, loss, spec
 
 
 def prepare_run_dir(run_dir: Path, cfg: KDConfig, resume: bool, device: str) -> dict:
@@ -213,6 +232,7 @@ def run_phase(
     log: Log,
     folder: Path | None = None,
     where: str = "student.model",
+    on_epoch: Callable[[int, dict], None] | None = None,
 ) -> tuple[nn.Module, dict]:
     """Train one network (or reuse it when a resumed run already finished this phase).
     make() builds the network; attach(network) gives its (loss, student feature taps or None, schedules).
@@ -226,7 +246,17 @@ def run_phase(
     got = output_classes(model, data.example(2), where)
     if got != data.num_classes:
         raise CompatibilityError(f"{where}: outputs {got} classes ({phase}); the data has {data.num_classes}")
-    on_eval = (lambda m: val_metrics(m, data, cfg.eval.batch_size, device)) if data.val is not None else None
+    on_eval = None
+    if data.val is not None:
+        evaluations = []
+
+        def on_eval(m):
+            metrics = val_metrics(m, data, cfg.eval.batch_size, device)
+            evaluations.append(metrics)
+            if on_epoch is not None:
+                on_epoch(len(evaluations), metrics)
+            return metrics
+
     loss, taps, schedules = attach(model)
     result = train(
         model,

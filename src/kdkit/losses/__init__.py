@@ -6,10 +6,14 @@ Adding a loss: its file, one line in LOSSES, its test.
 from __future__ import annotations
 
 from kdkit.losses.base import Loss
+from kdkit.losses.attention_map import AttentionMap
+from kdkit.losses.attention_transfer import AttentionTransfer
 from kdkit.losses.ce import CrossEntropy
 from kdkit.losses.combined import WeightedLoss
 from kdkit.losses.dkd import DecoupledKD
 from kdkit.losses.hard_teacher import HardTeacher
+from kdkit.losses.hidden_state import HiddenState
+from kdkit.losses.hint import Hint
 from kdkit.losses.soft_kl import SoftKL
 from kdkit.registry import bind, lookup
 
@@ -18,6 +22,10 @@ LOSSES: dict[str, type[Loss]] = {
     "soft_kl": SoftKL,
     "hard_teacher": HardTeacher,
     "dkd": DecoupledKD,
+    "hint": Hint,
+    "attention_transfer": AttentionTransfer,
+    "hidden_state": HiddenState,
+    "attention_map": AttentionMap,
 }
 
 
@@ -36,4 +44,7 @@ def build_loss(terms: list[tuple[str, float, dict]], where: str = "distill.losse
     return WeightedLoss(built)
 
 
-__all__ = ["LOSSES", "Loss", "WeightedLoss", "build_loss", "CrossEntropy", "SoftKL", "HardTeacher", "DecoupledKD"]
+__all__ = [
+    "LOSSES", "Loss", "WeightedLoss", "build_loss", "CrossEntropy", "SoftKL", "HardTeacher", "DecoupledKD", "Hint",
+    "AttentionTransfer", "HiddenState", "AttentionMap",
+]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kdkit.errors import ConfigError
-from kdkit.losses import LOSSES, CrossEntropy, DecoupledKD, HardTeacher, SoftKL, WeightedLoss, build_loss
+from kdkit.losses import LOSSES, CrossEntropy, DecoupledKD, HardTeacher, Loss, SoftKL, WeightedLoss, build_loss
 from kdkit.losses import functional as Fk
 from kdkit.types import Batch, ModelOutputs, StepOutput
 
@@ -28,7 +28,16 @@ def test_registry_names_match_the_loss_names():
         assert cls.name == key
 
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
+# Losses over logits; the feature losses (hint, attention_transfer, hidden_state, attention_map) need tapped
+# activations and are tested in test_feature_losses.py.
+LOGIT_LOSSES = sorted(n for n, cls in LOSSES.items() if cls.feature_paths is Loss.feature_paths)
+
+
+def test_logit_losses_are_the_four_expected():
+    assert LOGIT_LOSSES == ["ce", "dkd", "hard_teacher", "soft_kl"]
+
+
+@pytest.mark.parametrize("name", LOGIT_LOSSES)
 def test_gradient_goes_only_into_the_student(name):
     student, teacher, batch = _inputs()
     out = build_loss([(name, 1.0, {})])(student, teacher, batch)
@@ -37,7 +46,7 @@ def test_gradient_goes_only_into_the_student(name):
     assert teacher.logits.grad is None or not teacher.logits.grad.any()
 
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("name", LOGIT_LOSSES)
 def test_losses_accept_teacher_outputs_made_under_inference_mode(name):
     # The real Teacher runs under torch.inference_mode(); its tensors must be usable as targets in a graph.
     student, _, batch = _inputs()
@@ -136,10 +145,13 @@ def test_unknown_parameter_names_the_field_and_suggests_the_right_one():
     assert "did you mean: temperature" in message
 
 
+REQUIRED = {"hint": {"student_layer": "a", "teacher_layer": "b"}, "attention_transfer": {"pairs": [["a", "b"]]}}
+
+
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_every_loss_rejects_an_unknown_parameter_with_a_config_error(name):
     with pytest.raises(ConfigError, match=r"distill\.losses\.0\.params\.bogus"):
-        build_loss([(name, 1.0, {"bogus": 1})])
+        build_loss([(name, 1.0, {**REQUIRED.get(name, {}), "bogus": 1})])
 
 
 def test_several_unknown_parameters_are_reported_at_once():
