@@ -23,9 +23,12 @@ SetOpt = typer.Option(None, "--set", help="Override a config value: --set train.
 
 
 def _console():
+    import sys
+
     from rich.console import Console
 
-    return Console()
+    # Piped or logged output gets a width that fits the summary table (rich would assume 80 columns).
+    return Console() if sys.stdout.isatty() else Console(width=160)
 
 
 def _show(metrics: dict) -> None:
@@ -94,6 +97,56 @@ def config_docs() -> None:
     from kdkit.config import config_markdown
 
     typer.echo(config_markdown(), nl=False)
+
+
+@app.command("export")
+def export_cmd(
+    run_dir: Path = typer.Argument(..., help="A run directory written by kdkit train/demo."),
+    format_: str = typer.Option("onnx", "--format", "-f", help="safetensors, onnx, torchscript or hf."),
+    out: Path = typer.Option(None, help="Export folder (default: RUN_DIR/export/<format>); replaced as a whole."),
+) -> None:
+    """Export the student alone (no adapters or projectors), parity-checked against eager PyTorch, with a model card."""
+    from kdkit.export import export_run
+
+    result = export_run(run_dir, format_, out, log=_console().print)
+    _console().print(
+        f"{result.format}: max abs diff vs eager PyTorch {result.max_abs_diff:.3g} on {result.parity_inputs} held-out "
+        f"inputs ({result.parity_source}); top-1 agreement {100 * result.label_agreement:.2f}%"
+    )
+    _console().print(f"exported to {result.path}: {', '.join(result.files)}")
+
+
+@app.command("serve")
+def serve_cmd(
+    run_dir: Path = typer.Argument(..., help="A run directory written by kdkit train/demo."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind; loopback unless you say otherwise."),
+    port: int = typer.Option(8000, help="TCP port."),
+    backend: str = typer.Option("torch", help="torch (eager student) or onnx (ONNX Runtime; exported if needed)."),
+    shadow_rate: float = typer.Option(0.0, help="Share of requests also scored by the teacher, off the request path."),
+    alert_threshold: float = typer.Option(0.9, help="Alert when the shadow agreement falls below this."),
+    window: int = typer.Option(200, help="Sliding window of the shadow agreement, in examples."),
+    max_batch: int = typer.Option(256, help="Most examples per request (more: 413)."),
+    max_body_bytes: int = typer.Option(1 << 20, help="Largest request body in bytes (more: 413)."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads of the backend (default: its own choice)."),
+    access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="Log every request."),
+) -> None:
+    """Serve the student over HTTP: POST /predict, GET /health, GET /metrics (Prometheus). Set KDKIT_API_TOKEN
+    to require 'Authorization: Bearer <token>'."""
+    from kdkit.serve import serve
+
+    serve(
+        run_dir,
+        host=host,
+        port=port,
+        backend=backend,
+        shadow_rate=shadow_rate,
+        alert_threshold=alert_threshold,
+        window=window,
+        max_body_bytes=max_body_bytes,
+        max_batch=max_batch,
+        threads=threads,
+        access_log=access_log,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -73,7 +73,9 @@ class DataConfig(Section):
     val_fraction: float = Field(0.1, ge=0, lt=1, description="Share of the examples held out for validation.")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="Share held out for the final test.")
     split_seed: int = Field(0, description="Seed of the stratified split; the same seed gives the same split.")
-    limit: int | None = Field(None, gt=0, description="Use only the first `limit` examples (quick runs, tests).")
+    limit: int | None = Field(
+        None, gt=0, description="Use a stratified random subset of this many examples (quick runs, tests)."
+    )
 
     @model_validator(mode="after")
     def _fractions(self) -> DataConfig:

@@ -52,6 +52,17 @@ class DataBundle:
         return torch.stack([self.train[i][0] for i in range(min(n, len(self.train)))])
 
 
+def subset_indices(y: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """A stratified random subset of `limit` positions (files are often sorted by class: the first rows would
+    hold only a few classes)."""
+    from sklearn.model_selection import train_test_split
+
+    counts = np.bincount(y)
+    stratify = y if counts[counts > 0].min() >= 2 and limit >= len(counts[counts > 0]) else None
+    keep, _ = train_test_split(np.arange(len(y)), train_size=limit, random_state=seed, stratify=stratify)
+    return np.sort(keep)
+
+
 def split_indices(y: np.ndarray, val_fraction: float, test_fraction: float, seed: int):
     """Stratified train/val/test positions; the same seed gives the same split."""
     from sklearn.model_selection import train_test_split
@@ -79,8 +90,9 @@ def bundle_from_arrays(
     limit: int | None,
 ) -> DataBundle:
     """Split, fit the normalisation on the training split (per channel for images, per feature for tables)."""
-    if limit:
-        x, y = x[:limit], y[:limit]
+    if limit and limit < len(y):
+        keep = subset_indices(y, limit, seed)
+        x, y = x[keep], y[keep]
     if len(y) == 0:
         raise DataError("data: the data set is empty; expected at least a few examples per class")
     num_classes = len(names)
@@ -141,8 +153,9 @@ def _image_folder_bundle(path, size, grayscale, val_fraction, test_fraction, see
     from kdkit.data.images import ImageFiles, scan_image_folder
 
     paths, y, names = scan_image_folder(path)
-    if limit:
-        paths, y = paths[:limit], y[:limit]
+    if limit and limit < len(y):
+        keep = subset_indices(y, limit, seed)
+        paths, y = [paths[i] for i in keep], y[keep]
     if len(np.unique(y)) < 2:
         raise DataError(f"data.path: only one class folder with images under {path!r}; expected at least two")
     tr, va, te = split_indices(y, val_fraction, test_fraction, seed)

@@ -5,9 +5,9 @@ Adding a loss: its file, one line in LOSSES, its test.
 
 from __future__ import annotations
 
-from kdkit.losses.base import Loss
 from kdkit.losses.attention_map import AttentionMap
 from kdkit.losses.attention_transfer import AttentionTransfer
+from kdkit.losses.base import Loss
 from kdkit.losses.ce import CrossEntropy
 from kdkit.losses.combined import WeightedLoss
 from kdkit.losses.dkd import DecoupledKD
@@ -45,6 +45,16 @@ def build_loss(terms: list[tuple[str, float, dict]], where: str = "distill.losse
 
 
 __all__ = [
-    "LOSSES", "Loss", "WeightedLoss", "build_loss", "CrossEntropy", "SoftKL", "HardTeacher", "DecoupledKD", "Hint",
-    "AttentionTransfer", "HiddenState", "AttentionMap",
+    "LOSSES",
+    "Loss",
+    "WeightedLoss",
+    "build_loss",
+    "CrossEntropy",
+    "SoftKL",
+    "HardTeacher",
+    "DecoupledKD",
+    "Hint",
+    "AttentionTransfer",
+    "HiddenState",
+    "AttentionMap",
 ]

@@ -15,6 +15,7 @@ from kdkit.atomic import write_text
 from kdkit.report import plots
 from kdkit.report.table import (
     MISSING,
+    ROWS,
     gain_numbers,
     percent,
     summary_headers,
@@ -32,6 +33,7 @@ PLOT_FILES = [
     "val_accuracy.png",
     "reliability.png",
     "confusion.png",
+    "robustness.png",
 ]
 
 
@@ -46,6 +48,7 @@ def write_report(
     confusion_matrix: np.ndarray | None,
     reliability_curves: dict[str, dict],
     env: dict,
+    robustness: dict | None = None,
 ) -> pathlib.Path:
     """Write RUN_DIR/report.md and its PNGs under RUN_DIR/plots/; return the path of report.md.
 
@@ -55,6 +58,7 @@ def write_report(
     confusion_matrix: the distilled student's (C, C) matrix; plotted only when given and C ≤ 20.
     reliability_curves: model key ("teacher", "student", "baseline_student") → output of evaluate.reliability.
     env: versions, seed, device, ... shown as a two-column table.
+    robustness: the output of evaluate.robustness, or None when it was not measured (no plot, no section).
 
     Plots without data (no history for a phase, no curves) are not drawn and not linked. A plot from an earlier
     report in the same run directory that this report does not draw is removed, so plots/ matches report.md.
@@ -70,6 +74,8 @@ def write_report(
     ]
     if confusion_matrix is not None and np.asarray(confusion_matrix).shape[0] <= MAX_CONFUSION_CLASSES:
         drawn.append(plots.plot_confusion(confusion_matrix, class_names, plot_dir / "confusion.png"))
+    if robustness:
+        drawn.append(plots.plot_robustness(robustness, plot_dir / "robustness.png"))
     drawn_names = {path.name for path in drawn if path is not None}
     for name in PLOT_FILES:
         if name not in drawn_names:
@@ -80,6 +86,7 @@ def write_report(
         f"**Loss:** `{formula}`",
         _summary_section(metrics),
         _per_seed_section(metrics),
+        _robustness_section(robustness),
         _plots_section(drawn_names, class_names, confusion_matrix),
         "## Environment\n\n" + _table(["", "value"], [[str(k), str(v)] for k, v in env.items()], numeric=False),
         "## Resolved config\n\n" + _code_block(config_yaml, "yaml"),
@@ -147,6 +154,56 @@ def _per_seed_section(metrics: dict) -> str:
     return "## Per seed\n\n" + _table(headers, rows)
 
 
+_STRENGTH_UNITS = {
+    "gaussian_noise": "noise std in units of the normalised data",
+    "occlusion": "fraction of the image area zeroed (set to the mean) in one box",
+    "blur": "Gaussian blur sigma in pixels",
+    "token_dropout": "fraction of non-padding tokens replaced by the mask token",
+}
+
+
+def _robustness_section(robustness: dict | None) -> str:
+    """Accuracy (%) per corruption and strength, one column per model; students over seeds as mean ± std."""
+    clean = (robustness or {}).get("clean") or {}
+    models = [(key, label) for key, label in ROWS if key in clean]  # a model that was not evaluated gets no column
+    if not models:
+        return ""
+    kinds = [kind for kind in robustness if kind != "clean" and robustness[kind]]
+    rows = [["clean", "0"] + [_accuracy_cell(clean[key]) for key, _ in models]]
+    for kind in kinds:
+        for strength, entries in sorted(robustness[kind].items(), key=lambda item: float(item[0])):
+            cells = [_accuracy_cell(entries.get(key)) for key, _ in models]
+            rows.append([kind.replace("_", " "), f"{float(strength):g}", *cells])
+    headers = ["corruption", "strength"] + [label for _, label in models]
+    lines = ["## Robustness", "", _table(headers, rows), ""]
+    lines += ["Accuracy in % on the evaluation set with corrupted inputs; every model saw the same corrupted inputs."]
+    if any(len(clean[key].get("per_seed") or []) > 1 for key, _ in models):
+        lines += ["Models with several seeds: mean ± std (population) over seeds."]
+    lines += [f"Strength of {kind.replace('_', ' ')}: {_STRENGTH_UNITS.get(kind, 'as configured')}." for kind in kinds]
+    drops = [_mean_drop(robustness, kinds, key, label) for key, label in models]
+    if kinds and all(drops):
+        lines += ["", "Mean accuracy drop from clean over all corruptions and strengths (lower: more robust):"]
+        lines += ["; ".join(drops) + "."]
+    return "\n".join(lines)
+
+
+def _accuracy_cell(entry: dict | None) -> str:
+    if not entry:
+        return MISSING
+    cell = percent(entry.get("mean"))
+    if len(entry.get("per_seed") or []) > 1 and cell != MISSING:
+        cell += f" ± {percent(entry.get('std'))}"
+    return cell
+
+
+def _mean_drop(robustness: dict, kinds: list[str], key: str, label: str) -> str:
+    """'<label> 12.34 points': the drop averaged over every (corruption, strength), or "" when one is missing."""
+    drops = [entries[key].get("drop") for kind in kinds for entries in robustness[kind].values() if key in entries]
+    if not drops or any(not isinstance(d, (int, float)) or math.isnan(d) for d in drops):
+        return ""
+    return f"{label} {100 * float(np.mean(drops)):.2f} points"
+
+
 def _plots_section(drawn: set[str], class_names: list[str], confusion_matrix: np.ndarray | None) -> str:
     captions = {
         "comparison.png": "Accuracy and macro F1; error bars are the std over seeds.",
@@ -155,6 +212,7 @@ def _plots_section(drawn: set[str], class_names: list[str], confusion_matrix: np
         "val_accuracy.png": "Validation accuracy per epoch for every trained phase.",
         "reliability.png": "Reliability diagram: points below the diagonal are over-confident.",
         "confusion.png": "Confusion matrix of the distilled student (rows true, columns predicted).",
+        "robustness.png": "Accuracy under input corruptions by strength (0: clean); error bars: std over seeds.",
     }
     parts = ["## Plots"]
     for name in PLOT_FILES:

@@ -209,6 +209,59 @@ def plot_comparison(metrics: dict, path: Path) -> Path | None:
         plt.close(fig)
 
 
+# The unit of each corruption's strength, for the x axis of the robustness plot.
+CORRUPTION_AXES = {
+    "gaussian_noise": "noise std (normalised units)",
+    "occlusion": "occluded fraction of the area",
+    "blur": "blur sigma (pixels)",
+    "token_dropout": "fraction of tokens dropped",
+}
+
+
+def plot_robustness(robustness: dict, path: Path) -> Path | None:
+    """Accuracy (%) against corruption strength: one panel per corruption, one line per model.
+
+    robustness: the output of evaluate.robustness ({"clean": {model: entry}, kind: {strength: {model: entry}}}).
+    Each line starts at strength 0 with the clean accuracy. Models evaluated with several seeds carry their std over
+    seeds as error bars. None when there is no corruption to draw.
+    """
+    clean = robustness.get("clean") or {}
+    kinds = [kind for kind, by_strength in robustness.items() if kind != "clean" and by_strength]
+    models = [m for m in MODEL_COLOURS if m in clean] + [m for m in clean if m not in MODEL_COLOURS]
+    if not kinds or not models:
+        return None
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 3.8), sharey=True, squeeze=False)
+    try:
+        for ax, kind in zip(axes[0], kinds):
+            by_strength = sorted(robustness[kind].items(), key=lambda item: float(item[0]))
+            for model in models:
+                points = [(0.0, clean[model])]
+                points += [(float(s), entries[model]) for s, entries in by_strength if model in entries]
+                xs = [x for x, _ in points]
+                ys = [100 * _number(entry.get("mean")) for _, entry in points]
+                several = len(clean[model].get("per_seed") or []) > 1
+                errors = [100 * _number(entry.get("std"), default=0.0) for _, entry in points] if several else None
+                ax.errorbar(
+                    xs,
+                    ys,
+                    yerr=errors,
+                    marker="o",
+                    markersize=3,
+                    capsize=3,
+                    color=MODEL_COLOURS.get(model, "tab:green"),
+                    label=MODEL_LABELS.get(model, model),
+                )
+            ax.set(xlabel=CORRUPTION_AXES.get(kind, "strength"), title=kind.replace("_", " "))
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("accuracy (%)")
+        axes[0][0].legend(fontsize="small")
+        fig.suptitle("Accuracy under input corruptions (strength 0: clean)")
+        fig.tight_layout()
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
 def _save(fig: plt.Figure, path: Path) -> Path:
     return write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight"))
 

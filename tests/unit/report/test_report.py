@@ -220,3 +220,64 @@ def test_schedules_plot_only_when_something_is_scheduled(tmp_path):
     }
     assert_png(plot_schedules(scheduled, tmp_path / "b.png"))
     assert plt.get_fignums() == []
+
+
+def robustness_entry(per_seed: list[float], clean: list[float] | None = None) -> dict:
+    """The layout of evaluate.robustness entries, built here so that this test does not import evaluate."""
+    entry = {"mean": statistics.mean(per_seed), "std": statistics.pstdev(per_seed), "per_seed": per_seed}
+    if clean is not None:
+        drops = [c - a for c, a in zip(clean, per_seed, strict=True)]
+        entry["drop"], entry["drop_std"] = statistics.mean(drops), statistics.pstdev(drops)
+    return entry
+
+
+def fabricated_robustness() -> dict:
+    clean = {"teacher": [0.975], "baseline_student": [0.932, 0.940, 0.931], "student": [0.941, 0.945, 0.938]}
+    result = {"clean": {model: robustness_entry(accs) for model, accs in clean.items()}}
+    for kind, strengths in (("gaussian_noise", ["0.25", "0.5", "1.0"]), ("blur", ["0.5", "2.0"])):
+        result[kind] = {}
+        for i, strength in enumerate(strengths, start=1):
+            result[kind][strength] = {
+                model: robustness_entry([a - 0.1 * i for a in accs], accs) for model, accs in clean.items()
+            }
+    return result
+
+
+def test_report_with_robustness_has_its_table_and_plot(tmp_path):
+    rng = np.random.default_rng(0)
+    text = write_report(
+        tmp_path,
+        metrics=fabricated_metrics(),
+        histories=fabricated_histories(),
+        formula=FORMULA,
+        config_yaml="",
+        class_names=[f"class {i}" for i in range(3)],
+        confusion_matrix=rng.integers(0, 20, size=(3, 3)),
+        reliability_curves={"student": curve(0.03)},
+        env={},
+        robustness=fabricated_robustness(),
+    ).read_text(encoding="utf-8")
+    assert "## Robustness" in text
+    assert "| corruption | strength | teacher | baseline student | distilled student |" in text
+    assert "| clean | 0 | 97.50 | 93.43 ± 0.40 | 94.13 ± 0.29 |" in text
+    assert "| gaussian noise | 1 | 67.50 | 63.43 ± 0.40 | 64.13 ± 0.29 |" in text
+    assert "| blur | 2 | 77.50 | 73.43 ± 0.40 | 74.13 ± 0.29 |" in text
+    assert "teacher 18.00 points" in text  # mean drop over the 5 (kind, strength) cells: (10+20+30+10+20)/5
+    assert "](plots/robustness.png)" in text
+    assert_png(tmp_path / "plots" / "robustness.png")
+    assert plt.get_fignums() == []
+
+    # Rewritten without robustness in the same run dir: no section, and the stale plot is removed.
+    text = report(tmp_path).read_text(encoding="utf-8")
+    assert "## Robustness" not in text and "robustness.png" not in text
+    assert not (tmp_path / "plots" / "robustness.png").exists()
+
+
+def test_robustness_plot_without_corruptions_draws_nothing(tmp_path):
+    from kdkit.report.plots import plot_robustness
+
+    clean_only = {"clean": {"teacher": {"mean": 0.9, "std": 0.0, "per_seed": [0.9]}}}
+    assert plot_robustness(clean_only, tmp_path / "r.png") is None
+    assert not (tmp_path / "r.png").exists()
+    one_model = {**clean_only, "occlusion": {"0.1": {"teacher": {"mean": 0.8, "std": 0.0, "per_seed": [0.8]}}}}
+    assert_png(plot_robustness(one_model, tmp_path / "r.png"))
