@@ -305,6 +305,14 @@ class EvalConfig(Section):
     ece_bins: int = Field(15, gt=1, description="Bins of the expected calibration error.")
     latency_repeats: int = Field(50, gt=0, description="Timed batch-1 forward passes per model (median reported).")
     latency_warmup: int = Field(10, ge=0, description="Untimed batch-1 passes before timing.")
+    robustness: bool = Field(
+        True, description="Accuracy of teacher, baseline and student under input corruptions at several strengths."
+    )
+    corruptions: dict[str, list[float]] | None = Field(
+        None,
+        description="Corruption → strengths, e.g. {gaussian_noise: [0.5, 1.0], blur: [1.0]}; default: noise, "
+        "occlusion and blur for images, noise for other float inputs.",
+    )
 
 
 class RunConfig(Section):

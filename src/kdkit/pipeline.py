@@ -38,8 +38,10 @@ from kdkit.evaluate import (
     throughput,
 )
 from kdkit.evaluate.predict import predict
+from kdkit.evaluate.robustness import CORRUPTIONS, default_corruptions, robustness
 from kdkit.losses import build_loss
 from kdkit.models import build_model, load_model_folder, model_spec, output_classes, save_model_folder
+from kdkit.registry import lookup
 from kdkit.report import write_report
 from kdkit.teachers import Teacher, TeacherEnsemble
 
@@ -454,8 +456,31 @@ def evaluate_all(cfg: KDConfig, data: DataBundle, teacher: TeacherEnsemble, runs
         strip = [{k: v for k, v in d.items() if k != "seed"} for d in metrics["student"]["per_seed"]]
         base = [{k: v for k, v in d.items() if k != "seed"} for d in metrics["baseline_student"]["per_seed"]]
         metrics["gain"] = gain(strip, base)
-    extras = {"confusion_matrix": confusion(student_logits, labels, data.num_classes), "reliability_curves": curves}
+    if e.robustness:
+        models = {"teacher": [teacher]}
+        models.update({key: [r["model"].to(device) for r in runs[kind]] for kind, key in KINDS if runs[kind]})
+        inputs = torch.stack([data.test[i][0] for i in range(len(data.test))])
+        corruptions = list(e.corruptions.items()) if e.corruptions else default_corruptions(data.input_shape)
+        for name, _ in corruptions:
+            lookup(CORRUPTIONS, name, "eval.corruptions")
+        try:
+            metrics["robustness"] = robustness(
+                models, inputs, labels, corruptions, seed=cfg.data.split_seed, batch_size=e.batch_size, device=device
+            )
+        except ValueError as exc:
+            raise ConfigError(f"eval.corruptions: {exc}") from None
+        for kind, _ in KINDS:
+            for r in runs[kind]:
+                r["model"].cpu()
+    extras = {
+        "confusion_matrix": confusion(student_logits, labels, data.num_classes),
+        "reliability_curves": curves,
+        "robustness": metrics.get("robustness"),
+    }
     return metrics, extras
+
+
+KINDS = (("baseline", "baseline_student"), ("student", "student"))
 
 
 def evaluate_run(run_dir: str | Path, log: Log = print) -> dict:
