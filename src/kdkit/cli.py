@@ -91,6 +91,36 @@ def eval_cmd(run_dir: Path = typer.Argument(..., help="A run directory written b
     _show(evaluate_run(run_dir, log=_console().print))
 
 
+@app.command("search")
+def search_cmd(
+    config: Path = typer.Argument(..., help="YAML config with a search.space section."),
+    trials: int = typer.Option(None, "--trials", help="Trials to run (default: search.trials)."),
+    out: Path = typer.Option(None, help="Search directory (default: run.out_dir/<run.name>-search)."),
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Tune temperature, KD weight, LR, student width... with Optuna; run it again to resume a stopped search."""
+    from rich.table import Table
+
+    from kdkit.pipeline import search
+
+    summary = search(config, out=out, overrides=tuple(set_ or ()), trials=trials, log=_console().print)
+    best = summary["best"]
+    table = Table(
+        title=f"best trial by validation {summary['metric']} ({summary['complete']} complete, "
+        f"{summary['pruned']} pruned)"
+    )
+    for col in ("trial", "best epoch (mean ± std)", "last epoch (mean ± std)", "overrides"):
+        table.add_column(col)
+    table.add_row(
+        str(best["number"]),
+        f"{best['best_mean']:.4f} ± {best['best_std']:.4f}",
+        f"{best['last_mean']:.4f} ± {best['last_std']:.4f}",
+        " ".join(best["overrides"]),
+    )
+    _console().print(table)
+    _console().print(f"best config: {summary['best_config']}  (kdkit train {summary['best_config']})")
+
+
 @app.command("config-docs")
 def config_docs() -> None:
     """Print the configuration reference (docs/config.md) generated from the config models."""

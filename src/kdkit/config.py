@@ -315,6 +315,51 @@ class EvalConfig(Section):
     )
 
 
+class SearchParam(Section):
+    """One searched value: a range (low, high; log scale; integer; step) or a list of choices."""
+
+    low: float | None = Field(None, description="Lower bound of a range.")
+    high: float | None = Field(None, description="Upper bound of a range.")
+    log: bool = Field(False, description="Sample on a log scale (needs low > 0).")
+    integer: bool = Field(False, description="Sample integers.")
+    step: float | None = Field(None, gt=0, description="Quantisation step of the range.")
+    choices: list[Any] | None = Field(None, min_length=1, description="Values to choose from (numbers, lists, names).")
+
+    @model_validator(mode="after")
+    def _range_or_choices(self) -> SearchParam:
+        if self.choices is not None:
+            if self.low is not None or self.high is not None:
+                raise ValueError("give either choices or low/high, not both")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("needs low and high (or choices)")
+        if self.low > self.high:
+            raise ValueError(f"low={self.low:g} > high={self.high:g}; expected low <= high")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log scale needs low > 0, got low={self.low:g}")
+        return self
+
+
+class SearchConfig(Section):
+    """`kdkit search`: which values to tune and how (Optuna)."""
+
+    space: dict[str, SearchParam] = Field(
+        default_factory=dict,
+        description="Dotted config path → range or choices, e.g. distill.losses.1.params.temperature: "
+        "{low: 1, high: 10, log: true}. The teacher and the data stay fixed.",
+    )
+    trials: int = Field(20, gt=0, description="Trials to run (a resumed search runs only the missing ones).")
+    metric: Literal["accuracy", "f1_macro", "loss"] = Field(
+        "accuracy", description="Validation metric of the distilled student to optimise (loss is minimised)."
+    )
+    seeds: list[int] | None = Field(None, min_length=1, description="Seeds per trial (mean ± std); default run.seeds.")
+    sampler: Literal["tpe", "random"] = Field("tpe", description="Optuna sampler.")
+    pruner: Literal["median", "none"] = Field(
+        "median", description="Stop unpromising trials early from per-epoch validation (first seed's epochs)."
+    )
+    sampler_seed: int = Field(0, description="Seed of the sampler.")
+
+
 class RunConfig(Section):
     """The run as a whole."""
 
@@ -339,6 +384,7 @@ class KDConfig(Section):
     distill: DistillConfig = Field(default_factory=DistillConfig, description="Losses and teacher caching.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training of the student (and baseline).")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Final evaluation.")
+    search: SearchConfig = Field(default_factory=SearchConfig, description="Hyperparameter search (kdkit search).")
 
     @model_validator(mode="after")
     def _cache_and_augmentation(self) -> KDConfig:

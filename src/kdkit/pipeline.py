@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -520,3 +521,126 @@ def evaluate_run(run_dir: str | Path, log: Log = print) -> dict:
     metrics, _ = evaluate_all(cfg, data, teacher, runs, device)
     write_json(run_dir / "eval.json", metrics)
     return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Search
+
+
+FIXED_IN_SEARCH = ("teacher.", "data.", "search.", "run.seeds", "run.out_dir", "run.name")
+
+
+def search(
+    config: str | Path | dict,
+    *,
+    out: str | Path | None = None,
+    overrides: tuple[str, ...] = (),
+    trials: int | None = None,
+    log: Log = print,
+) -> dict:
+    """Tune the values declared in `search.space` with Optuna; the teacher is trained (or loaded) once and shared.
+
+    Each trial trains the distilled student for every search seed and scores the mean best validation metric;
+    the last-epoch value is recorded beside it. The study is stored in RUN_DIR/search.db: running the same
+    command again continues it. Writes RUN_DIR/search/{trials.json, *.png} and RUN_DIR/best_config.yaml."""
+    import optuna
+
+    from kdkit.config import read_yaml
+    from kdkit.search import open_study, sample_overrides, search_plots, trial_table
+    from kdkit.search.study import finished
+
+    raw = read_yaml(config) if not isinstance(config, dict) else dict(config)
+    cfg = load_config(raw, overrides)
+    sc = cfg.search
+    if not sc.space:
+        raise ConfigError(
+            "search.space: empty; declare what to tune, e.g. train.lr: {low: 1e-4, high: 1e-2, log: true}"
+        )
+    space = {path: p.model_dump(exclude_none=True) for path, p in sc.space.items()}
+    for path, p in space.items():  # every path must name a real config value that accepts the sampled values
+        if path.startswith(FIXED_IN_SEARCH):
+            raise ConfigError(f"search.space.{path}: the teacher, the data and the run layout stay fixed in a search")
+        probes = p.get("choices") or [p["low"], p["high"]]
+        for value in probes:
+            try:
+                load_config(raw, (*overrides, f"{path}={json.dumps(value)}"))
+            except ConfigError as exc:
+                raise ConfigError(f"search.space.{path}: {exc.details[0] if exc.details else exc}") from None
+    run_dir = Path(out) if out else Path(cfg.run.out_dir) / f"{cfg.run.name}-search"
+    storage = run_dir / "search.db"
+    device = resolve_device(cfg.run.device)
+    prepare_run_dir(run_dir, cfg, storage.is_file(), device)
+    data = build_data(**cfg.data.model_dump())
+    if data.val is None:
+        raise ConfigError("data.val_fraction: a search scores trials on the validation split; set it above 0")
+    teacher, _ = build_teacher(cfg, data, run_dir, True, device, log)
+    seeds = sc.seeds or cfg.run.seeds
+    direction = "minimize" if sc.metric == "loss" else "maximize"
+    study = open_study(storage, cfg.run.name, direction, sc.sampler_seed, sc.pruner, sc.sampler)
+    budget = trials or sc.trials
+
+    def objective(trial: optuna.Trial) -> float:
+        trial_overrides = sample_overrides(trial, space)
+        tcfg = load_config(raw, (*overrides, *trial_overrides, f"run.seeds={json.dumps(seeds)}", "run.progress=false"))
+        log(f"trial {trial.number}: " + " ".join(trial_overrides))
+
+        def on_epoch(phase: str, epoch: int, metrics: dict) -> None:
+            if phase == f"student-s{seeds[0]}":
+                trial.report(metrics[sc.metric], epoch)
+                if trial.should_prune():
+                    raise optuna.TrialPruned()
+
+        trial_dir = run_dir / "trials" / f"trial_{trial.number:04d}"
+        try:
+            runs, _, _ = train_students(
+                tcfg, data, teacher, trial_dir, ["student"], False, device, lambda m: None, on_epoch
+            )
+        finally:
+            shutil.rmtree(trial_dir / "checkpoints", ignore_errors=True)
+        best, last = [], []
+        for r in runs["student"]:
+            values = [h[f"val/{sc.metric}"] for h in r["history"] if f"val/{sc.metric}" in h]
+            best.append(min(values) if direction == "minimize" else max(values))
+            last.append(values[-1])
+        stats = {
+            "best_mean": float(np.mean(best)),
+            "best_std": float(np.std(best)),
+            "last_mean": float(np.mean(last)),
+            "last_std": float(np.std(last)),
+            "per_seed_best": best,
+            "overrides": trial_overrides,
+        }
+        for k, v in stats.items():
+            trial.set_user_attr(k, v)
+        log(
+            f"trial {trial.number}: {sc.metric} best {stats['best_mean']:.4f} ± {stats['best_std']:.4f}, "
+            f"last epoch {stats['last_mean']:.4f} ± {stats['last_std']:.4f}"
+        )
+        return stats["best_mean"]
+
+    remaining = max(0, budget - finished(study))
+    if remaining < budget:
+        log(f"search: resuming {storage} ({finished(study)} trials done, {remaining} to go)")
+    study.optimize(objective, n_trials=remaining, catch=(TrainingError,))
+    rows = trial_table(study)
+    out_dir = run_dir / "search"
+    write_json(out_dir / "trials.json", rows)
+    plots = search_plots(study, out_dir)
+    complete = [r for r in rows if r["state"] == "COMPLETE"]
+    if not complete:
+        raise TrainingError(f"search: no trial completed ({len(rows)} pruned or failed); see {out_dir / 'trials.json'}")
+    best = complete[0]
+    best_cfg = load_config(raw, (*overrides, *best["overrides"]))
+    write_text(run_dir / "best_config.yaml", dump_config(best_cfg))
+    summary = {
+        "metric": sc.metric,
+        "direction": direction,
+        "best": best,
+        "trials": len(rows),
+        "complete": len(complete),
+        "pruned": sum(r["state"] == "PRUNED" for r in rows),
+        "best_config": str(run_dir / "best_config.yaml"),
+        "plots": [str(p) for p in plots],
+    }
+    write_json(out_dir / "summary.json", summary)
+    return summary
