@@ -267,6 +267,14 @@ class LossTerm(Section):
         return out
 
 
+class MutualConfig(Section):
+    """Deep mutual learning: the teacher members are trained together with the student, from scratch."""
+
+    enabled: bool = Field(False, description="Train student and teacher members together (no pre-trained teacher).")
+    temperature: float = Field(1.0, gt=0, description="Temperature of the peers' soft labels.")
+    kd_weight: float = Field(1.0, ge=0, description="Weight of each peer's KL to the mean of the others.")
+
+
 class DistillConfig(Section):
     """How the student learns from the teacher."""
 
@@ -291,6 +299,11 @@ class DistillConfig(Section):
         ge=0,
         description="With augmentation: store the teacher's outputs for this many augmented views per example and "
         "replay them in training (augmentation-consistent cache); 0: the cache holds un-augmented outputs.",
+    )
+    mutual: MutualConfig = Field(
+        default_factory=MutualConfig,
+        description="Mutual learning instead of a pre-trained teacher; `losses` is then replaced by the mutual loss "
+        "(per peer: cross-entropy + kd_weight · KL to the other peers).",
     )
     teacher_precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="Autocast precision of the teacher's forward pass (its outputs are kept in fp32)."
@@ -385,6 +398,20 @@ class KDConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training of the student (and baseline).")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Final evaluation.")
     search: SearchConfig = Field(default_factory=SearchConfig, description="Hyperparameter search (kdkit search).")
+
+    @model_validator(mode="after")
+    def _mutual(self) -> KDConfig:
+        if not self.distill.mutual.enabled:
+            return self
+        for i, m in enumerate(self.teacher.members):
+            if m.model.checkpoint or m.model.source == "kdkit":
+                raise ValueError(
+                    f"teacher.members.{i}.model: mutual learning trains the members from scratch with the student; "
+                    "remove the checkpoint/folder or set distill.mutual.enabled: false"
+                )
+        if self.distill.cache_teacher:
+            raise ValueError("distill.cache_teacher: mutual learning has no fixed teacher to cache; set it to false")
+        return self
 
     @model_validator(mode="after")
     def _cache_and_augmentation(self) -> KDConfig:

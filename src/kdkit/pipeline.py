@@ -42,6 +42,7 @@ from kdkit.evaluate.predict import predict
 from kdkit.evaluate.robustness import CORRUPTIONS, default_corruptions, robustness
 from kdkit.losses import build_loss
 from kdkit.models import build_model, load_model_folder, model_spec, output_classes, save_model_folder
+from kdkit.models.peers import Peers
 from kdkit.registry import lookup
 from kdkit.report import write_report
 from kdkit.teachers import Teacher, TeacherEnsemble
@@ -78,9 +79,13 @@ def distill(
         f"{data.num_classes} classes, input {data.input_shape}"
     )
 
-    teacher, teacher_histories = build_teacher(cfg, data, run_dir, resume, device, log)
     kinds = ["baseline"] * cfg.student.baseline + ["student"]
-    runs, loss, spec = train_students(cfg, data, teacher, run_dir, kinds, resume, device, log)
+    if cfg.distill.mutual.enabled:
+        runs, loss, spec, teacher = train_mutual(cfg, data, run_dir, kinds, resume, device, log)
+        teacher_histories = {}
+    else:
+        teacher, teacher_histories = build_teacher(cfg, data, run_dir, resume, device, log)
+        runs, loss, spec = train_students(cfg, data, teacher, run_dir, kinds, resume, device, log)
 
     metrics, extras = evaluate_all(cfg, data, teacher, runs, device)
     best = max(runs["student"], key=lambda r: r["val_score"])
@@ -178,6 +183,70 @@ def train_students(
     return runs, loss, spec
 
 
+def train_mutual(cfg: KDConfig, data: DataBundle, run_dir: Path, kinds: list[str], resume: bool, device: str, log: Log):
+    """Deep mutual learning: per seed, the student and the teacher members train together as peers (and the
+    baseline alone). The first seed's trained members become the teacher that the evaluation compares against."""
+    m = cfg.distill.mutual
+    terms = [("mutual", 1.0, {"temperature": m.temperature, "kd_weight": m.kd_weight})]
+    baseline_loss = build_loss([("ce", 1.0, {})])
+    loss = build_loss(terms)
+    log(f"loss: {loss.formula()} over {1 + len(cfg.teacher.members)} peers (student + teacher members)")
+    s = cfg.student.model
+    spec = model_spec(s.source, s.name, s.kwargs, data.input_shape, data.num_classes, s.path, "student.model.path")
+    specs = [spec] + [
+        model_spec(mb.model.source, mb.model.name, mb.model.kwargs, data.input_shape, data.num_classes)
+        for mb in cfg.teacher.members
+    ]
+    runs: dict[str, list[dict]] = {"student": [], "baseline": []}
+    for seed in cfg.run.seeds:
+        for kind in kinds:
+            phase = f"{kind}-s{seed}"
+
+            def make(seed=seed, kind=kind):
+                torch.manual_seed(seed)
+                student = build_model(
+                    s.source,
+                    s.name,
+                    s.kwargs,
+                    data.input_shape,
+                    data.num_classes,
+                    s.path,
+                    s.checkpoint,
+                    where="student.model",
+                )
+                if kind == "baseline":
+                    return student
+                members = [
+                    build_model(
+                        mb.model.source,
+                        mb.model.name,
+                        mb.model.kwargs,
+                        data.input_shape,
+                        data.num_classes,
+                        where=f"teacher.members.{i}.model",
+                    )
+                    for i, mb in enumerate(cfg.teacher.members)
+                ]
+                peers = Peers([student, *members])
+                peers.specs = specs
+                return peers
+
+            def attach(model, kind=kind):
+                return (baseline_loss if kind == "baseline" else build_loss(terms)), None, ()
+
+            model, result = run_phase(
+                cfg, cfg.train, data, run_dir, phase, make, spec, attach, None, seed, resume, device, log
+            )
+            runs[kind].append({"phase": phase, "model": model, **result})
+    first = runs["student"][0]["peers"]
+    for i, member in enumerate(first):
+        save_model_folder(member, run_dir / "teachers" / f"member_{i}", specs[i + 1])
+    teacher = TeacherEnsemble(
+        [Teacher(mb.to(device)) for mb in first], [mb.weight for mb in cfg.teacher.members], cfg.teacher.combine
+    )
+    return runs, loss, spec, teacher
+
+
 def prepare_run_dir(run_dir: Path, cfg: KDConfig, resume: bool, device: str) -> dict:
     """Write config.yaml and env.json; on resume, refuse a config that differs from the run's own."""
     saved = run_dir / "config.yaml"
@@ -244,7 +313,11 @@ def run_phase(
     done = folder / "result.json"
     if resume and done.is_file():
         log(f"{phase}: finished earlier, reusing {folder}")
-        return load_model_folder(folder), json.loads(done.read_text())
+        result = json.loads(done.read_text())
+        peer_dirs = sorted(folder.glob("peer_*"), key=lambda p: int(p.name.split("_")[1]))
+        if peer_dirs:
+            result["peers"] = [load_model_folder(p) for p in peer_dirs]
+        return load_model_folder(folder), result
     model = make()
     got = output_classes(model, data.example(2), where)
     if got != data.num_classes:
@@ -294,8 +367,15 @@ def run_phase(
         "seconds": result.seconds,
         "stopped_early": result.stopped_early,
     }
+    peers = None
+    if isinstance(model, Peers):  # mutual learning: the student is peer 0; the others are kept beside it
+        for i, peer in enumerate(model.peers[1:], start=1):
+            save_model_folder(peer, folder / f"peer_{i}", model.specs[i])
+        peers, model = list(model.peers[1:]), model.peers[0]
     save_model_folder(model, folder, spec)
     write_json(done, summary)
+    if peers is not None:
+        summary = {**summary, "peers": peers}
     return model, summary
 
 

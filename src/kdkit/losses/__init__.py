@@ -14,6 +14,7 @@ from kdkit.losses.dkd import DecoupledKD
 from kdkit.losses.hard_teacher import HardTeacher
 from kdkit.losses.hidden_state import HiddenState
 from kdkit.losses.hint import Hint
+from kdkit.losses.mutual import MutualLearning
 from kdkit.losses.soft_kl import SoftKL
 from kdkit.registry import bind, lookup
 
@@ -26,6 +27,7 @@ LOSSES: dict[str, type[Loss]] = {
     "attention_transfer": AttentionTransfer,
     "hidden_state": HiddenState,
     "attention_map": AttentionMap,
+    "mutual": MutualLearning,
 }
 
 

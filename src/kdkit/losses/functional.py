@@ -254,3 +254,25 @@ def attention_map_kl(
         return kl.mean()
     queries = m[:, None, :].expand_as(kl)
     return torch.where(queries, kl, torch.zeros((), device=kl.device)).sum() / queries.sum().clamp_min(1)
+
+
+def mutual_learning(
+    peer_logits: list[torch.Tensor], labels: torch.Tensor, temperature: float = 1.0, kd_weight: float = 1.0
+) -> torch.Tensor:
+    """Deep mutual learning, Zhang et al. 2018 (CVPR), for K ≥ 2 peers trained together:
+
+        L = Σ_k [ CE(z_k, y) + kd_weight · T² · KL( p̄_{−k} ‖ softmax(z_k / T) ) ],
+        p̄_{−k} = mean over the other peers j ≠ k of softmax(z_j / T), held constant (detached)
+
+    so each peer learns from the labels and from its peers' current predictions; gradients reach each peer only
+    through its own terms. Shapes: K × (B, C), (B,) → ().
+    """
+    t = float(temperature)
+    probs = [F.softmax(z.detach().float() / t, dim=-1) for z in peer_logits]
+    total = torch.zeros((), device=labels.device)
+    for k, z in enumerate(peer_logits):
+        others = torch.stack([p for j, p in enumerate(probs) if j != k]).mean(0)
+        log_q = F.log_softmax(z.float() / t, dim=-1)
+        kl = F.kl_div(log_q, others, reduction="batchmean")
+        total = total + F.cross_entropy(z.float(), labels) + kd_weight * kl * (t * t)
+    return total

@@ -78,7 +78,3 @@ def class_names_of(run: Run) -> list[str]:
     from kdkit.export import held_out
 
     return held_out(run, 1).class_names
-
-
-def as_float32(x: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(x, dtype=np.float32)

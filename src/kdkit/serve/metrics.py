@@ -1,26 +1,33 @@
 """Prometheus metrics of one server, in its own registry (two apps in one process do not share counters).
 
-    kdkit_requests_total{endpoint, status}           counter    every HTTP request, by route and status code
-    kdkit_request_latency_seconds{endpoint}          histogram  time from request start to response start
-    kdkit_errors_total{reason}                       counter    4xx/5xx answers by reason (bad_json, bad_input, ...)
-    kdkit_predicted_examples_total                   counter    examples scored by the student
-    kdkit_shadow_agreement                           gauge      top-1 agreement student/teacher over the window (NaN: none)
-    kdkit_shadow_window_examples                     gauge      examples in the window
-    kdkit_shadow_scored_examples_total               counter    examples the teacher scored
-    kdkit_shadow_disagreements_total                 counter    ... on which teacher and student disagreed
-    kdkit_shadow_dropped_requests_total              counter    sampled requests dropped because the queue was full
-    kdkit_shadow_alerts_total                        counter    times the agreement fell below the threshold
-    kdkit_shadow_written_examples_total              counter    disagreeing inputs written for re-distillation
+  kdkit_requests_total{endpoint, status}       counter    HTTP requests by route and status code
+  kdkit_request_latency_seconds{endpoint}      histogram  time from request start to response start
+  kdkit_errors_total{reason}                   counter    4xx/5xx answers by reason (bad_json, bad_input, ...)
+  kdkit_predicted_examples_total               counter    examples scored by the student
+with shadow monitoring on:
+  kdkit_shadow_agreement                       gauge      student/teacher top-1 agreement over the window (NaN: empty)
+  kdkit_shadow_window_examples                 gauge      examples in the window
+  kdkit_shadow_rate, kdkit_shadow_threshold    gauge      the settings
+  kdkit_shadow_scored_examples_total           counter    examples the teacher scored
+  kdkit_shadow_disagreements_total             counter    ... on which teacher and student disagreed
+  kdkit_shadow_dropped_requests_total          counter    sampled requests dropped because the queue was full
+  kdkit_shadow_alerts_total                    counter    times the agreement fell below the threshold
+  kdkit_shadow_written_examples_total          counter    disagreeing inputs written for re-distillation
+  kdkit_shadow_failures_total                  counter    shadow batches the teacher failed on
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from kdkit.errors import ConfigError
+
+try:
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+except ImportError:  # the serve extra is optional
+    raise ConfigError("serve: prometheus-client is not installed (pip install 'kdkit[serve]')") from None
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 ENDPOINTS = ("/predict", "/health", "/metrics")
@@ -30,7 +37,10 @@ class ServeMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
-            "kdkit_requests", "HTTP requests by endpoint and status code.", ["endpoint", "status"], registry=self.registry
+            "kdkit_requests",
+            "HTTP requests by endpoint and status code.",
+            ["endpoint", "status"],
+            registry=self.registry,
         )
         self.latency = Histogram(
             "kdkit_request_latency_seconds",
@@ -79,11 +89,3 @@ class _ShadowCollector:
             ("failures", "Shadow batches the teacher failed on."),
         ):
             yield CounterMetricFamily(f"kdkit_shadow_{key}", help_text, value=s[key])
-
-
-class Timer:
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-
-    def seconds(self) -> float:
-        return time.perf_counter() - self.start

@@ -147,12 +147,12 @@ class ShadowMonitor:
                 if not ok:
                     self.counts["disagreements"] += 1
                     self._pending.append((n, x[i], int(student_ids[i]), int(teacher_ids[i])))
-                if (n + 1) % self.window == 0:
-                    self.log(
-                        f"shadow: agreement {self._agreed / len(self._recent):.3f} over the last {len(self._recent)} "
-                        f"examples ({self.counts['scored_examples']} scored, "
-                        f"{self.counts['dropped_requests']} requests dropped)"
-                    )
+            scored = self.counts["scored_examples"]
+            if scored // self.window != (scored - len(agree)) // self.window:  # once per `window` examples
+                self.log(
+                    f"shadow: agreement {self._agreed / len(self._recent):.3f} over the last {len(self._recent)} "
+                    f"examples ({scored} scored, {self.counts['dropped_requests']} requests dropped)"
+                )
             oldest = self.counts["scored_examples"] - self.window
             while self._pending and self._pending[0][0] < oldest:  # keep only disagreements still in the window
                 self._pending.popleft()

@@ -30,7 +30,8 @@ def test_registry_names_match_the_loss_names():
 
 # Losses over logits; the feature losses (hint, attention_transfer, hidden_state, attention_map) need tapped
 # activations and are tested in test_feature_losses.py.
-LOGIT_LOSSES = sorted(n for n, cls in LOSSES.items() if cls.feature_paths is Loss.feature_paths)
+# mutual reads every peer's logits from the features (tested in tests/unit/engine/test_mutual.py).
+LOGIT_LOSSES = sorted(n for n, cls in LOSSES.items() if cls.feature_paths is Loss.feature_paths and n != "mutual")
 
 
 def test_logit_losses_are_the_four_expected():

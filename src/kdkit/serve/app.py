@@ -1,0 +1,345 @@
+"""The HTTP server of a distilled student (FastAPI on uvicorn).
+
+    POST /predict   {"inputs": [example, ...]}, each example a nested list shaped like the model input
+                    → {"labels": [name, ...], "ids": [int, ...], "probabilities": [[float, ...], ...]}
+    GET  /health    {"status": "ok", ...}; no token needed (for liveness probes)
+    GET  /metrics   Prometheus text format (see kdkit.serve.metrics)
+
+Inputs are what the model takes, preprocessed as in training (standardised features or pixels), batch first.
+Every error is JSON {"error": message, "reason": short code} with a 4xx status, and the server keeps going:
+    400 bad_json        the body is not JSON (NaN and Infinity literals included)
+    401 unauthorized    a token is set (env var, default KDKIT_API_TOKEN) and the request lacks
+                        "Authorization: Bearer <token>" or carries another one (/predict and /metrics)
+    413 body_too_large  the body is larger than max_body_bytes
+    413 batch_too_large more than max_batch examples in one request
+    422 bad_input       not {"inputs": [...]}, an empty batch, ragged lists, non-numbers (strings, booleans,
+                        null), the wrong shape, or values that are not finite in float32
+    404 / 405           unknown path or method
+The server writes nothing but the shadow monitor's disagreement files under RUN_DIR/shadow/.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import numpy as np
+
+from kdkit.errors import ConfigError
+
+try:
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, Response
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+except ImportError:  # the serve extra is optional; say how to get it instead of a traceback
+    raise ConfigError("serve: FastAPI is not installed (pip install 'kdkit[serve]')") from None
+
+from kdkit.serve.metrics import ServeMetrics
+from kdkit.serve.shadow import ShadowMonitor
+
+logger = logging.getLogger("kdkit.serve")
+
+MAX_BODY_BYTES = 1 << 20  # 1 MiB: a batch of 256 MNIST-sized images as JSON numbers is about 1 MB
+MAX_BATCH = 256
+Logits = Callable[[np.ndarray], np.ndarray]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, reason: str, message: str):
+        super().__init__(message)
+        self.status, self.reason, self.message = status, reason, message
+
+
+def create_app(
+    run_dir: str | Path,
+    backend: str = "torch",
+    shadow_rate: float = 0.0,
+    alert_threshold: float = 0.9,
+    window: int = 200,
+    token_env: str = "KDKIT_API_TOKEN",
+    max_body_bytes: int = MAX_BODY_BYTES,
+    max_batch: int = MAX_BATCH,
+    threads: int | None = None,
+    seed: int | None = None,
+    log: Callable[[str], None] = logger.info,
+) -> FastAPI:
+    """A server for the student of `run_dir`, scored by `backend` ("torch" or "onnx"). With shadow_rate > 0 the
+    teacher re-scores that share of requests off the request path (see kdkit.serve.shadow); disagreeing inputs go
+    to RUN_DIR/shadow/disagreements/. The API token is read from the env var `token_env` now; unset or empty:
+    no token is required."""
+    from kdkit.export import open_run
+    from kdkit.serve.backends import class_names_of, student_backend, teacher_backend
+
+    if not 0.0 <= shadow_rate <= 1.0:
+        raise ConfigError(f"--shadow-rate: {shadow_rate}; expected a fraction in [0, 1]")
+    if not 0.0 <= alert_threshold <= 1.0:
+        raise ConfigError(f"--alert-threshold: {alert_threshold}; expected a fraction in [0, 1]")
+    if window < 1 or max_batch < 1 or max_body_bytes < 1:
+        raise ConfigError("--window, --max-batch and --max-body-bytes must be positive")
+    run = open_run(run_dir)
+    predict = student_backend(run, backend, threads, log)
+    names = class_names_of(run)
+    shadow = None
+    if shadow_rate > 0:
+        shadow = ShadowMonitor(
+            teacher_backend(run),
+            rate=shadow_rate,
+            window=window,
+            threshold=alert_threshold,
+            out_dir=run.run_dir / "shadow" / "disagreements",
+            class_names=names,
+            seed=seed,
+        )
+    info = {"backend": backend, "model": f"{run.spec.get('source')}/{run.spec.get('name')}", "run": run.cfg.run.name}
+    return build_app(
+        predict,
+        names,
+        run.in_shape,
+        shadow=shadow,
+        token=os.environ.get(token_env) or None,
+        max_body_bytes=max_body_bytes,
+        max_batch=max_batch,
+        info=info,
+    )
+
+
+def build_app(
+    predict: Logits,
+    class_names: list[str],
+    in_shape: tuple[int, ...],
+    *,
+    shadow: ShadowMonitor | None = None,
+    token: str | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    max_batch: int = MAX_BATCH,
+    info: dict | None = None,
+) -> FastAPI:
+    """The app around any scoring function `predict` (inputs (B, *in_shape) float32 → logits (B, C))."""
+    metrics = ServeMetrics()
+    if shadow is not None:
+        metrics.watch_shadow(shadow.stats)
+    in_shape = tuple(int(d) for d in in_shape)
+    expected = "(batch, " + ", ".join(map(str, in_shape)) + ")"
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if shadow is not None:
+            shadow.start()
+        yield
+        if shadow is not None:
+            shadow.stop()
+
+    app = FastAPI(title="kdkit student", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.metrics, app.state.shadow = metrics, shadow
+    app.add_middleware(_Observe, metrics=metrics)
+
+    def error(status: int, reason: str, message: str, headers: dict | None = None) -> JSONResponse:
+        metrics.errors.labels(reason).inc()
+        return JSONResponse({"error": message, "reason": reason}, status_code=status, headers=headers)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return error(exc.status, exc.reason, exc.message, headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        reason = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error(exc.status_code, reason, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("serve: internal error on %s", request.url.path)
+        return error(500, "internal", "internal error; the server logged it")
+
+    def authorize(request: Request) -> None:
+        if token is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+            raise ApiError(401, "unauthorized", "missing or wrong API token; send 'Authorization: Bearer <token>'")
+
+    @app.post("/predict")
+    async def predict_route(request: Request) -> JSONResponse:
+        authorize(request)
+        body = await _read_body(request, max_body_bytes)
+        x = parse_inputs(body, in_shape, expected, max_batch)
+        logits = await run_in_threadpool(predict, x)
+        probs = _softmax(logits)
+        ids = probs.argmax(-1)
+        metrics.examples.inc(len(ids))
+        if shadow is not None:
+            shadow.offer(x, ids)
+        return JSONResponse(
+            {
+                "labels": [class_names[i] if i < len(class_names) else str(i) for i in ids.tolist()],
+                "ids": ids.tolist(),
+                "probabilities": probs.tolist(),
+            }
+        )
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        return JSONResponse(
+            {"status": "ok", **(info or {}), "input_shape": list(in_shape), "num_classes": len(class_names)}
+        )
+
+    @app.get("/metrics")
+    async def metrics_route(request: Request) -> Response:
+        authorize(request)
+        text, content_type = metrics.render()
+        return Response(text, media_type=content_type)
+
+    return app
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            too_big = int(declared) > limit
+        except ValueError:
+            raise ApiError(400, "bad_request", "Content-Length is not a number") from None
+        if too_big:
+            raise ApiError(413, "body_too_large", f"request body of {declared} bytes; the limit is {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():  # a chunked body has no Content-Length: count while reading
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "body_too_large", f"request body over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def parse_inputs(body: bytes, in_shape: tuple[int, ...], expected: str, max_batch: int) -> np.ndarray:
+    """JSON body → float32 array (B, *in_shape), or an ApiError saying what is wrong."""
+    try:
+        payload = json.loads(body, parse_constant=_no_constants)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "bad_json", f"the body is not valid JSON: {exc}".splitlines()[0]) from None
+    if not isinstance(payload, dict) or "inputs" not in payload:
+        raise ApiError(422, "bad_input", 'expected a JSON object {"inputs": [example, ...]}')
+    inputs = payload["inputs"]
+    if not isinstance(inputs, list) or not inputs:
+        raise ApiError(422, "bad_input", f"inputs: expected a non-empty list of examples, shape {expected}")
+    if len(inputs) > max_batch:
+        raise ApiError(413, "batch_too_large", f"inputs: {len(inputs)} examples; the limit is {max_batch} per request")
+    try:
+        arr = np.asarray(inputs)
+    except (ValueError, TypeError):
+        raise ApiError(422, "bad_input", f"inputs: ragged nested lists; expected shape {expected}") from None
+    if arr.dtype.kind not in "iuf" or ((b"true" in body or b"false" in body) and _has_bool(inputs)):
+        raise ApiError(
+            422, "bad_input", f"inputs: expected numbers only (no strings, booleans or null) in shape {expected}"
+        )
+    if arr.shape[1:] != in_shape:
+        got = "(" + ", ".join(map(str, arr.shape)) + ")"
+        raise ApiError(422, "bad_input", f"inputs: shape {got}; expected {expected}")
+    with np.errstate(over="ignore"):
+        x = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise ApiError(422, "bad_input", "inputs: every value must be a finite number within float32 range")
+    return x
+
+
+def _has_bool(value) -> bool:
+    # numpy turns [true, 2] into [1, 2]; a boolean is no input value, so look for one (only when the body has one)
+    if isinstance(value, list):
+        return any(_has_bool(v) for v in value)
+    return isinstance(value, bool)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z = np.exp(z - z.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
+class _Observe:
+    """ASGI middleware: count every HTTP request by endpoint and status and time it (to the response start)."""
+
+    def __init__(self, app, metrics: ServeMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_and_record(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                self.metrics.observe(scope["path"], status["code"], time.perf_counter() - start)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        except Exception:
+            if status["code"] == 500:
+                self.metrics.observe(scope["path"], 500, time.perf_counter() - start)
+            raise
+
+
+def serve(
+    run_dir: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    backend: str = "torch",
+    shadow_rate: float = 0.0,
+    alert_threshold: float = 0.9,
+    window: int = 200,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    max_batch: int = MAX_BATCH,
+    threads: int | None = None,
+    access_log: bool = True,
+    token_env: str = "KDKIT_API_TOKEN",
+) -> None:
+    """Build the app and run it with uvicorn until interrupted. Binds to loopback unless `host` says otherwise."""
+    import torch
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if threads:
+        torch.set_num_threads(threads)
+    app = create_app(
+        run_dir,
+        backend=backend,
+        shadow_rate=shadow_rate,
+        alert_threshold=alert_threshold,
+        window=window,
+        token_env=token_env,
+        max_body_bytes=max_body_bytes,
+        max_batch=max_batch,
+        threads=threads,
+    )
+    if not _is_loopback(host) and not os.environ.get(token_env):
+        logger.warning(
+            "serve: listening on %s without an API token: anyone who can reach this address can query the model "
+            "(set %s)",
+            host,
+            token_env,
+        )
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=access_log)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
