@@ -522,8 +522,9 @@ def _format_error(err: dict) -> str:
         return f"{path}: unknown key{hint}; expected one of: {', '.join(fields)}"
     if kind == "missing":
         return f"{path}: required, but missing"
-    if kind == "value_error":
-        return f"{path}: {err['msg'].removeprefix('Value error, ')}"
+    if kind == "value_error":  # cross-field rules name their fields in the message themselves
+        msg = err["msg"].removeprefix("Value error, ")
+        return msg if not loc else f"{path}: {msg}"
     value = err.get("input")
     shown = repr(value) if not isinstance(value, dict) else "a section"
     msg = err["msg"].removeprefix("Value error, ")
