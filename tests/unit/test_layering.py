@@ -14,6 +14,7 @@ LAYER = {
     "validate": 9,
     "serve": 8,
     "search": 8,
+    "interpret": 8,
     "export": 8,
     "evaluate": 7,
     "report": 7,
