@@ -35,3 +35,11 @@ class CompatibilityError(KdkitError):
 
 class TrainingError(KdkitError):
     """Training could not go on (a NaN loss, a resume that does not match its run)."""
+
+
+class TrainingInterrupted(KdkitError):
+    """SIGTERM or Ctrl-C during training: a checkpoint was saved at a step boundary. Exit 128 + the signal."""
+
+    def __init__(self, message: str, signal_number: int):
+        super().__init__(message)
+        self.exit_code = 128 + signal_number

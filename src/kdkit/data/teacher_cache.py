@@ -83,17 +83,22 @@ class TeacherCache:
         key = cache_key(teacher_fingerprint, data_fp)
         npy, meta_path = folder / f"{key}.npy", folder / f"{key}.json"
         if npy.is_file() and meta_path.is_file():
-            meta = json.loads(meta_path.read_text())
+            try:
+                meta = json.loads(meta_path.read_text())
+            except ValueError:
+                meta = {}
             if (
                 meta.get("teacher") == teacher_fingerprint
                 and meta.get("data") == data_fp
                 and meta.get("n") == len(dataset)
             ):
-                logits = np.load(npy, mmap_mode="r")
-                if logits.shape[0] == len(dataset):
-                    log(f"teacher cache: reusing {npy} ({logits.shape[0]} × {logits.shape[1]})")
+                if meta.get("sha256") == _sha256(npy):
+                    logits = np.load(npy, mmap_mode="r")
+                    log(f"teacher cache: reusing {npy} ({logits.shape[0]} × {logits.shape[-1]})")
                     return cls(logits, npy)
-            log(f"teacher cache: {npy} does not match this teacher and data; rebuilding")
+                log(f"teacher cache: {npy} is damaged (its hash differs from {meta_path.name}); rebuilding")
+            else:
+                log(f"teacher cache: {npy} does not match this teacher and data; rebuilding")
         if views:
             per_view = [compute_logits(dataset, forward, batch_size, device, augment, v) for v in range(views)]
             logits = np.stack(per_view, axis=1)  # (N, K, C)
@@ -106,12 +111,21 @@ class TeacherCache:
                 "teacher": teacher_fingerprint,
                 "data": data_fp,
                 "n": len(dataset),
-                "num_classes": int(logits.shape[1]),
+                "num_classes": int(logits.shape[-1]),
                 "dtype": "float32",
+                "sha256": _sha256(npy),
             },
         )
         log(f"teacher cache: wrote {npy} ({logits.nbytes / 1e6:.2f} MB)")
         return cls(np.load(npy, mmap_mode="r"), npy)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

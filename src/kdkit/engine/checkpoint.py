@@ -1,13 +1,15 @@
 """Resumable checkpoints, written atomically: a temp folder filled and fsynced, then renamed into place.
 
 Layout: CKPT_DIR/step_00000123/{student.safetensors, loss_modules.safetensors, best.safetensors, trainer.pt,
-state.json} and CKPT_DIR/latest.json naming the newest complete one. Student and distillation-only modules are
-kept apart so that an export never carries projectors. trainer.pt (optimizer, scheduler, RNG) is read with
-weights_only=True: nothing is unpickled.
+state.json, manifest.json} and CKPT_DIR/latest.json naming the newest complete one. Student and
+distillation-only modules are kept apart so that an export never carries projectors. trainer.pt (optimizer,
+scheduler, RNG) is read with weights_only=True: nothing is unpickled. manifest.json holds the SHA-256 and size of
+every file, checked before anything is loaded: a truncated, edited or foreign file is named and refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -18,6 +20,14 @@ import torch
 
 from kdkit.atomic import write_json
 from kdkit.errors import TrainingError
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -51,6 +61,8 @@ def save_checkpoint(
         save_file(_cpu(best), str(tmp / "best.safetensors"))
     torch.save(trainer, tmp / "trainer.pt")
     (tmp / "state.json").write_text(json.dumps(state, default=float))
+    manifest = {f.name: {"sha256": sha256_file(f), "bytes": f.stat().st_size} for f in sorted(tmp.iterdir())}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     _fsync_dir(tmp)
     final = ckpt_dir / name
     if final.exists():
@@ -80,9 +92,30 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return path
 
 
+def verify_checkpoint(path: Path) -> None:
+    """Every file listed in the manifest is present with its size and hash; nothing unlisted is loaded."""
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        raise TrainingError(f"checkpoint: {path} has no manifest.json: not a complete kdkit checkpoint; delete it")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except ValueError:
+        raise TrainingError(f"checkpoint: {manifest_path} is unreadable; delete {path}") from None
+    for name, entry in manifest.items():
+        f = path / name
+        if not f.is_file():
+            raise TrainingError(f"checkpoint: {f} is missing; delete {path} to resume from an earlier one")
+        if f.stat().st_size != entry["bytes"] or sha256_file(f) != entry["sha256"]:
+            raise TrainingError(
+                f"checkpoint: {f} is damaged or foreign (size/hash differ from the manifest); "
+                f"delete {path} to resume from an earlier one"
+            )
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
+    verify_checkpoint(path)
     try:
         out = {
             "student": load_file(str(path / "student.safetensors")),

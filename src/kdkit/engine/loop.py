@@ -22,7 +22,7 @@ from kdkit.engine.optim import build_optimizer, build_scheduler
 from kdkit.engine.runtime import make_accelerator
 from kdkit.engine.schedules import ScheduledValue, apply_schedules
 from kdkit.engine.step import distill_step
-from kdkit.errors import TrainingError
+from kdkit.errors import TrainingError, TrainingInterrupted
 from kdkit.losses import WeightedLoss
 from kdkit.types import Batch, ModelOutputs
 
@@ -216,6 +216,7 @@ def train(
     bar = _Progress(total_steps, desc, enabled=progress and accelerator.is_main_process)
     bar.advance(step)
     steps_this_call = 0
+    stop = _StopOnSignal()
     sums: dict[str, torch.Tensor] = {}
     n_sums = 0
     log_every = max(1, min(50, steps_per_epoch // 4))
@@ -279,6 +280,13 @@ def train(
                 if interrupt_after is not None and steps_this_call >= interrupt_after:
                     result.interrupted = True
                     return result
+                if stop.signal is not None:  # SIGTERM / Ctrl-C: save at this step boundary, then leave
+                    checkpoint(micro, epoch)
+                    where = f"; checkpoint saved in {ckpt_dir}" if ckpt_dir is not None else ""
+                    raise TrainingInterrupted(
+                        f"{desc}: stopped by signal {stop.signal} at step {step}{where}; continue with --resume",
+                        stop.signal,
+                    )
             epoch += 1
             if on_eval is not None and (epoch % opts.eval_every_epochs == 0 or epoch == opts.epochs):
                 metrics = on_eval(accelerator.unwrap_model(model))
@@ -308,6 +316,7 @@ def train(
                 )
                 break
     finally:
+        stop.restore()
         bar.close()
         if writer:
             writer.close()
@@ -317,6 +326,32 @@ def train(
     result.steps, result.epochs_run = step, epoch
     result.seconds = time.perf_counter() - started
     return result
+
+
+class _StopOnSignal:
+    """Turns SIGTERM and SIGINT into a flag the loop checks after each optimizer step, so that a checkpoint is
+    written at a consistent point (never between backward and the optimizer step). Only in the main thread."""
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.signal: int | None = None
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:  # a second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
 
 
 class _Progress:
