@@ -19,6 +19,7 @@ from torch import nn
 from kdkit.data import TensorData
 from kdkit.engine import TrainOptions, train
 from kdkit.engine.checkpoint import latest_checkpoint, load_checkpoint
+from kdkit.engine.schedules import Schedule, ScheduledValue
 from kdkit.errors import TrainingError, TrainingInterrupted
 from kdkit.losses import build_loss
 
@@ -85,8 +86,8 @@ def test_sigkill_at_a_random_step_then_resume_equals_uninterrupted(tmp_path):
               ckpt_dir=__import__("pathlib").Path({str(tmp_path / "run")!r}))
         """
     )
-    # The child wraps the model (state dict keys get a "m." prefix); resuming needs the same keys, so the parent
-    # resumes through the same wrapper below.
+    # The child wraps the model in a slow forward (so the kill lands mid-run); state dict keys get an "m." prefix,
+    # so the parent resumes through the same wrapper (without the sleep).
     kill_at = random.Random(os.getpid()).randint(5, 30)
     proc = subprocess.Popen([sys.executable, "-c", child], env={**os.environ, "OMP_NUM_THREADS": "1"})
     pointer = tmp_path / "run" / "latest.json"
@@ -152,11 +153,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_exactly(tmp_path):
             progress=False,
             ckpt_dir=tmp_path / "b",
             teacher=teacher,
-            schedules=[
-                __import__("kdkit.engine.schedules", fromlist=["x"]).ScheduledValue(
-                    1, "weight", __import__("kdkit.engine.schedules", fromlist=["x"]).Schedule("constant", 0.0)
-                )
-            ],
+            schedules=[ScheduledValue(1, "weight", Schedule("constant", 0.0))],
         )
     assert info.value.exit_code == 128 + signal.SIGTERM
     assert json.loads((tmp_path / "b" / "latest.json").read_text())["step"] == 9
@@ -203,4 +200,4 @@ def test_a_damaged_teacher_cache_is_named_and_rebuilt(tmp_path):
     cache.path.write_bytes(bytes(raw))
     again = TeacherCache.build_or_load(data, teacher.logits, teacher.fingerprint(), tmp_path, log=logs.append)
     assert "is damaged" in logs[1] and "rebuilding" in logs[1]
-    torch.testing.assert_close(torch.from_numpy(again.logits[:]), teacher(data.x).logits)
+    torch.testing.assert_close(torch.tensor(again.logits[:]), teacher(data.x).logits)
