@@ -32,6 +32,8 @@ def _console():
 
 
 def _show(metrics: dict) -> None:
+    if not metrics:  # a process other than the main one of a multi-process run: the main one reports
+        return
     from kdkit.report.table import gain_line, summary_table
 
     console = _console()
@@ -68,7 +70,8 @@ def train_cmd(
 
     result = distill(config, out=out, overrides=tuple(set_ or ()), resume=resume, log=_console().print)
     _show(result.metrics)
-    _console().print(f"run directory: {result.run_dir}")
+    if result.metrics:
+        _console().print(f"run directory: {result.run_dir}")
 
 
 @app.command()

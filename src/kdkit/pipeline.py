@@ -25,7 +25,14 @@ from kdkit.config import KDConfig, config_diff, dump_config, load_config
 from kdkit.data import DataBundle, TeacherCache, build_data
 from kdkit.data.augment import Augment
 from kdkit.engine import TrainOptions, train
-from kdkit.engine.runtime import is_main_process, resolve_device
+from kdkit.engine.runtime import (
+    init_processes,
+    is_main_process,
+    main_process_first,
+    resolve_device,
+    wait_for_everyone,
+    world_size,
+)
 from kdkit.engine.schedules import Schedule, ScheduledValue
 from kdkit.errors import CompatibilityError, ConfigError, TrainingError
 from kdkit.evaluate import (
@@ -69,6 +76,9 @@ def distill(
     """Train (or load) the teacher, then for each seed a baseline student and a distilled student; evaluate, report."""
     cfg = config if isinstance(config, KDConfig) else load_config(config, overrides)
     run_dir = Path(out) if out else Path(cfg.run.out_dir) / cfg.run.name
+    init_processes(cfg.run.device)
+    if not is_main_process():  # under `accelerate launch`/torchrun every process trains; one speaks and writes
+        log = _quiet
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     device = resolve_device(cfg.run.device)
@@ -87,8 +97,11 @@ def distill(
         teacher, teacher_histories = build_teacher(cfg, data, run_dir, resume, device, log)
         runs, loss, spec = train_students(cfg, data, teacher, run_dir, kinds, resume, device, log)
 
-    metrics, extras = evaluate_all(cfg, data, teacher, runs, device)
     best = max(runs["student"], key=lambda r: r["val_score"])
+    if not is_main_process():
+        wait_for_everyone()  # the main process evaluates and writes the run directory
+        return RunResult(run_dir, {}, best["model"], teacher)
+    metrics, extras = evaluate_all(cfg, data, teacher, runs, device)
     save_model_folder(best["model"], run_dir / "student", spec)
     write_json(run_dir / "metrics.json", metrics)
     histories = teacher_histories | {r["phase"]: r["history"] for kind in runs.values() for r in kind}
@@ -103,7 +116,12 @@ def distill(
         env=env,
         **extras,
     )
+    wait_for_everyone()
     return RunResult(run_dir, metrics, best["model"], teacher)
+
+
+def _quiet(message: str) -> None:
+    """The log of processes other than the main one."""
 
 
 def train_students(
@@ -240,7 +258,8 @@ def train_mutual(cfg: KDConfig, data: DataBundle, run_dir: Path, kinds: list[str
             runs[kind].append({"phase": phase, "model": model, **result})
     first = runs["student"][0]["peers"]
     for i, member in enumerate(first):
-        save_model_folder(member, run_dir / "teachers" / f"member_{i}", specs[i + 1])
+        if is_main_process():
+            save_model_folder(member, run_dir / "teachers" / f"member_{i}", specs[i + 1])
     teacher = TeacherEnsemble(
         [Teacher(mb.to(device)) for mb in first], [mb.weight for mb in cfg.teacher.members], cfg.teacher.combine
     )
@@ -260,9 +279,10 @@ def prepare_run_dir(run_dir: Path, cfg: KDConfig, resume: bool, device: str) -> 
             )
     elif resume:
         raise TrainingError(f"--resume: {run_dir} holds no run (no config.yaml); drop --resume to start it")
-    elif (run_dir / "metrics.json").exists() or (run_dir / "checkpoints").exists():
+    elif is_main_process() and ((run_dir / "metrics.json").exists() or (run_dir / "checkpoints").exists()):
         shutil.rmtree(run_dir)  # a fresh run in a used folder starts clean; stale phases must not be reused
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
     import accelerate
     import numpy
     import sklearn
@@ -280,11 +300,13 @@ def prepare_run_dir(run_dir: Path, cfg: KDConfig, resume: bool, device: str) -> 
         "device": device,
         "threads": torch.get_num_threads(),
         "seeds": list(cfg.run.seeds),
+        "processes": world_size(),
         "split_seed": cfg.data.split_seed,
     }
     if is_main_process():
         write_text(saved, dump_config(cfg))
         write_json(run_dir / "env.json", env)
+    wait_for_everyone()
     return env
 
 
@@ -370,10 +392,13 @@ def run_phase(
     peers = None
     if isinstance(model, Peers):  # mutual learning: the student is peer 0; the others are kept beside it
         for i, peer in enumerate(model.peers[1:], start=1):
-            save_model_folder(peer, folder / f"peer_{i}", model.specs[i])
+            if is_main_process():
+                save_model_folder(peer, folder / f"peer_{i}", model.specs[i])
         peers, model = list(model.peers[1:]), model.peers[0]
-    save_model_folder(model, folder, spec)
-    write_json(done, summary)
+    if is_main_process():
+        save_model_folder(model, folder, spec)
+        write_json(done, summary)
+    wait_for_everyone()
     if peers is not None:
         summary = {**summary, "peers": peers}
     return model, summary
@@ -464,17 +489,19 @@ def teacher_source(cfg: KDConfig, data: DataBundle, teacher: TeacherEnsemble, de
     """What the loop calls for teacher outputs: the disk cache (looked up by example index), or the live teacher."""
     if cfg.distill.cache_teacher:
         augment = make_augment(cfg.train.augment, data, "train.augment") if cfg.distill.cache_views else None
-        return TeacherCache.build_or_load(
-            data.train,
-            teacher.logits,
-            teacher.fingerprint(),
-            cfg.distill.cache_dir,
-            cfg.eval.batch_size,
-            device,
-            log,
-            augment=augment,
-            views=cfg.distill.cache_views,
-        )
+        with main_process_first():  # built once; the other processes then find it on disk
+            cache = TeacherCache.build_or_load(
+                data.train,
+                teacher.logits,
+                teacher.fingerprint(),
+                cfg.distill.cache_dir,
+                cfg.eval.batch_size,
+                device,
+                log,
+                augment=augment,
+                views=cfg.distill.cache_views,
+            )
+        return cache
     return lambda batch: teacher(batch.inputs)
 
 

@@ -140,11 +140,12 @@ def train(
         num_workers=opts.num_workers,
         generator=torch.Generator().manual_seed(seed),
     )
-    micro_per_epoch = len(loader)
-    steps_per_epoch = math.ceil(micro_per_epoch / opts.grad_accum)
-    total_steps = steps_per_epoch * opts.epochs
     params = list(student.parameters()) + list(loss.parameters())
     optimizer = build_optimizer(params, opts.optimizer, opts.lr, opts.weight_decay, opts.momentum)
+    model, optimizer, loader = accelerator.prepare(student, optimizer, loader)
+    micro_per_epoch = len(loader)  # per process: with N processes each takes every N-th batch
+    steps_per_epoch = math.ceil(micro_per_epoch / opts.grad_accum)
+    total_steps = steps_per_epoch * opts.epochs
     scheduler = build_scheduler(
         optimizer,
         total_steps,
@@ -154,7 +155,6 @@ def train(
         opts.step_every_epochs,
         opts.step_gamma,
     )
-    model, optimizer, loader = accelerator.prepare(student, optimizer, loader)
     loss = loss.to(accelerator.device)
     # A loss whose weight starts at 0 but is scheduled to grow needs the teacher too.
     needs_teacher = loss.needs_teacher or any(
@@ -226,7 +226,10 @@ def train(
             batches = accelerator.skip_first_batches(loader, skip) if skip else loader
             # Accelerate's loaders set the sampler's epoch from their own counter when iterated; a loader made by
             # skip_first_batches starts that counter at 0, so the epoch is set on the loader, not on the sampler.
-            batches.set_epoch(epoch) if hasattr(batches, "set_epoch") else sampler.set_epoch(epoch)
+            # With several processes the loader's batch sampler is a shard that does not pass the epoch on.
+            if hasattr(batches, "set_epoch"):
+                batches.set_epoch(epoch)
+            sampler.set_epoch(epoch)
             micro = skip
             skip = 0
             for batch in batches:

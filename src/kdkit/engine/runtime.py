@@ -40,3 +40,31 @@ def is_main_process() -> bool:
     from accelerate.state import PartialState
 
     return PartialState().is_main_process
+
+
+def world_size() -> int:
+    from accelerate.state import PartialState
+
+    return PartialState().num_processes
+
+
+def wait_for_everyone() -> None:
+    """A barrier across processes (a no-op in one process)."""
+    from accelerate.state import PartialState
+
+    PartialState().wait_for_everyone()
+
+
+def main_process_first():
+    """Context: the main process runs the block first (e.g. builds a cache), the others after it (and reuse it)."""
+    from accelerate.state import PartialState
+
+    return PartialState().main_process_first()
+
+
+def init_processes(device: str) -> int:
+    """Join the process group of a multi-process launch (torchrun / accelerate launch), on CPU through gloo.
+    Must run before anything asks Accelerate about processes; returns the number of processes."""
+    from accelerate.state import PartialState
+
+    return PartialState(cpu=resolve_device(device) == "cpu").num_processes

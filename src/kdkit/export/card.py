@@ -81,6 +81,13 @@ def model_card(
             "error; speed-up: teacher latency ÷ student latency (batch 1). Figures from the run's metrics.json.",
             "",
         ]
+        seeds = (metrics.get("student") or {}).get("n_seeds", 1)
+        if seeds > 1:
+            lines += [
+                f"Student rows are mean ± std over {seeds} seeds; this export is the run's chosen seed (the best "
+                "validation score), the one in RUN_DIR/student.",
+                "",
+            ]
     else:
         lines += ["The run directory holds no metrics.json.", ""]
     formula = _loss_formula(run_dir / "report.md")
