@@ -73,6 +73,11 @@ class DataConfig(Section):
     val_fraction: float = Field(0.1, ge=0, lt=1, description="Share of the examples held out for validation.")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="Share held out for the final test.")
     split_seed: int = Field(0, description="Seed of the stratified split; the same seed gives the same split.")
+    extra_train: list[str] = Field(
+        default_factory=list,
+        description="Extra training examples: .npz files or folders of them (x: model inputs, already normalised; "
+        "y: class ids), e.g. RUN_DIR/shadow/disagreements written by `kdkit serve --shadow-rate`.",
+    )
     limit: int | None = Field(
         None, gt=0, description="Use a stratified random subset of this many examples (quick runs, tests)."
     )

@@ -128,12 +128,18 @@ def build_data(
     test_fraction: float = 0.2,
     split_seed: int = 0,
     limit: int | None = None,
+    extra_train: list[str] | tuple = (),
 ) -> DataBundle:
     """The flat arguments of the `data` config section → DataBundle."""
     from kdkit.data import builtin, hf, images, tables
     from kdkit.registry import lookup
 
     if source == "image_folder":
+        if extra_train:
+            raise DataError(
+                "data.extra_train: works with in-memory sources (builtin, arrays, csv, parquet, hf); "
+                "for an image folder, add the images to the class folders instead"
+            )
         return _image_folder_bundle(path, image_size, grayscale, val_fraction, test_fraction, split_seed, limit)
     if source == "builtin":
         x, y, names = lookup(builtin.BUILTIN_DATASETS, name, "data.name")()
@@ -146,7 +152,12 @@ def build_data(
     else:  # the config's Literal makes this unreachable from YAML
         raise DataError(f"data.source: unknown source {source!r}")
     del images
-    return bundle_from_arrays(x, y, names, val_fraction, test_fraction, split_seed, limit)
+    bundle = bundle_from_arrays(x, y, names, val_fraction, test_fraction, split_seed, limit)
+    if extra_train:
+        from kdkit.data.extra import append_examples
+
+        bundle.train = append_examples(bundle.train, list(extra_train), bundle.input_shape, bundle.class_names)
+    return bundle
 
 
 def _image_folder_bundle(path, size, grayscale, val_fraction, test_fraction, seed, limit) -> DataBundle:

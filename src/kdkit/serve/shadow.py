@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from kdkit.atomic import write_bytes
+from kdkit.data.extra import load_npz_examples
 
 logger = logging.getLogger("kdkit.serve")
 
@@ -217,12 +218,6 @@ class ShadowMonitor:
 
 def load_disagreements(folder: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """All disagreeing inputs written under `folder`: (x (N, *in_shape) float32, y (N,) the teacher's class ids),
-    oldest first; empty arrays when there are none."""
-    xs, ys = [], []
-    for path in sorted(Path(folder).glob("*.npz")):
-        with np.load(path, allow_pickle=False) as z:
-            xs.append(z["x"].astype(np.float32))
-            ys.append(z["y"].astype(np.int64))
-    if not xs:
-        return np.zeros((0,), dtype=np.float32), np.zeros((0,), dtype=np.int64)
-    return np.concatenate(xs), np.concatenate(ys)
+    oldest first; empty arrays when there are none. `kdkit train` takes the folder as data.extra_train."""
+    x, y, _ = load_npz_examples(folder, where="shadow folder")
+    return x, y

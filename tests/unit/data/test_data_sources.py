@@ -86,3 +86,24 @@ def test_hf_datasets_from_local_files(tmp_path):
     (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
     b = build_data("hf", name="csv", data_files=str(tmp_path / "t.csv"))
     assert b.class_names == ["no", "yes"] and b.input_shape == (2,)
+
+
+def test_extra_training_examples_from_npz_files_and_folders(tmp_path):
+    base = build_data("builtin", "digits")
+    folder = tmp_path / "disagreements"
+    folder.mkdir()
+    x = np.random.default_rng(0).normal(size=(5, 1, 8, 8)).astype(np.float32)
+    np.savez(folder / "a.npz", x=x, y=np.array([1, 2, 3, 4, 5]), class_names=np.array(base.class_names))
+    np.savez(folder / "b.npz", x=x[:2], y=np.array([0, 9]))
+    more = build_data("builtin", "digits", extra_train=[str(folder)])
+    assert len(more.train) == len(base.train) + 7
+    assert torch.equal(more.train.x[-7:-2], torch.from_numpy(x)) and more.train.labels[-1] == 9
+    assert len(more.test) == len(base.test)  # validation and test untouched
+    np.savez(tmp_path / "wrong.npz", x=np.zeros((2, 3), np.float32), y=np.array([0, 1]))
+    with pytest.raises(DataError, match=r"data.extra_train: .*shape \(3,\); the data has \(1, 8, 8\)"):
+        build_data("builtin", "digits", extra_train=[str(tmp_path / "wrong.npz")])
+    np.savez(tmp_path / "names.npz", x=x[:1], y=np.array([0]), class_names=np.array(["cat", "dog"]))
+    with pytest.raises(DataError, match="was labelled with classes"):
+        build_data("builtin", "digits", extra_train=[str(tmp_path / "names.npz")])
+    with pytest.raises(DataError, match="not found"):
+        build_data("builtin", "digits", extra_train=[str(tmp_path / "nope")])
