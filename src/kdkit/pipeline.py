@@ -96,12 +96,15 @@ def distill(
     else:
         teacher, teacher_histories = build_teacher(cfg, data, run_dir, resume, device, log)
         runs, loss, spec = train_students(cfg, data, teacher, run_dir, kinds, resume, device, log)
+    cache_info = runs.pop("teacher_cache", None)  # size of the teacher-output cache, for the report
 
     best = max(runs["student"], key=lambda r: r["val_score"])
     if not is_main_process():
         wait_for_everyone()  # the main process evaluates and writes the run directory
         return RunResult(run_dir, {}, best["model"], teacher)
     metrics, extras = evaluate_all(cfg, data, teacher, runs, device)
+    if cache_info:
+        metrics["teacher_cache"] = cache_info
     save_model_folder(best["model"], run_dir / "student", spec)
     write_json(run_dir / "metrics.json", metrics)
     histories = teacher_histories | {r["phase"]: r["history"] for kind in runs.values() for r in kind}
@@ -198,6 +201,14 @@ def train_students(
             )
             runs[kind].append({"phase": phase, "model": model, **result})
     teacher.tap([])  # feature taps were for training only
+    if isinstance(teacher_outputs, TeacherCache):
+        runs["teacher_cache"] = {  # popped by distill; a search ignores it
+            "path": str(teacher_outputs.path),
+            "bytes": int(teacher_outputs.logits.nbytes),
+            "examples": len(teacher_outputs),
+            "views": teacher_outputs.views,
+            "bytes_per_example": int(teacher_outputs.logits.nbytes) // max(1, len(teacher_outputs)),
+        }
     return runs, loss, spec
 
 

@@ -55,6 +55,9 @@ def test_metrics_contract_and_saved_student(cfg, tmp_path):
     for model in ("teacher", "student", "baseline_student"):
         assert keys <= set(m[model]), model
     assert m["teacher"]["members"] == 2 and m["student"]["n_seeds"] == 2
+    cache = m["teacher_cache"]  # the disk cost of the cached teacher outputs: float32 logits per example
+    assert cache["bytes"] == cache["examples"] * 10 * 4 and cache["views"] == 0
+    assert "Teacher outputs were cached once on disk" in (tmp_path / "run" / "report.md").read_text()
     assert m["gain"]["accuracy"]["mean"] == pytest.approx(m["student"]["accuracy"] - m["baseline_student"]["accuracy"])
     saved = load_model_folder(tmp_path / "run" / "student")
     x = torch.randn(3, 1, 8, 8)

@@ -104,6 +104,13 @@ def _summary_section(metrics: dict) -> str:
         lines += [f"Students: mean ± std (population) over {student['n_seeds']} seeds."]
     if metrics.get("teacher", {}).get("members", 1) > 1:
         lines += [f"The teacher is an ensemble of {metrics['teacher']['members']} members."]
+    cache = metrics.get("teacher_cache")
+    if cache:
+        views = f", {cache['views']} augmented views per example" if cache.get("views") else ""
+        lines += [
+            f"Teacher outputs were cached once on disk: {cache['bytes'] / 1e6:.2f} MB for {cache['examples']} "
+            f"examples ({cache['bytes_per_example']} bytes each{views})."
+        ]
     if metrics.get("gain"):
         lines += ["", "### Distillation gain", "", *_gain_lines(metrics)]
     elif not metrics.get("baseline_student"):
