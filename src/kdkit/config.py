@@ -26,16 +26,28 @@ class Section(BaseModel):
 class ModelSpec(Section):
     """How to build one network."""
 
-    source: Literal["builtin", "timm", "torchvision", "kdkit"] = Field(
+    source: Literal["builtin", "timm", "torchvision", "kdkit", "hf"] = Field(
         "builtin",
         description="builtin: kdkit's small nets (mlp, small_cnn, resnet); timm/torchvision: a model by name from "
-        "that library (optional extra); kdkit: a student folder written by an earlier run (`path`).",
+        "that library (optional extra); kdkit: a student folder written by an earlier run (`path`); hf: a "
+        "transformers sequence classifier from `path` (a folder, a hub id, or builtin:all-minilm-l6-v2).",
     )
     name: str | None = Field(None, description="Model name within its source, e.g. `mlp`, `small_cnn`, `resnet`.")
     kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Constructor arguments, checked against the model's signature."
     )
-    path: str | None = Field(None, description="Folder of a kdkit student (source: kdkit).")
+    path: str | None = Field(None, description="Folder of a kdkit student (source: kdkit), or the hf model.")
+    pretrained: bool = Field(
+        True, description="hf: load the pretrained weights; false: random init of the config changed by `kwargs`."
+    )
+    teacher_layers: list[int] | None = Field(
+        None,
+        description="hf students: DistilBERT-style init from the teacher's (member 0) layers with these indices, "
+        "plus its embeddings and head, e.g. [0, 5].",
+    )
+    trained: bool = Field(
+        False, description="Teachers: the model is already trained for this task; use it as is (no training)."
+    )
     checkpoint: str | None = Field(
         None,
         description="Weights to load into the built model: a .safetensors file, or a .pt state dict (loaded with "
@@ -44,9 +56,11 @@ class ModelSpec(Section):
 
     @model_validator(mode="after")
     def _needs_name_or_path(self) -> ModelSpec:
-        if self.source == "kdkit" and not self.path:
-            raise ValueError("source 'kdkit' needs `path` (a student folder written by kdkit)")
-        if self.source != "kdkit" and not self.name:
+        if self.source in ("kdkit", "hf") and not self.path:
+            raise ValueError(f"source {self.source!r} needs `path`")
+        if self.teacher_layers is not None and self.source != "hf":
+            raise ValueError("teacher_layers needs source: hf (a transformers student)")
+        if self.source not in ("kdkit", "hf") and not self.name:
             raise ValueError(f"source {self.source!r} needs `name`")
         return self
 
@@ -54,11 +68,12 @@ class ModelSpec(Section):
 class DataConfig(Section):
     """Where the examples come from and how they are split."""
 
-    source: Literal["builtin", "arrays", "csv", "parquet", "image_folder", "hf"] = Field(
+    source: Literal["builtin", "arrays", "csv", "parquet", "image_folder", "text_folder", "hf"] = Field(
         "builtin",
-        description="builtin: a data set shipped inside a dependency (`name`: mnist5k or digits); arrays: an .npz "
-        "with `x` and `y`; csv/parquet: a table; image_folder: one sub-folder per class; hf: Hugging Face "
-        "`datasets` (a dataset name, or a builder such as csv/json/parquet with `data_files`).",
+        description="builtin: a data set shipped inside a dependency (`name`: mnist5k, digits, or bbc_news for "
+        "text); arrays: an .npz with `x` and `y`; csv/parquet: a table; image_folder / text_folder: one "
+        "sub-folder of images / .txt files per class; hf: Hugging Face `datasets` (a dataset name, or a builder "
+        "such as csv/json/parquet with `data_files`).",
     )
     name: str | None = Field("mnist5k", description="Built-in data set name, or the `datasets` name/builder for hf.")
     path: str | None = Field(None, description="File or folder for arrays, csv, parquet and image_folder.")
@@ -68,6 +83,11 @@ class DataConfig(Section):
         None, description="Feature columns (csv, parquet, hf); default: every column but the label."
     )
     image_column: str | None = Field(None, description="Image column (hf); when set, images are the input.")
+    text_column: str | None = Field(None, description="Text column (hf); when set, texts are the input.")
+    tokenizer: str | None = Field(
+        None, description="Text data: tokenizer folder or hub id (usually the teacher's; builtin:all-minilm-l6-v2)."
+    )
+    max_length: int = Field(128, gt=1, description="Text data: tokens per text; longer texts are cut (and counted).")
     image_size: int = Field(32, gt=0, description="Images are resized to image_size × image_size (image_folder, hf).")
     grayscale: bool = Field(False, description="Read images as one channel (image_folder, hf).")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="Share of the examples held out for validation.")
@@ -89,7 +109,7 @@ class DataConfig(Section):
                 f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:g}; expected < 0.9 "
                 "so that training keeps at least 10% of the data"
             )
-        if self.source in ("arrays", "csv", "parquet", "image_folder") and not self.path:
+        if self.source in ("arrays", "csv", "parquet", "image_folder", "text_folder") and not self.path:
             raise ValueError(f"source {self.source!r} needs `path`")
         if self.source in ("builtin", "hf") and not self.name:
             raise ValueError(f"source {self.source!r} needs `name`")

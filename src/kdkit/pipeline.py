@@ -49,6 +49,7 @@ from kdkit.evaluate.predict import predict
 from kdkit.evaluate.robustness import CORRUPTIONS, default_corruptions, robustness
 from kdkit.losses import build_loss
 from kdkit.models import build_model, load_model_folder, model_spec, output_classes, save_model_folder
+from kdkit.models.hf import student_from_teacher
 from kdkit.models.peers import Peers
 from kdkit.registry import lookup
 from kdkit.report import write_report
@@ -105,6 +106,8 @@ def distill(
     metrics, extras = evaluate_all(cfg, data, teacher, runs, device)
     if cache_info:
         metrics["teacher_cache"] = cache_info
+    if data.modality == "text":
+        metrics["data"] = {"max_length": data.input_shape[0], "truncated_texts": data.truncated}
     save_model_folder(best["model"], run_dir / "student", spec)
     write_json(run_dir / "metrics.json", metrics)
     histories = teacher_histories | {r["phase"]: r["history"] for kind in runs.values() for r in kind}
@@ -172,6 +175,8 @@ def train_students(
 
             def make(seed=seed):
                 torch.manual_seed(seed)
+                if s.teacher_layers is not None:  # DistilBERT-style: the trained teacher's chosen layers
+                    return student_from_teacher(teacher.members[0].model, s.teacher_layers)
                 return build_model(
                     s.source,
                     s.name,
@@ -181,6 +186,7 @@ def train_students(
                     s.path,
                     s.checkpoint,
                     where="student.model",
+                    pretrained=s.pretrained,
                 )
 
             model, result = run_phase(
@@ -459,16 +465,33 @@ def build_teacher(
         m = member.model
         where = f"teacher.members.{i}.model"
         spec = model_spec(m.source, m.name, m.kwargs, data.input_shape, data.num_classes, m.path, f"{where}.path")
-        if m.checkpoint or m.source == "kdkit":
+        if m.checkpoint or m.source == "kdkit" or m.trained:
             model = build_model(
-                m.source, m.name, m.kwargs, data.input_shape, data.num_classes, m.path, m.checkpoint, where=where
+                m.source,
+                m.name,
+                m.kwargs,
+                data.input_shape,
+                data.num_classes,
+                m.path,
+                m.checkpoint,
+                where=where,
+                pretrained=m.pretrained,
             )
         else:
             seed = member.seed if member.seed is not None else i
 
             def make(m=m, seed=seed, where=where):
                 torch.manual_seed(seed)
-                return build_model(m.source, m.name, m.kwargs, data.input_shape, data.num_classes, where=where)
+                return build_model(
+                    m.source,
+                    m.name,
+                    m.kwargs,
+                    data.input_shape,
+                    data.num_classes,
+                    m.path,
+                    where=where,
+                    pretrained=m.pretrained,
+                )
 
             model, result = run_phase(
                 cfg,
@@ -521,6 +544,10 @@ def make_augment(section, data: DataBundle, where: str) -> Augment | None:
     aug = Augment(**section.model_dump())
     if not aug.active:
         return None
+    if data.modality == "text":
+        raise ConfigError(
+            f"{where}: augmentation of text (token masking, deletion, swap) is not built yet; remove it for text data"
+        )
     if len(data.input_shape) != 3:
         for name in ("crop_padding", "hflip", "cutmix_alpha"):
             if getattr(aug, name):
@@ -578,13 +605,22 @@ def evaluate_all(cfg: KDConfig, data: DataBundle, teacher: TeacherEnsemble, runs
     if e.robustness:
         models = {"teacher": [teacher]}
         models.update({key: [r["model"].to(device) for r in runs[kind]] for kind, key in KINDS if runs[kind]})
-        inputs = torch.stack([data.test[i][0] for i in range(len(data.test))])
-        corruptions = list(e.corruptions.items()) if e.corruptions else default_corruptions(data.input_shape)
+        inputs, _ = data.inputs("test")
+        text = data.modality == "text"
+        options = {"mask_id": data.test.mask_id or 0, "pad_id": data.test.pad_id} if text else {}
+        corruptions = list(e.corruptions.items()) if e.corruptions else default_corruptions(data.input_shape, text)
         for name, _ in corruptions:
             lookup(CORRUPTIONS, name, "eval.corruptions")
         try:
             metrics["robustness"] = robustness(
-                models, inputs, labels, corruptions, seed=cfg.data.split_seed, batch_size=e.batch_size, device=device
+                models,
+                inputs,
+                labels,
+                corruptions,
+                seed=cfg.data.split_seed,
+                batch_size=e.batch_size,
+                device=device,
+                **options,
             )
         except ValueError as exc:
             raise ConfigError(f"eval.corruptions: {exc}") from None

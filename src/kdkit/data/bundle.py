@@ -45,11 +45,22 @@ class DataBundle:
     test: Dataset
     num_classes: int
     class_names: list[str]
-    input_shape: tuple[int, ...]  # one example, without the batch dimension
+    input_shape: tuple[int, ...]  # one example, without the batch dimension (text: the maximum length)
+    modality: str = "tensor"  # "tensor" (images, tables) or "text" (token ids)
+    truncated: int = 0  # texts cut to max_length
+
+    def collate(self, items: list) -> Batch:
+        return getattr(self.train, "collate", collate)(items)
 
     def example(self, n: int = 1) -> torch.Tensor:
         """The first n training inputs as a batch (shape checks, latency)."""
-        return torch.stack([self.train[i][0] for i in range(min(n, len(self.train)))])
+        return self.collate([self.train[i] for i in range(min(n, len(self.train)))]).inputs
+
+    def inputs(self, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole split as one (padded) batch: (inputs, labels)."""
+        ds = getattr(self, split)
+        batch = self.collate([ds[i] for i in range(len(ds))])
+        return batch.inputs, batch.labels
 
 
 def subset_indices(y: np.ndarray, limit: int, seed: int) -> np.ndarray:
@@ -129,11 +140,29 @@ def build_data(
     split_seed: int = 0,
     limit: int | None = None,
     extra_train: list[str] | tuple = (),
+    text_column: str | None = None,
+    tokenizer: str | None = None,
+    max_length: int = 128,
 ) -> DataBundle:
     """The flat arguments of the `data` config section → DataBundle."""
     from kdkit.data import builtin, hf, images, tables
     from kdkit.registry import lookup
 
+    if source == "text_folder" or (source == "builtin" and name in TEXT_BUILTINS) or (source == "hf" and text_column):
+        return _text_bundle(
+            source,
+            name,
+            path,
+            data_files,
+            label_column,
+            text_column,
+            tokenizer,
+            max_length,
+            val_fraction,
+            test_fraction,
+            split_seed,
+            limit,
+        )
     if source == "image_folder":
         if extra_train:
             raise DataError(
@@ -158,6 +187,70 @@ def build_data(
 
         bundle.train = append_examples(bundle.train, list(extra_train), bundle.input_shape, bundle.class_names)
     return bundle
+
+
+TEXT_BUILTINS = {"bbc_news"}
+
+
+def _text_bundle(
+    source,
+    name,
+    path,
+    data_files,
+    label_column,
+    text_column,
+    tokenizer,
+    max_length,
+    val_fraction,
+    test_fraction,
+    seed,
+    limit,
+) -> DataBundle:
+    from kdkit.data.text import TextData, bbc_news, load_tokenizer, read_text_folder, tokenize
+
+    if not tokenizer:
+        raise DataError("data.tokenizer: text data needs a tokenizer (a folder or hub id, usually the teacher's)")
+    if source == "text_folder":
+        texts, y, names = read_text_folder(path)
+    elif source == "builtin":
+        texts, y, names = bbc_news()
+    else:
+        texts, y, names = _hf_texts(name, data_files, label_column, text_column)
+    if limit and limit < len(y):
+        keep = subset_indices(y, limit, seed)
+        texts, y = [texts[i] for i in keep], y[keep]
+    if len(np.unique(y)) < 2:
+        raise DataError("data: only one class present; expected at least two classes")
+    tok = load_tokenizer(tokenizer)
+    if tok.pad_token_id is None:
+        raise DataError(f"data.tokenizer: {tokenizer!r} has no padding token; expected one (e.g. [PAD])")
+    ids, cut = tokenize(texts, tok, max_length)
+    full = TextData(ids, torch.from_numpy(y.astype(np.int64)), tok.pad_token_id, tok.mask_token_id)
+    tr, va, te = split_indices(y, val_fraction, test_fraction, seed)
+    return DataBundle(
+        full.subset(tr),
+        full.subset(va) if len(va) else None,
+        full.subset(te),
+        len(names),
+        names,
+        (max_length,),
+        modality="text",
+        truncated=cut,
+    )
+
+
+def _hf_texts(name, data_files, label_column, text_column):
+    from kdkit.data.hf import load_split
+    from kdkit.data.tables import encode_labels
+    from kdkit.registry import suggest
+
+    split = load_split(name, data_files)
+    columns = list(split.column_names)
+    for field, col in (("data.text_column", text_column), ("data.label_column", label_column)):
+        if col not in columns:
+            raise DataError(f"{field}: {col!r} not found{suggest(col, columns)}; columns: {', '.join(columns)}")
+    y, names = encode_labels(np.asarray(split[label_column]), "data.label_column")
+    return [str(t) for t in split[text_column]], y, names
 
 
 def _image_folder_bundle(path, size, grayscale, val_fraction, test_fraction, seed, limit) -> DataBundle:

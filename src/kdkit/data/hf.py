@@ -13,15 +13,8 @@ from kdkit.errors import DataError
 from kdkit.registry import suggest
 
 
-def load_hf(
-    name: str,
-    data_files,
-    label_column: str,
-    feature_columns: list[str] | None,
-    image_column: str | None,
-    image_size: int,
-    grayscale: bool,
-):
+def load_split(name: str, data_files):
+    """The first split (train if present) of `datasets.load_dataset(name, data_files=...)`, with clear errors."""
     try:
         import datasets
     except ImportError:
@@ -39,6 +32,19 @@ def load_hf(
     split = loaded["train"] if "train" in loaded else loaded[next(iter(loaded))]
     if len(split) == 0:
         raise DataError(f"data.name: {name!r} has no rows")
+    return split
+
+
+def load_hf(
+    name: str,
+    data_files,
+    label_column: str,
+    feature_columns: list[str] | None,
+    image_column: str | None,
+    image_size: int,
+    grayscale: bool,
+):
+    split = load_split(name, data_files)
     columns = list(split.column_names)
     if label_column not in columns:
         raise DataError(

@@ -136,7 +136,7 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 @torch.inference_mode()
 def compute_logits(dataset: Dataset, forward, batch_size: int, device, augment=None, view: int = 0) -> np.ndarray:
     """Teacher logits for every example in order; with `augment`, for view `view` of each example."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=getattr(dataset, "collate", collate))
     out = []
     for batch in loader:
         inputs = batch.inputs.to(device)

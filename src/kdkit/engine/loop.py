@@ -136,7 +136,7 @@ def train(
         train_data,
         batch_size=opts.batch_size,
         sampler=sampler,
-        collate_fn=collate,
+        collate_fn=getattr(train_data, "collate", collate),  # text data pads per batch
         num_workers=opts.num_workers,
         generator=torch.Generator().manual_seed(seed),
     )

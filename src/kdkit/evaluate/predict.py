@@ -20,7 +20,7 @@ def predict(
     """(logits (N, C) fp32 on CPU, labels (N,)) in data-set order. `forward` is a model or a teacher."""
     if isinstance(forward, torch.nn.Module):
         forward.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=getattr(dataset, "collate", collate))
     outs, labels = [], []
     for batch in loader:
         out = forward(batch.inputs.to(device))

@@ -28,9 +28,14 @@ def build_model(
     path: str | None = None,
     checkpoint: str | None = None,
     where: str = "model",
+    pretrained: bool = True,
 ) -> nn.Module:
     """Build a network for inputs of `in_shape` and `num_classes` outputs; load `checkpoint` weights if given."""
-    if source == "kdkit":
+    if source == "hf":
+        from kdkit.models.hf import build_hf_classifier
+
+        model = build_hf_classifier(path, num_classes, kwargs, pretrained, where)
+    elif source == "kdkit":
         model = load_model_folder(path, where=f"{where}.path")
     elif source == "builtin":
         cls = lookup(BUILTIN_MODELS, name, f"{where}.name")
@@ -44,7 +49,7 @@ def build_model(
     elif source == "torchvision":
         model = _torchvision(name, kwargs, num_classes, where)
     else:
-        raise ConfigError(f"{where}.source: unknown source {source!r}; expected builtin, timm, torchvision or kdkit")
+        raise ConfigError(f"{where}.source: unknown source {source!r}; expected builtin, timm, torchvision, kdkit, hf")
     if checkpoint:
         load_weights(model, checkpoint, f"{where}.checkpoint")
     return model
@@ -123,6 +128,10 @@ def save_model_folder(model: nn.Module, folder: str | Path, spec: dict[str, Any]
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if callable(getattr(model, "save_pretrained", None)):  # a transformers classifier: its own folder format
+        model.save_pretrained(str(folder), safe_serialization=True)
+        write_json(folder / "model.json", {**spec, "format": "hf"})
+        return folder
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     write_with(folder / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
     write_json(folder / "model.json", spec)
@@ -150,6 +159,10 @@ def load_model_folder(path: str | Path | None, where: str = "model.path") -> nn.
     spec = read_model_json(folder, where)
     if spec.get("source") == "kdkit":
         raise ConfigError(f"{where}: {spec_path} points to another folder; expected a concrete model spec")
+    if spec.get("format") == "hf":
+        from kdkit.models.hf import HFClassifier
+
+        return HFClassifier.from_pretrained(str(folder), where)
     model = build_model(
         spec["source"],
         spec["name"],

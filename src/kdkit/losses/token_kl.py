@@ -1,0 +1,79 @@
+"""Token-level distillation for language models: forward/reverse KL, generalized JSD or TVD per real token."""
+
+from __future__ import annotations
+
+import torch
+
+from kdkit.losses import token_functional as Ft
+from kdkit.losses.base import Loss
+from kdkit.models.vocab import align_vocab
+from kdkit.types import Batch, ModelOutputs
+
+
+class TokenKL(Loss):
+    """Ft.token_divergence(student logits, teacher logits, batch.labels) over (B, T, V) logits.
+
+    direction: "forward" KL(teacher ‖ student), "reverse" KL(student ‖ teacher), "jsd" (β weights the teacher's
+    end: m = β·p_teacher + (1 − β)·q_student; β = 0 is forward KL, β = 1 reverse KL, as in TRL), "tvd".
+    temperature: kd_temperature T, softmax(logits / T) on both sides, loss × T² (not the sampling temperature).
+    shift: causal LM (logits t predict labels t + 1); labels -100 are ignored. chunk_size: positions per chunk.
+    num_real_tokens: the global count of real tokens to divide by (all micro-batches of the optimizer step, all
+    processes); None divides by this batch's count. The engine may also pass it per call to forward().
+    vocab_size: the shared vocabulary (kdkit.models.vocab) when the logit widths differ (a padded vocabulary);
+    None requires equal widths.
+    """
+
+    name = "token_kl"
+
+    def __init__(
+        self,
+        direction: str = "forward",
+        beta: float = 0.5,
+        temperature: float = 1.0,
+        chunk_size: int | None = None,
+        shift: bool = True,
+        num_real_tokens: int | None = None,
+        vocab_size: int | None = None,
+    ):
+        super().__init__()
+        if direction not in Ft.DIRECTIONS:
+            raise ValueError(f"direction={direction!r}; expected one of {', '.join(Ft.DIRECTIONS)}")
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"beta={beta}; expected 0 ≤ beta ≤ 1")
+        if temperature <= 0:
+            raise ValueError(f"temperature={temperature}; expected > 0")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size={chunk_size}; expected a positive number of positions or None")
+        if vocab_size is not None and vocab_size < 1:
+            raise ValueError(f"vocab_size={vocab_size}; expected a positive number of shared ids or None")
+        self.direction = direction
+        self.beta = float(beta)
+        self.temperature = float(temperature)
+        self.chunk_size = chunk_size
+        self.shift = bool(shift)
+        self.num_real_tokens = num_real_tokens
+        self.vocab_size = vocab_size
+
+    def forward(
+        self,
+        student: ModelOutputs,
+        teacher: ModelOutputs | None,
+        batch: Batch,
+        num_real_tokens: int | torch.Tensor | None = None,
+    ):
+        s, t = align_vocab(student.logits, teacher.logits, self.vocab_size, where=self.name)
+        return Ft.token_divergence(
+            s,
+            t,
+            batch.labels,
+            direction=self.direction,
+            beta=self.beta,
+            temperature=self.temperature,
+            shift=self.shift,
+            num_real_tokens=self.num_real_tokens if num_real_tokens is None else num_real_tokens,
+            chunk_size=self.chunk_size,
+        )
+
+    def describe(self) -> str:
+        what = f"jsd, beta={self.beta:g}" if self.direction == "jsd" else self.direction
+        return f"token_kl({what}, T={self.temperature:g})"
