@@ -16,6 +16,7 @@ from kdkit.losses.hidden_state import HiddenState
 from kdkit.losses.hint import Hint
 from kdkit.losses.mutual import MutualLearning
 from kdkit.losses.soft_kl import SoftKL
+from kdkit.losses.token_kl import TokenKL
 from kdkit.registry import bind, lookup
 
 LOSSES: dict[str, type[Loss]] = {
@@ -28,6 +29,7 @@ LOSSES: dict[str, type[Loss]] = {
     "hidden_state": HiddenState,
     "attention_map": AttentionMap,
     "mutual": MutualLearning,
+    "token_kl": TokenKL,
 }
 
 

@@ -25,7 +25,8 @@ Conventions, the same for every function here:
 - **Chunking.** chunk_size=k computes the real positions k at a time (gathered first, then split), and computes each
   chunk's gradient with respect to the student's logits during the forward pass, so at most k × V probabilities
   (and their autograd intermediates) are alive at once; the only full-size tensor kept is the gradient itself,
-  in the student logits' dtype. Values and gradients equal the unchunked path (up to float rounding).
+  in the student logits' dtype. Values and gradients equal the unchunked path (up to float rounding). The chunked
+  loss supports one backward pass (no retain_graph) and no double backward.
 
 Shapes: student_logits, teacher_logits (B, T, V); labels (B, T) int64 → a () float32 tensor.
 """
@@ -83,6 +84,13 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """Σ_v a (log a − log b) over the last dim, with 0 · log 0 = 0: an id that one side rules out (logit −inf,
+    e.g. a masked or padding id) adds nothing instead of NaN, and its gradient stays finite."""
+    a = log_a.exp()
+    return (a * torch.where(a > 0, log_a - log_b, 0.0)).sum(-1)
+
+
 def per_position_divergence(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -97,7 +105,8 @@ def per_position_divergence(
         forward  KL(p ‖ q) = Σ_v p (log p − log q)           mean-seeking; classic KD (Hinton et al. 2015)
         reverse  KL(q ‖ p) = Σ_v q (log q − log p)           mode-seeking (MiniLLM, Gu et al. 2024)
         jsd      JSD_β(p, q) = β · KL(p ‖ m) + (1 − β) · KL(q ‖ m),   m = β · p + (1 − β) · q
-        tvd      TV(p, q) = ½ Σ_v |p − q|                     (DistiLLM, Ko et al. 2024, as a baseline)
+        tvd      TV(p, q) = ½ Σ_v |p − q|                     (Wen et al. 2023, "f-Divergence Minimization for
+                                                              Sequence-Level Knowledge Distillation")
 
     jsd is the generalized JSD of GKD (Agarwal et al. 2024, "On-Policy Distillation of Language Models", eq. 1),
     with the same convention as TRL's GKDTrainer.generalized_jsd_loss: β weights the TEACHER's end — it is the
@@ -116,15 +125,15 @@ def per_position_divergence(
     elif direction == "jsd" and beta == 1.0:
         direction = "reverse"
     if direction == "forward":
-        d = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+        d = _kl(log_p, log_q)
     elif direction == "reverse":
-        d = F.kl_div(log_p, log_q, reduction="none", log_target=True).sum(-1)
+        d = _kl(log_q, log_p)
     elif direction == "jsd":
-        # log m = logsumexp(log p + log β, log q + log(1 − β)), stable in log space.
-        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
-        kl_p = F.kl_div(log_m, log_p, reduction="none", log_target=True).sum(-1)
-        kl_q = F.kl_div(log_m, log_q, reduction="none", log_target=True).sum(-1)
-        d = beta * kl_p + (1.0 - beta) * kl_q
+        # log m = logsumexp(log p + log β, log q + log(1 − β)), stable in log space. An id ruled out on both sides
+        # (−inf twice) would give logaddexp a NaN gradient: clamp to the dtype's lowest finite value (grad 0 there).
+        lowest = torch.finfo(log_p.dtype).min
+        log_m = torch.logaddexp(log_p.clamp_min(lowest) + math.log(beta), log_q.clamp_min(lowest) + math.log1p(-beta))
+        d = beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
     else:
         d = 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
     return d * (t * t)

@@ -30,8 +30,11 @@ def test_registry_names_match_the_loss_names():
 
 # Losses over logits; the feature losses (hint, attention_transfer, hidden_state, attention_map) need tapped
 # activations and are tested in test_feature_losses.py.
-# mutual reads every peer's logits from the features (tested in tests/unit/engine/test_mutual.py).
-LOGIT_LOSSES = sorted(n for n, cls in LOSSES.items() if cls.feature_paths is Loss.feature_paths and n != "mutual")
+# mutual reads every peer's logits from the features (tests/unit/engine/test_mutual.py); token_kl takes (B, T, V)
+# language-model logits (tests/unit/losses/test_token_losses.py).
+LOGIT_LOSSES = sorted(
+    n for n, cls in LOSSES.items() if cls.feature_paths is Loss.feature_paths and n not in ("mutual", "token_kl")
+)
 
 
 def test_logit_losses_are_the_four_expected():

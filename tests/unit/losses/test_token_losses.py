@@ -162,7 +162,7 @@ def test_beta_weights_the_teachers_end():
 
 def test_shift_drops_the_position_before_a_masked_last_label():
     student, teacher, labels = _logits(5)
-    labels = torch.randint(0, V, (B, T))
+    labels = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(5))
     labels[0, -1] = -100  # row 0: the last token is not a target, so the logits at T−2 predict nothing
     loss = Ft.token_divergence(student, teacher, labels, "forward")
     # The same by hand with shift=False: logits 0..T−2 against labels 1..T−1.
@@ -171,7 +171,7 @@ def test_shift_drops_the_position_before_a_masked_last_label():
     # Positions counted: row 0 has T−2, row 1 has T−1.
     assert Ft.count_real_tokens(labels) == (T - 2) + (T - 1)
     rows, cols = Ft.real_positions(labels, B, T)
-    assert (T - 2, 0) not in set(zip(cols.tolist(), rows.tolist()))
+    assert (0, T - 2) not in set(zip(rows.tolist(), cols.tolist()))
     # The logits at T−2 of row 0 and at T−1 of every row are never read: garbage there changes nothing.
     garbage_s, garbage_t = student.detach().clone(), teacher.clone()
     garbage_s[0, T - 2] = float("nan")
@@ -202,6 +202,24 @@ def test_masked_positions_change_neither_the_loss_nor_the_gradients(direction, c
     assert loss2.item() == pytest.approx(loss.item(), rel=1e-7)
     assert torch.equal(grad2[~unread], grad[~unread])
     assert not grad2[unread].any() and not grad[unread].any()
+
+
+@pytest.mark.parametrize("direction,beta", CASES)
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_ids_ruled_out_with_minus_infinity_add_nothing(direction, beta, chunk_size):
+    # A vocabulary id with logit −inf (a masked or padding id) has probability 0: 0 · log 0 = 0, not NaN.
+    student, teacher, labels = _logits(21)
+    s = student.detach().clone()
+    s[..., 0] = float("-inf")
+    t = teacher.clone()
+    t[..., 0] = float("-inf")
+    if direction not in ("reverse",) and not (direction == "jsd" and beta == 1.0):
+        t[..., 1] = float("-inf")  # the teacher alone rules id 1 out: finite unless KL(q ‖ p) is asked for
+    s.requires_grad_()
+    loss = Ft.token_divergence(s, t, labels, direction, beta, chunk_size=chunk_size)
+    assert loss.item() == pytest.approx(_reference(s, t, labels, direction, beta), abs=1e-6, rel=1e-6)
+    loss.backward()
+    assert torch.isfinite(s.grad).all()
 
 
 @pytest.mark.parametrize("direction,beta", CASES)
@@ -428,16 +446,21 @@ def test_token_kl_in_a_weighted_loss_trains_only_the_student():
 
 
 def test_token_kl_padded_vocabulary():
-    # The teacher's output layer is padded (V + 2 ids that no token maps to), as Qwen's 152064 vs 151936.
+    # Both output layers padded past the V real ids, to different widths (as Qwen's 151936 vs 152064 over one
+    # 151665-token tokenizer): vocab_size=V compares the shared ids only.
     student, teacher, labels = _logits(20)
-    padded = torch.cat([teacher, torch.randn(B, T, 2)], dim=-1)
-    s, t, batch = _outputs(student, padded, labels)
-    with pytest.raises(CompatibilityError, match=f"{V} ids, teacher logits {V + 2}"):
+    g = torch.Generator().manual_seed(0)
+    student_padded = torch.cat([student.detach(), torch.randn(B, T, 1, generator=g)], dim=-1).requires_grad_()
+    teacher_padded = torch.cat([teacher, torch.randn(B, T, 3, generator=g)], dim=-1)
+    s, t, batch = _outputs(student_padded, teacher_padded, labels)
+    with pytest.raises(CompatibilityError, match=f"{V + 1} ids, teacher logits {V + 3}"):
         TokenKL()(s, t, batch)
-    value = TokenKL(vocab_size=V, chunk_size=2)(s, t, batch)
-    assert value.item() == pytest.approx(Ft.token_divergence(student, teacher, labels).item(), rel=1e-6)
-    value.backward()
-    assert student.grad.shape == (B, T, V)
+    for chunk_size in (None, 2):
+        value = TokenKL(vocab_size=V, chunk_size=chunk_size)(s, t, batch)
+        assert value.item() == pytest.approx(Ft.token_divergence(student, teacher, labels).item(), rel=1e-6)
+        (grad,) = torch.autograd.grad(value, student_padded)
+        (want,) = torch.autograd.grad(Ft.token_divergence(student, teacher, labels), student)
+        assert torch.allclose(grad[..., :V], want, atol=1e-7) and not grad[..., V:].any()
 
 
 def test_token_kl_rejects_bad_parameters():
