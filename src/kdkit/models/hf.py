@@ -64,7 +64,11 @@ def build_hf_classifier(path: str, num_classes: int, kwargs: dict, pretrained: b
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     resolved = resolve_hf_path(path, f"{where}.path")
-    config = _from_pretrained(AutoConfig, resolved, f"{where}.path", num_labels=num_classes)
+    kwargs = dict(kwargs)
+    # How attention is computed is a loading option, not an architecture change: attention_map needs "eager"
+    # (the sdpa kernels do not return attention probabilities).
+    attn = {"attn_implementation": kwargs.pop("attn_implementation")} if "attn_implementation" in kwargs else {}
+    config = _from_pretrained(AutoConfig, resolved, f"{where}.path", num_labels=num_classes, **attn)
     for key, value in kwargs.items():
         if not hasattr(config, key):
             raise ConfigError(f"{where}.kwargs.{key}: not a field of {type(config).__name__}")
@@ -75,9 +79,9 @@ def build_hf_classifier(path: str, num_classes: int, kwargs: dict, pretrained: b
                 f"{where}.kwargs: changes the architecture of pretrained weights; set pretrained: false "
                 "for a smaller random-init model, or use teacher_layers for a DistilBERT-style student"
             )
-        hf = _from_pretrained(AutoModelForSequenceClassification, resolved, f"{where}.path", config=config)
+        hf = _from_pretrained(AutoModelForSequenceClassification, resolved, f"{where}.path", config=config, **attn)
     else:
-        hf = AutoModelForSequenceClassification.from_config(config)
+        hf = AutoModelForSequenceClassification.from_config(config, **attn)
     tokenizer = (
         load_tokenizer(resolved, f"{where}.path")
         if (Path(resolved) / "tokenizer_config.json").is_file() or not Path(resolved).exists()

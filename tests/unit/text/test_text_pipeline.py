@@ -145,3 +145,36 @@ def test_text_errors_are_clear(assets, tmp_path):
         build_data("text_folder", path=str(texts), tokenizer="no/such-model")
     with pytest.raises(ConfigError, match=r"student.model.kwargs.num_layerz: not a field of BertConfig"):
         build_hf_classifier(str(encoder_dir), 3, {"num_layerz": 1}, False, "student.model")
+
+
+def test_hidden_state_and_attention_map_losses_on_hf_models_in_the_pipeline(assets, tmp_path, monkeypatch):
+    from kdkit.pipeline import distill
+
+    monkeypatch.setenv("KDKIT_CACHE_DIR", str(tmp_path / "cache"))
+    _, texts, encoder_dir = assets
+    cfg = _config(
+        texts,
+        encoder_dir,
+        **{
+            "teacher.members": [
+                {"model": {"source": "hf", "path": str(encoder_dir), "kwargs": {"attn_implementation": "eager"}}}
+            ],
+            "teacher.train.epochs": 2,
+            "train.epochs": 1,
+            "student.baseline": False,
+            "eval.robustness": False,
+            "distill.losses": [
+                {"name": "ce", "weight": 0.5},
+                {"name": "soft_kl", "weight": 0.5},
+                {"name": "hidden_state", "weight": 1.0, "params": {"layer_map": "uniform"}},
+                {"name": "attention_map", "weight": 1.0, "params": {"layer_map": "uniform"}},
+            ],
+        },
+    )
+    logs = []
+    r = distill(cfg, out=tmp_path / "run", log=logs.append)
+    assert any("hidden_state" in line and "attention_map" in line for line in logs)  # the printed formula
+    history = json.loads((tmp_path / "run" / "history.json").read_text())["student-s0"]
+    parts = [h for h in history if "train/hidden_state" in h]
+    assert parts and all(h["train/hidden_state"] > 0 and h["train/attention_map"] >= 0 for h in parts)
+    assert r.metrics["student"]["accuracy"] >= 0
