@@ -177,17 +177,7 @@ def train_students(
                 torch.manual_seed(seed)
                 if s.teacher_layers is not None:  # DistilBERT-style: the trained teacher's chosen layers
                     return student_from_teacher(teacher.members[0].model, s.teacher_layers)
-                return build_model(
-                    s.source,
-                    s.name,
-                    s.kwargs,
-                    data.input_shape,
-                    data.num_classes,
-                    s.path,
-                    s.checkpoint,
-                    where="student.model",
-                    pretrained=s.pretrained,
-                )
+                return build_from_spec(s, data, "student.model")
 
             model, result = run_phase(
                 cfg,
@@ -239,27 +229,11 @@ def train_mutual(cfg: KDConfig, data: DataBundle, run_dir: Path, kinds: list[str
 
             def make(seed=seed, kind=kind):
                 torch.manual_seed(seed)
-                student = build_model(
-                    s.source,
-                    s.name,
-                    s.kwargs,
-                    data.input_shape,
-                    data.num_classes,
-                    s.path,
-                    s.checkpoint,
-                    where="student.model",
-                )
+                student = build_from_spec(s, data, "student.model")
                 if kind == "baseline":
                     return student
                 members = [
-                    build_model(
-                        mb.model.source,
-                        mb.model.name,
-                        mb.model.kwargs,
-                        data.input_shape,
-                        data.num_classes,
-                        where=f"teacher.members.{i}.model",
-                    )
+                    build_from_spec(mb.model, data, f"teacher.members.{i}.model")
                     for i, mb in enumerate(cfg.teacher.members)
                 ]
                 peers = Peers([student, *members])
@@ -421,6 +395,21 @@ def run_phase(
     return model, summary
 
 
+def build_from_spec(m, data: DataBundle, where: str) -> nn.Module:
+    """One network from its config section (a ModelSpec), for this data's input shape and class count."""
+    return build_model(
+        m.source,
+        m.name,
+        m.kwargs,
+        data.input_shape,
+        data.num_classes,
+        m.path,
+        m.checkpoint,
+        where=where,
+        pretrained=m.pretrained,
+    )
+
+
 def wire_features(cfg: KDConfig, loss, student: nn.Module, teacher: TeacherEnsemble, data: DataBundle, device: str):
     """For feature losses: resolve layer names against the real models, tap student and teacher by module path,
     and let the losses build their adapters from the tapped shapes (before the optimizer is made)."""
@@ -466,32 +455,13 @@ def build_teacher(
         where = f"teacher.members.{i}.model"
         spec = model_spec(m.source, m.name, m.kwargs, data.input_shape, data.num_classes, m.path, f"{where}.path")
         if m.checkpoint or m.source == "kdkit" or m.trained:
-            model = build_model(
-                m.source,
-                m.name,
-                m.kwargs,
-                data.input_shape,
-                data.num_classes,
-                m.path,
-                m.checkpoint,
-                where=where,
-                pretrained=m.pretrained,
-            )
+            model = build_from_spec(m, data, where)
         else:
             seed = member.seed if member.seed is not None else i
 
             def make(m=m, seed=seed, where=where):
                 torch.manual_seed(seed)
-                return build_model(
-                    m.source,
-                    m.name,
-                    m.kwargs,
-                    data.input_shape,
-                    data.num_classes,
-                    m.path,
-                    where=where,
-                    pretrained=m.pretrained,
-                )
+                return build_from_spec(m, data, where)
 
             model, result = run_phase(
                 cfg,
@@ -655,16 +625,7 @@ def evaluate_run(run_dir: str | Path, log: Log = print) -> dict:
         model = (
             load_model_folder(folder)
             if (folder / "model.json").is_file()
-            else build_model(
-                m.source,
-                m.name,
-                m.kwargs,
-                data.input_shape,
-                data.num_classes,
-                m.path,
-                m.checkpoint,
-                where=f"teacher.members.{i}.model",
-            )
+            else build_from_spec(m, data, f"teacher.members.{i}.model")
         )
         members.append(Teacher(model.to(device), cfg.distill.teacher_precision, cfg.distill.channels_last))
     teacher = TeacherEnsemble(
