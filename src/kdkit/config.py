@@ -334,6 +334,11 @@ class DistillConfig(Section):
         "fp32", description="Autocast precision of the teacher's forward pass (its outputs are kept in fp32)."
     )
     channels_last: bool = Field(False, description="Run conv teachers in channels-last memory format (faster on CPU).")
+    teacher_fuse_bn: bool = Field(
+        False,
+        description="Fold the teacher's BatchNorm layers into its convolutions (torch.fx; same outputs to float "
+        "rounding, faster). Models that cannot be traced are used as they are.",
+    )
 
 
 class EvalConfig(Section):

@@ -481,7 +481,11 @@ def build_teacher(
                 where=where,
             )
             histories[f"teacher-{i}"] = result["history"]
-        members.append(Teacher(model.to(device), cfg.distill.teacher_precision, cfg.distill.channels_last))
+        members.append(
+            Teacher(
+                model.to(device), cfg.distill.teacher_precision, cfg.distill.channels_last, cfg.distill.teacher_fuse_bn
+            )
+        )
     ensemble = TeacherEnsemble(
         members, [mb.weight for mb in cfg.teacher.members], cfg.teacher.combine, cfg.teacher.feature_member
     )
@@ -627,7 +631,11 @@ def evaluate_run(run_dir: str | Path, log: Log = print) -> dict:
             if (folder / "model.json").is_file()
             else build_from_spec(m, data, f"teacher.members.{i}.model")
         )
-        members.append(Teacher(model.to(device), cfg.distill.teacher_precision, cfg.distill.channels_last))
+        members.append(
+            Teacher(
+                model.to(device), cfg.distill.teacher_precision, cfg.distill.channels_last, cfg.distill.teacher_fuse_bn
+            )
+        )
     teacher = TeacherEnsemble(
         members, [mb.weight for mb in cfg.teacher.members], cfg.teacher.combine, cfg.teacher.feature_member
     )

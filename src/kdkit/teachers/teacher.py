@@ -17,10 +17,22 @@ class Teacher(nn.Module):
 
     precision: "fp32" or "bf16" autocast for the forward pass (outputs are returned in fp32).
     channels_last: store conv weights and run inputs in channels-last memory format (faster convolutions on CPU).
+    fuse_bn: fold each BatchNorm into the convolution before it (torch.fx), which a frozen teacher allows: the same
+    outputs to float rounding, one pass over the activations less. A model that cannot be traced is kept as it
+    is (`self.fused` says which); feature taps then address the fused graph's module paths.
     """
 
-    def __init__(self, model: nn.Module, precision: str = "fp32", channels_last: bool = False):
+    def __init__(self, model: nn.Module, precision: str = "fp32", channels_last: bool = False, fuse_bn: bool = False):
         super().__init__()
+        self.fused = False
+        if fuse_bn and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            from torch.fx.experimental.optimization import fuse
+
+            try:
+                model = fuse(model.eval())
+                self.fused = True
+            except Exception:  # not symbolically traceable (data-dependent control flow): keep the model as is
+                pass
         self.model = model
         self.taps = None
         self.precision = precision
@@ -64,7 +76,7 @@ class Teacher(nn.Module):
 
     def fingerprint(self) -> str:
         """A hash of the weights, buffers and how the teacher is run (keys the teacher-output cache)."""
-        h = hashlib.sha256(f"{type(self.model).__name__}|{self.precision}|{self.channels_last}".encode())
+        h = hashlib.sha256(f"{type(self.model).__name__}|{self.precision}|{self.channels_last}|{self.fused}".encode())
         for name, t in self.model.state_dict().items():
             h.update(name.encode())
             h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")

@@ -74,3 +74,19 @@ def test_invalid_ensemble_arguments():
         TeacherEnsemble([Teacher(_net(0))], weights=[0.0])
     with pytest.raises(ValueError):
         TeacherEnsemble([Teacher(_net(0))], combine="median")
+
+
+def test_fused_batchnorm_teacher_gives_the_same_outputs():
+    from kdkit.models import build_model
+
+    torch.manual_seed(0)
+    net = build_model("builtin", "resnet", {"depth": 8, "width": 8}, (3, 16, 16), 5)
+    net.train()
+    net(torch.randn(16, 3, 16, 16))  # give BatchNorm non-trivial running statistics
+    x = torch.randn(4, 3, 16, 16)
+    plain, fused = Teacher(net.eval()), Teacher(net, fuse_bn=True, channels_last=True)
+    assert fused.fused and not any(isinstance(m, nn.BatchNorm2d) for m in fused.model.modules())
+    torch.testing.assert_close(fused(x).logits, plain(x).logits, atol=1e-5, rtol=1e-5)
+    assert fused.fingerprint() != plain.fingerprint()
+    mlp = Teacher(nn.Sequential(nn.Linear(4, 3)), fuse_bn=True)  # nothing to fold: left as is
+    assert not mlp.fused
