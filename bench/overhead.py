@@ -648,6 +648,21 @@ def _run(s: Settings, load_wait: dict | None, command: str, quick: bool) -> dict
     }
 
 
+def _quiet_note(result: dict) -> str:
+    """What 'not under load' meant for this run: no one else, or others only on cores this run left free."""
+    shares = [result["teacher_forward"]["others_cpu_fraction"], result["cache"]["others_cpu_fraction"]]
+    shares += result["kd_step"]["rounds_others_cpu_fraction"] + [result["bf16_accuracy"]["others_cpu_fraction"]]
+    busiest = max((v for v in shares if v is not None), default=0.0)
+    if busiest <= 0.15:
+        return "Quiet."
+    threads, cores = result["machine"]["torch_threads"], result["machine"]["cores"]
+    free = max(0, cores - threads) / cores
+    return (
+        f"Not quiet, but not contended: other processes kept up to {busiest:.0%} of the cores busy, about the "
+        f"{free:.0%} that this run's {threads} torch thread(s) left free (no part flagged noisy)."
+    )
+
+
 def to_markdown(result: dict) -> str:
     """The dated section that --write appends to docs/benchmarks.md."""
     m, st, g = result["machine"], result["settings"], result["goals"]
@@ -663,7 +678,7 @@ def to_markdown(result: dict) -> str:
         + (
             f"**Measured under load** (noisy: {', '.join(result['noisy_parts']) or 'load at start'})."
             if result["under_load"]
-            else "Quiet."
+            else _quiet_note(result)
         ),
         f"- Command: `{result['command']}` ({result['elapsed_s']} s).",
         f"- Models: teacher {st['teacher']} ({st['teacher_params']:,} params), student {st['student']} "
