@@ -517,9 +517,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def _section_model(loc: tuple) -> type[BaseModel] | None:
-    """The pydantic model that holds the field at `loc` (for suggestions on unknown keys)."""
-    model: Any = KDConfig
+def _section_model(loc: tuple, root: type[BaseModel] | None = None) -> type[BaseModel] | None:
+    """The pydantic model (under `root`, default KDConfig) that holds the field at `loc`, for suggestions."""
+    model: Any = root or KDConfig
     for part in loc[:-1]:
         if isinstance(part, int):
             continue
@@ -540,12 +540,12 @@ def _unwrap(ann: Any) -> Any:
     return ann
 
 
-def _format_error(err: dict) -> str:
+def _format_error(err: dict, root: type[BaseModel] | None = None) -> str:
     loc = tuple(err["loc"])
     path = ".".join(str(p) for p in loc) or "(top level)"
     kind = err["type"]
     if kind == "extra_forbidden":
-        model = _section_model(loc)
+        model = _section_model(loc, root)
         fields = sorted(model.model_fields) if model else []
         close = difflib.get_close_matches(str(loc[-1]), fields, n=3, cutoff=0.5)
         hint = f" (did you mean: {', '.join(close)}?)" if close else ""
@@ -565,14 +565,17 @@ def _format_error(err: dict) -> str:
 
 def config_from_dict(raw: Any, source: str = "config") -> KDConfig:
     """Validate a plain dict; every problem is listed in one ConfigError."""
+    return validate_root(KDConfig, raw, source, "run, data, teacher, ...")
+
+
+def validate_root(root: type[BaseModel], raw: Any, source: str, sections: str):
+    """Validate `raw` as `root` (a config's top-level model); every problem in one ConfigError with its path."""
     if not isinstance(raw, dict):
-        raise ConfigError(
-            f"{source}: expected a mapping of sections (run, data, teacher, ...), got {type(raw).__name__}"
-        )
+        raise ConfigError(f"{source}: expected a mapping of sections ({sections}), got {type(raw).__name__}")
     try:
-        return KDConfig.model_validate(raw)
+        return root.model_validate(raw)
     except ValidationError as exc:
-        problems = [_format_error(e) for e in exc.errors()]
+        problems = [_format_error(e, root) for e in exc.errors()]
         if len(problems) == 1:
             raise ConfigError(f"{source}: {problems[0]}") from None
         raise ConfigError(f"{source}: {len(problems)} problems", details=problems) from None

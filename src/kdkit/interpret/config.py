@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from kdkit.config import Section, _format_error, _set_dotted, _unwrap, parse_override, read_yaml
-from kdkit.errors import ConfigError
+from kdkit.config import Section, _set_dotted, parse_override, read_yaml, validate_root
 from kdkit.registry import suggest
 
 # The names kdkit.interpret.teachers.TEACHERS and kdkit.interpret.students.STUDENTS register (a test keeps them
@@ -283,42 +282,9 @@ def is_interpret_config(raw: Any) -> bool:
     return isinstance(raw, dict) and raw.get("kind") == "interpret"
 
 
-def _section_model(loc: tuple) -> type[BaseModel] | None:
-    model: Any = InterpretConfig
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
-            return None
-        model = _unwrap(model.model_fields[part].annotation)
-    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
-
-
-def _format(err: dict) -> str:
-    if err["type"] != "extra_forbidden":
-        return _format_error(err)
-    loc = tuple(err["loc"])
-    model = _section_model(loc)
-    fields = sorted(model.model_fields) if model else []
-    return (
-        f"{'.'.join(str(p) for p in loc)}: unknown key{suggest(str(loc[-1]), fields)}; expected one of: "
-        + ", ".join(fields)
-    )
-
-
 def interpret_config_from_dict(raw: Any, source: str = "config") -> InterpretConfig:
     """Validate a plain dict; every problem is listed in one ConfigError."""
-    if not isinstance(raw, dict):
-        raise ConfigError(
-            f"{source}: expected a mapping of sections (data, teacher, student, ...), got {type(raw).__name__}"
-        )
-    try:
-        return InterpretConfig.model_validate(raw)
-    except ValidationError as exc:
-        problems = [_format(e) for e in exc.errors()]
-        if len(problems) == 1:
-            raise ConfigError(f"{source}: {problems[0]}") from None
-        raise ConfigError(f"{source}: {len(problems)} problems", details=problems) from None
+    return validate_root(InterpretConfig, raw, source, "data, teacher, student, ...")
 
 
 def load_interpret_config(path: str | Path | dict, overrides: list[str] | tuple[str, ...] = ()) -> InterpretConfig:
