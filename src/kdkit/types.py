@@ -16,6 +16,12 @@ class Batch:
     (sequence inputs only), used by losses over hidden states and attention maps. After augmentation: view (B,)
     the augmented view of each example (the teacher-output cache keys stored views by it); with Mixup/CutMix the
     inputs mix each example with a partner whose labels are mixed_labels, in the proportion mix_lambda : 1 − mix_lambda.
+
+    Language-model batches: inputs (B, T) token ids, right-padded; labels (B, T) the token ids themselves (losses
+    shift them: logits at t predict labels at t + 1), -100 where a position must not be predicted (padding,
+    prompts); attention_mask (B, T). num_real_tokens: () the global count of predicted tokens of the whole
+    optimizer step (every micro-batch of the accumulation, every process), set by the engine; token losses divide
+    by it so that the micro-batch losses of a step add up to the loss of the whole step.
     """
 
     inputs: torch.Tensor
@@ -25,6 +31,7 @@ class Batch:
     view: torch.Tensor | None = None
     mixed_labels: torch.Tensor | None = None
     mix_lambda: float = 1.0
+    num_real_tokens: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         def move(t):
@@ -38,6 +45,7 @@ class Batch:
             move(self.view),
             move(self.mixed_labels),
             self.mix_lambda,
+            move(self.num_real_tokens),
         )
 
     def __len__(self) -> int:
@@ -48,15 +56,40 @@ class Batch:
 class ModelOutputs:
     """What a student or a teacher produced for a batch.
 
-    logits: (B, C) unnormalised scores. For an ensemble that averages probabilities these are log-probabilities,
-    which softmax maps back to the averaged probabilities. features: tapped activations by module path.
+    logits: (B, C) unnormalised scores, or (B, T, V) for a language model. For an ensemble that averages
+    probabilities these are log-probabilities, which softmax maps back to the averaged probabilities.
+    features: tapped activations by module path. sparse: a language-model teacher read from the top-k cache
+    (kdkit.data.lm_cache) instead of dense logits; logits is then None.
     """
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     features: dict[str, torch.Tensor] = field(default_factory=dict)
+    sparse: SparseLogprobs | None = None
 
     def detach(self) -> ModelOutputs:
-        return replace(self, logits=self.logits.detach(), features={k: v.detach() for k, v in self.features.items()})
+        return replace(
+            self,
+            logits=None if self.logits is None else self.logits.detach(),
+            features={k: v.detach() for k, v in self.features.items()},
+        )
+
+
+@dataclass
+class SparseLogprobs:
+    """A teacher's next-token distribution kept as its k most likely tokens plus the rest.
+
+    ids: (B, T, k) int64 token ids; logprobs: (B, T, k) float32 log-probabilities of those ids (at the cache's
+    kd temperature); rest: (B, T) float32 log of the probability mass outside the top k (log(1 − Σ p_topk),
+    stored, not recomputed, so that rounding cannot make it negative). Positions follow the logits: position t
+    is the distribution over the token at t + 1.
+    """
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    rest: torch.Tensor
+
+    def to(self, device: torch.device | str) -> SparseLogprobs:
+        return SparseLogprobs(self.ids.to(device), self.logprobs.to(device), self.rest.to(device))
 
 
 @dataclass

@@ -17,9 +17,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kdkit.data import collate
 from kdkit.data.augment import Augment
+from kdkit.data.lm import predicted_positions
 from kdkit.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from kdkit.engine.optim import build_optimizer, build_scheduler
-from kdkit.engine.runtime import make_accelerator
+from kdkit.engine.runtime import make_accelerator, micro_batch
 from kdkit.engine.schedules import ScheduledValue, apply_schedules
 from kdkit.engine.step import distill_step
 from kdkit.errors import TrainingError, TrainingInterrupted
@@ -112,6 +113,7 @@ def train(
     student_taps=None,
     schedules: list[ScheduledValue] | tuple = (),
     augment: Augment | None = None,
+    transform: Callable[[Batch, nn.Module, int], Batch] | None = None,
 ) -> TrainResult:
     """Train `student` (and any parameters of `loss`, e.g. projectors) on `train_data`.
 
@@ -123,6 +125,10 @@ def train(
     student_taps (kdkit.models.taps.FeatureTaps on the student) feeds feature losses. schedules set loss weights
     and loss parameters (the KD temperature) for every step. augment transforms each training batch before
     the teacher and the student see it; with a teacher cache of stored views it replays those views.
+    transform(batch, student, step) replaces a batch after augmentation and before the teacher sees it (on-policy
+    distillation: the student's own continuations). Token-level batches (labels (B, T)) get
+    batch.num_real_tokens: the optimizer step's global count of predicted tokens over grad_accum × processes, so
+    that token losses, averaged over micro-batches and processes as usual, equal Σ / (global count).
     """
     started = time.perf_counter()
     if len(train_data) == 0:
@@ -232,64 +238,75 @@ def train(
             sampler.set_epoch(epoch)
             micro = skip
             skip = 0
-            for batch in batches:
-                if augment is not None and augment.active:
-                    batch = augment.apply(batch, seed, epoch, views=getattr(teacher, "views", 0))
-                if schedules:
-                    scheduled_now = apply_schedules(loss, schedules, step, total_steps, steps_per_epoch)
-                with accelerator.accumulate(model):
-                    t_out = teacher(batch) if needs_teacher else None
-                    out = distill_step(model, loss, batch, t_out, student_taps)
-                    if not torch.isfinite(out.loss):
-                        parts = ", ".join(f"{k}={v.item():.4g}" for k, v in out.parts.items())
-                        last = latest_checkpoint(ckpt_dir) if ckpt_dir is not None else None
-                        kept = f"; last good checkpoint: {last}" if last else "; no checkpoint was written yet"
-                        raise TrainingError(
-                            f"{desc}: the loss became {out.loss.item()} at step {step + 1} (epoch {epoch + 1}; "
-                            f"parts: {parts}); training stopped{kept}. Lower train.lr or set train.grad_clip"
+            for group in _step_groups(batches, opts.grad_accum):
+                for i, batch in enumerate(group):
+                    if augment is not None and augment.active:
+                        batch = augment.apply(batch, seed, epoch, views=getattr(teacher, "views", 0))
+                    if transform is not None:  # e.g. on-policy distillation: the student writes the continuation
+                        batch = transform(batch, accelerator.unwrap_model(model), step)
+                    group[i] = batch
+                if group[0].labels.dim() == 2:  # token-level: every micro-batch divides by the step's global count
+                    count = sum(predicted_positions(b.labels) for b in group).to(accelerator.device)
+                    share = accelerator.reduce(count.float(), "sum") / (opts.grad_accum * accelerator.num_processes)
+                    for b in group:
+                        b.num_real_tokens = share
+                for i, batch in enumerate(group):
+                    if schedules:
+                        scheduled_now = apply_schedules(loss, schedules, step, total_steps, steps_per_epoch)
+                    with micro_batch(accelerator, model, last=i == len(group) - 1):
+                        t_out = teacher(batch) if needs_teacher else None
+                        out = distill_step(model, loss, batch, t_out, student_taps)
+                        if not torch.isfinite(out.loss):
+                            parts = ", ".join(f"{k}={v.item():.4g}" for k, v in out.parts.items())
+                            last = latest_checkpoint(ckpt_dir) if ckpt_dir is not None else None
+                            kept = f"; last good checkpoint: {last}" if last else "; no checkpoint was written yet"
+                            raise TrainingError(
+                                f"{desc}: the loss became {out.loss.item()} at step {step + 1} (epoch {epoch + 1}; "
+                                f"parts: {parts}); training stopped{kept}. Lower train.lr or set train.grad_clip"
+                            )
+                        accelerator.backward(out.loss)
+                        if accelerator.sync_gradients and opts.grad_clip:
+                            accelerator.clip_grad_norm_(params, opts.grad_clip)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    micro += 1
+                    for k, v in {"total": out.loss.detach(), **out.parts}.items():
+                        sums[k] = sums.get(k, 0.0) + v.float()
+                    n_sums += 1
+                    if not accelerator.sync_gradients:
+                        continue
+                    scheduler.step()
+                    step += 1
+                    steps_this_call += 1
+                    bar.advance(1)
+                    if step % log_every == 0 or micro == micro_per_epoch:
+                        record = {
+                            "step": step,
+                            "epoch": epoch + micro / micro_per_epoch,
+                            **{f"train/{k}": (v / n_sums).item() for k, v in sums.items()},
+                            "lr": scheduler.get_last_lr()[0],
+                            **(scheduled_now if schedules else {}),
+                        }
+                        result.history.append(record)
+                        bar.show(record)
+                        if writer:
+                            for k, v in record.items():
+                                if k not in ("step", "epoch"):
+                                    writer.add_scalar(k, v, step)
+                        sums, n_sums = {}, 0
+                    every = opts.checkpoint_every_steps
+                    if every and step % every == 0 and micro < micro_per_epoch:
+                        checkpoint(micro, epoch)
+                    if interrupt_after is not None and steps_this_call >= interrupt_after:
+                        result.interrupted = True
+                        return result
+                    if stop.signal is not None:  # SIGTERM / Ctrl-C: save at this step boundary, then leave
+                        checkpoint(micro, epoch)
+                        where = f"; checkpoint saved in {ckpt_dir}" if ckpt_dir is not None else ""
+                        raise TrainingInterrupted(
+                            f"{desc}: stopped by signal {stop.signal} at step {step}{where}; continue with --resume",
+                            stop.signal,
                         )
-                    accelerator.backward(out.loss)
-                    if accelerator.sync_gradients and opts.grad_clip:
-                        accelerator.clip_grad_norm_(params, opts.grad_clip)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                micro += 1
-                for k, v in {"total": out.loss.detach(), **out.parts}.items():
-                    sums[k] = sums.get(k, 0.0) + v.float()
-                n_sums += 1
-                if not accelerator.sync_gradients:
-                    continue
-                scheduler.step()
-                step += 1
-                steps_this_call += 1
-                bar.advance(1)
-                if step % log_every == 0 or micro == micro_per_epoch:
-                    record = {
-                        "step": step,
-                        "epoch": epoch + micro / micro_per_epoch,
-                        **{f"train/{k}": (v / n_sums).item() for k, v in sums.items()},
-                        "lr": scheduler.get_last_lr()[0],
-                        **(scheduled_now if schedules else {}),
-                    }
-                    result.history.append(record)
-                    bar.show(record)
-                    if writer:
-                        for k, v in record.items():
-                            if k not in ("step", "epoch"):
-                                writer.add_scalar(k, v, step)
-                    sums, n_sums = {}, 0
-                if opts.checkpoint_every_steps and step % opts.checkpoint_every_steps == 0 and micro < micro_per_epoch:
-                    checkpoint(micro, epoch)
-                if interrupt_after is not None and steps_this_call >= interrupt_after:
-                    result.interrupted = True
-                    return result
-                if stop.signal is not None:  # SIGTERM / Ctrl-C: save at this step boundary, then leave
-                    checkpoint(micro, epoch)
-                    where = f"; checkpoint saved in {ckpt_dir}" if ckpt_dir is not None else ""
-                    raise TrainingInterrupted(
-                        f"{desc}: stopped by signal {stop.signal} at step {step}{where}; continue with --resume",
-                        stop.signal,
-                    )
             epoch += 1
             if on_eval is not None and (epoch % opts.eval_every_epochs == 0 or epoch == opts.epochs):
                 metrics = on_eval(accelerator.unwrap_model(model))
@@ -329,6 +346,19 @@ def train(
     result.steps, result.epochs_run = step, epoch
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _step_groups(batches, n: int):
+    """The micro-batches of each optimizer step, as lists of n (the last of an epoch may be shorter, as
+    Accelerate's accumulation ends the step at the end of the loader)."""
+    group = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == n:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 class _StopOnSignal:

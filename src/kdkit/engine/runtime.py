@@ -36,6 +36,21 @@ def make_accelerator(device: str, precision: str, grad_accum: int) -> Accelerato
     )
 
 
+def micro_batch(accelerator: Accelerator, model, last: bool):
+    """The context of one micro-batch of gradient accumulation; `last` ends the optimizer step.
+
+    The loop reads a whole step's micro-batches before the first forward (token losses need the step's token
+    count), so Accelerate's own `accumulate` — which ends a step when the loader is exhausted — would see the
+    loader's end too early. As Hugging Face's Trainer does, the step's end is set explicitly: gradients are
+    synchronised across processes only on the last micro-batch, and the wrapped optimizer steps only then.
+    backward() still divides the loss by gradient_accumulation_steps.
+    """
+    import contextlib
+
+    accelerator.gradient_state._set_sync_gradients(last)
+    return contextlib.nullcontext() if last else accelerator.no_sync(model)
+
+
 def is_main_process() -> bool:
     from accelerate.state import PartialState
 

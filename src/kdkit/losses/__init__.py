@@ -16,6 +16,7 @@ from kdkit.losses.hidden_state import HiddenState
 from kdkit.losses.hint import Hint
 from kdkit.losses.mutual import MutualLearning
 from kdkit.losses.soft_kl import SoftKL
+from kdkit.losses.token_ce import TokenCE
 from kdkit.losses.token_kl import TokenKL
 from kdkit.registry import bind, lookup
 
@@ -30,6 +31,7 @@ LOSSES: dict[str, type[Loss]] = {
     "attention_map": AttentionMap,
     "mutual": MutualLearning,
     "token_kl": TokenKL,
+    "token_ce": TokenCE,
 }
 
 
@@ -61,4 +63,6 @@ __all__ = [
     "AttentionTransfer",
     "HiddenState",
     "AttentionMap",
+    "TokenKL",
+    "TokenCE",
 ]
