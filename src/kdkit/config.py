@@ -68,6 +68,13 @@ class ModelSpec(Section):
 class DataConfig(Section):
     """Where the examples come from and how they are split."""
 
+    task: Literal["classification", "causal_lm"] = Field(
+        "classification",
+        description="classification: examples with class labels; causal_lm: a text corpus cut into blocks of "
+        "`max_length` tokens for language models (sources: builtin `shakespeare` or `bbc_news`, text_folder: "
+        ".txt files, hf with text_column; the tokenizer defaults to the teacher's).",
+    )
+
     source: Literal["builtin", "arrays", "csv", "parquet", "image_folder", "text_folder", "hf"] = Field(
         "builtin",
         description="builtin: a data set shipped inside a dependency (`name`: mnist5k, digits, or bbc_news for "
@@ -101,6 +108,19 @@ class DataConfig(Section):
     limit: int | None = Field(
         None, gt=0, description="Use a stratified random subset of this many examples (quick runs, tests)."
     )
+    transfer: str | None = Field(
+        None,
+        description="Text: unlabelled texts that only the teacher labels (a transfer set), added to the training "
+        "split for the distilled student only: a .txt file (one text per line), a folder of .txt files, or a "
+        ".csv/.jsonl file with the text column (text_column, default `text`).",
+    )
+    label_fraction: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Text: keep the labels of this stratified share of the training split; the rest joins the "
+        "transfer set unlabelled (the teacher and the baseline train on the labelled share only).",
+    )
 
     @model_validator(mode="after")
     def _fractions(self) -> DataConfig:
@@ -124,6 +144,13 @@ class AugmentConfig(Section):
     noise_std: float = Field(0.0, ge=0, description="Gaussian noise of this std, in normalised units (any input).")
     mixup_alpha: float = Field(0.0, ge=0, description="Mixup with Beta(α, α) mixing; 0: off. Needs the live teacher.")
     cutmix_alpha: float = Field(0.0, ge=0, description="CutMix with Beta(α, α) areas (images); 0: off. Live teacher.")
+    token_mask: float = Field(
+        0.0, ge=0, le=1, description="Text: replace each real token by the mask token (or unk) with this probability."
+    )
+    token_delete: float = Field(0.0, ge=0, lt=1, description="Text: delete each real token with this probability.")
+    token_swap: float = Field(
+        0.0, ge=0, le=1, description="Text: swap each real token with its right neighbour with this probability."
+    )
     seed: int = Field(0, description="Seed of the per-example views (the teacher cache stores views by it).")
 
 
@@ -176,6 +203,11 @@ class TeacherMember(Section):
     model: ModelSpec = Field(description="The member's network.")
     weight: float = Field(1.0, gt=0, description="Weight in the ensemble average (normalised over members).")
     seed: int | None = Field(None, description="Seed when the member is trained here; default: its position.")
+    tokenizer: str | None = Field(
+        None,
+        description="Text: this member's tokenizer when it differs from data.tokenizer (a folder, hub id or "
+        "builtin:...); the texts are then tokenised once more for it. Default: data.tokenizer.",
+    )
 
 
 class TeacherConfig(Section):
@@ -403,6 +435,43 @@ class SearchConfig(Section):
     sampler_seed: int = Field(0, description="Seed of the sampler.")
 
 
+class GenerationConfig(Section):
+    """How a model writes continuations (sequence-level and on-policy distillation, report samples)."""
+
+    sampling_temperature: float = Field(
+        1.0, gt=0, le=10, description="Softmax temperature of sampling (not the distillation temperature)."
+    )
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: the smallest set of tokens with this mass.")
+    max_new_tokens: int = Field(32, ge=1, le=4096, description="Tokens written per continuation.")
+    do_sample: bool = Field(True, description="Sample (true) or take the most likely token (false, greedy).")
+
+
+class LLMConfig(Section):
+    """Language-model distillation (data.task: causal_lm)."""
+
+    top_k: int = Field(
+        64, ge=1, le=4096, description="distill.cache_teacher: keep the teacher's k most likely tokens per position."
+    )
+    prompt_tokens: int = Field(
+        32, ge=1, description="Prompt length (tokens from the start of a block) for generation-based distillation."
+    )
+    sequence_level: int = Field(
+        0,
+        ge=0,
+        description="Sequence-level KD: the teacher writes a continuation for this many training prompts; the "
+        "distilled student also trains on them (0: off). Stored in RUN_DIR/generations.jsonl.",
+    )
+    on_policy_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="On-policy KD (GKD's λ): the share of batches whose continuations the student writes and the "
+        "live teacher scores (0: off; needs cache_teacher: false).",
+    )
+    generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Sampling settings.")
+    report_samples: int = Field(3, ge=0, le=20, description="Greedy continuations shown side by side in the report.")
+
+
 class RunConfig(Section):
     """The run as a whole."""
 
@@ -428,6 +497,7 @@ class KDConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training of the student (and baseline).")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Final evaluation.")
     search: SearchConfig = Field(default_factory=SearchConfig, description="Hyperparameter search (kdkit search).")
+    llm: LLMConfig = Field(default_factory=LLMConfig, description="Language-model distillation (causal_lm).")
 
     @model_validator(mode="after")
     def _mutual(self) -> KDConfig:
@@ -441,12 +511,50 @@ class KDConfig(Section):
                 )
         if self.distill.cache_teacher:
             raise ValueError("distill.cache_teacher: mutual learning has no fixed teacher to cache; set it to false")
+        if self.data.transfer or self.data.label_fraction < 1:
+            raise ValueError(
+                "data.transfer / data.label_fraction: mutual learning trains every peer on labels; unlabelled "
+                "examples need a fixed teacher (set distill.mutual.enabled: false)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _causal_lm(self) -> KDConfig:
+        lm = self.data.task == "causal_lm"
+        if not lm:
+            if self.llm != LLMConfig():
+                raise ValueError("llm: settings for language models; set data.task: causal_lm or remove them")
+            return self
+        for i, m in enumerate(self.teacher.members):
+            if m.model.source not in ("hf", "kdkit"):
+                raise ValueError(
+                    f"teacher.members.{i}.model.source: {m.model.source!r}; causal_lm needs a transformers causal LM "
+                    "(source: hf with path: a folder, a hub id or builtin:smollm2-135m)"
+                )
+        if self.student.model.source not in ("hf", "kdkit"):
+            raise ValueError(
+                f"student.model.source: {self.student.model.source!r}; causal_lm needs source: hf (teacher_layers, "
+                "or path with pretrained: false and kwargs for a smaller config)"
+            )
+        if self.llm.on_policy_fraction > 0 and self.distill.cache_teacher:
+            raise ValueError(
+                "llm.on_policy_fraction: the student's own continuations need the live teacher; set "
+                "distill.cache_teacher: false or on_policy_fraction: 0"
+            )
+        if self.llm.prompt_tokens >= self.data.max_length:
+            raise ValueError(
+                f"llm.prompt_tokens: {self.llm.prompt_tokens}; expected fewer than data.max_length "
+                f"({self.data.max_length}) so that a block holds a prompt and a continuation"
+            )
+        if self.distill.mutual.enabled:
+            raise ValueError("distill.mutual: not available for causal_lm; set distill.mutual.enabled: false")
         return self
 
     @model_validator(mode="after")
     def _cache_and_augmentation(self) -> KDConfig:
         aug, d = self.train.augment, self.distill
         per_example = aug.crop_padding > 0 or aug.hflip or aug.noise_std > 0
+        per_example = per_example or aug.token_mask > 0 or aug.token_delete > 0 or aug.token_swap > 0
         if d.cache_teacher and (aug.mixup_alpha > 0 or aug.cutmix_alpha > 0):
             raise ValueError(
                 "distill.cache_teacher: a mixed input (train.augment mixup/cutmix) has no cached teacher output; "

@@ -77,6 +77,10 @@ def distill(
     """Train (or load) the teacher, then for each seed a baseline student and a distilled student; evaluate, report."""
     cfg = config if isinstance(config, KDConfig) else load_config(config, overrides)
     run_dir = Path(out) if out else Path(cfg.run.out_dir) / cfg.run.name
+    if cfg.data.task == "causal_lm":  # language models have their own flow (perplexity, not classes)
+        from kdkit.pipeline_lm import distill_lm
+
+        return distill_lm(cfg, run_dir, resume, log)
     init_processes(cfg.run.device)
     if not is_main_process():  # under `accelerate launch`/torchrun every process trains; one speaks and writes
         log = _quiet
@@ -154,6 +158,19 @@ def train_students(
         for what, spec in t.schedules().items()
     ]
     needs_teacher = loss.needs_teacher or any(loss.parts[sv.term].needs_teacher for sv in schedules)
+    check_text_teacher(cfg, data, teacher, loss, needs_teacher)
+    baseline_train = cfg.train
+    if data.transfer:
+        # The same budget for the baseline: as many example passes over the labelled examples as the distilled
+        # student makes over labelled + transfer examples.
+        n_labelled = len(data.train) - data.transfer
+        epochs = max(1, round(cfg.train.epochs * len(data.train) / n_labelled))
+        baseline_train = cfg.train.model_copy(update={"epochs": epochs})
+        log(
+            f"transfer set: {data.transfer} unlabelled training examples labelled by the teacher only "
+            f"(the distilled student sees {len(data.train)} per epoch; the baseline the {n_labelled} labelled ones, "
+            f"for {epochs} epochs: the same example passes)"
+        )
     teacher_outputs = teacher_source(cfg, data, teacher, device, log) if needs_teacher else None
     baseline_loss = build_loss([("ce", 1.0, next((t.params for t in cfg.distill.losses if t.name == "ce"), {}))])
     log(f"loss: {loss.formula()}" + (f"   (baseline: {baseline_loss.formula()})" if "baseline" in kinds else ""))
@@ -181,8 +198,8 @@ def train_students(
 
             model, result = run_phase(
                 cfg,
-                cfg.train,
-                data,
+                cfg.train if kind == "student" else baseline_train,
+                data if kind == "student" else data.labelled(),  # the baseline has no teacher to label a transfer set
                 run_dir,
                 phase,
                 make,
@@ -206,6 +223,43 @@ def train_students(
             "bytes_per_example": int(teacher_outputs.logits.nbytes) // max(1, len(teacher_outputs)),
         }
     return runs, loss, spec
+
+
+def check_text_teacher(cfg: KDConfig, data: DataBundle, teacher: TeacherEnsemble, loss, needs_teacher: bool) -> None:
+    """Refuse what a transfer set or a member with its own tokenizer cannot do, naming the field."""
+    if data.transfer:
+        if not needs_teacher:
+            raise ConfigError(
+                f"distill.losses: the transfer set ({data.transfer} unlabelled examples) needs a teacher loss "
+                "(e.g. soft_kl); with labels alone it teaches nothing"
+            )
+        for i, t in enumerate(cfg.distill.losses):
+            if t.name in LABEL_LOSSES:
+                raise ConfigError(
+                    f"distill.losses.{i}.name: {t.name} needs the true label of every example; the transfer set "
+                    f"has {data.transfer} unlabelled ones (use ce + soft_kl)"
+                )
+    converted = [i for i, f in enumerate(teacher.inputs_for) if f is not None]
+    if not converted:
+        return
+    if cfg.student.model.teacher_layers is not None and 0 in converted:
+        raise ConfigError(
+            "student.model.teacher_layers: member 0 has its own tokenizer (teacher.members.0.tokenizer), so its "
+            "layers do not fit the student's token ids; put a member with data.tokenizer first"
+        )
+    from kdkit.losses.base import Loss
+
+    feature_loss = any(type(p).feature_paths is not Loss.feature_paths for p in loss.parts)
+    fm = cfg.teacher.feature_member
+    if feature_loss and (fm is None or fm in converted):
+        raise ConfigError(
+            f"teacher.feature_member: {fm}; feature losses compare token positions, and member "
+            f"{converted[0] if fm is None else fm} has its own tokenizer: take features from a member that uses "
+            "data.tokenizer"
+        )
+
+
+LABEL_LOSSES = ("dkd",)  # losses that read batch.labels beside ce (which skips unlabelled examples)
 
 
 def train_mutual(cfg: KDConfig, data: DataBundle, run_dir: Path, kinds: list[str], resume: bool, device: str, log: Log):
@@ -447,26 +501,35 @@ def val_metrics(model: nn.Module, data: DataBundle, batch_size: int, device: str
 def build_teacher(
     cfg: KDConfig, data: DataBundle, run_dir: Path, resume: bool, device: str, log: Log
 ) -> tuple[TeacherEnsemble, dict[str, list[dict]]]:
-    """Load each member from its checkpoint, or train it here with cross-entropy; wrap them frozen.
+    """Load each member from its checkpoint, or train it here with cross-entropy (on the labelled examples only:
+    a transfer set is for the student); wrap them frozen. A text member with its own tokenizer
+    (teacher.members.i.tokenizer) is trained on the texts in its tokenisation and fed through a Retokenizer.
     Returns the ensemble and the training histories of the members trained here."""
-    members, histories = [], {}
+    members, histories, inputs_for = [], {}, []
     for i, member in enumerate(cfg.teacher.members):
         m = member.model
         where = f"teacher.members.{i}.model"
-        spec = model_spec(m.source, m.name, m.kwargs, data.input_shape, data.num_classes, m.path, f"{where}.path")
+        member_data = data
+        retok = data.retokenizer(member.tokenizer, f"teacher.members.{i}.tokenizer") if member.tokenizer else None
+        if retok is not None:  # the same texts and split, tokenised for this member
+            member_data = build_data(**(cfg.data.model_dump() | {"tokenizer": member.tokenizer}))
+        inputs_for.append(retok)
+        spec = model_spec(
+            m.source, m.name, m.kwargs, member_data.input_shape, member_data.num_classes, m.path, f"{where}.path"
+        )
         if m.checkpoint or m.source == "kdkit" or m.trained:
-            model = build_from_spec(m, data, where)
+            model = build_from_spec(m, member_data, where)
         else:
             seed = member.seed if member.seed is not None else i
 
-            def make(m=m, seed=seed, where=where):
+            def make(m=m, seed=seed, where=where, member_data=member_data):
                 torch.manual_seed(seed)
-                return build_from_spec(m, data, where)
+                return build_from_spec(m, member_data, where)
 
             model, result = run_phase(
                 cfg,
                 cfg.teacher.train,
-                data,
+                member_data.labelled(),
                 run_dir,
                 f"teacher-{i}",
                 make,
@@ -487,16 +550,35 @@ def build_teacher(
             )
         )
     ensemble = TeacherEnsemble(
-        members, [mb.weight for mb in cfg.teacher.members], cfg.teacher.combine, cfg.teacher.feature_member
+        members,
+        [mb.weight for mb in cfg.teacher.members],
+        cfg.teacher.combine,
+        cfg.teacher.feature_member,
+        inputs_for=inputs_for,
     )
+    if any(inputs_for):
+        names = [f"{i}: {mb.tokenizer}" for i, mb in enumerate(cfg.teacher.members) if inputs_for[i] is not None]
+        log(f"teacher: members with their own tokenizer ({'; '.join(names)}) see the texts in their own ids")
     ensemble.check(data.example(2).to(device), data.num_classes)
     return ensemble, histories
 
 
 def teacher_source(cfg: KDConfig, data: DataBundle, teacher: TeacherEnsemble, device: str, log: Log):
     """What the loop calls for teacher outputs: the disk cache (looked up by example index), or the live teacher."""
+    live_augment = make_augment(cfg.train.augment, data, "train.augment")
+    converted = [i for i, f in enumerate(teacher.inputs_for) if f is not None]
+    if live_augment is not None and converted:
+        raise ConfigError(
+            f"train.augment: teacher.members.{converted[0]}.tokenizer differs from the student's, so that member "
+            "cannot see the student's augmented token ids; turn augmentation off or use one tokenizer"
+        )
     if cfg.distill.cache_teacher:
-        augment = make_augment(cfg.train.augment, data, "train.augment") if cfg.distill.cache_views else None
+        if live_augment is not None and not cfg.distill.cache_views:
+            raise ConfigError(
+                "distill.cache_views: train.augment is on, so cached un-augmented outputs would not match the "
+                "student's inputs; set cache_views (e.g. 8) or cache_teacher: false"
+            )
+        augment = live_augment if cfg.distill.cache_views else None
         with main_process_first():  # built once; the other processes then find it on disk
             cache = TeacherCache.build_or_load(
                 data.train,
@@ -514,14 +596,37 @@ def teacher_source(cfg: KDConfig, data: DataBundle, teacher: TeacherEnsemble, de
 
 
 def make_augment(section, data: DataBundle, where: str) -> Augment | None:
-    """The augment section → Augment, refusing image-only transforms on other inputs."""
-    aug = Augment(**section.model_dump())
+    """The augment section → Augment (images, tables) or a TextAugment (token ids; the same interface),
+    refusing transforms that do not fit the inputs (each with the field named)."""
+    from kdkit.data.text_augment import TextAugment
+
+    values = section.model_dump()
+    if data.modality == "text":
+        for name in IMAGE_AUGMENT_FIELDS:
+            if values[name]:
+                raise ConfigError(
+                    f"{where}.{name}: {values[name]} does not apply to token ids; for text use token_mask, "
+                    "token_delete or token_swap"
+                )
+        train = data.train
+        text_aug = TextAugment(
+            **{k: values[k] for k in TEXT_AUGMENT_FIELDS},
+            seed=values["seed"],
+            pad_id=train.pad_id,
+            mask_id=train.mask_id,
+            special_ids=train.special_ids,
+        )
+        if text_aug.token_mask and text_aug.mask_id is None:
+            raise ConfigError(f"{where}.token_mask: the tokenizer has neither a mask nor an unk token to mask with")
+        return text_aug if text_aug.active else None
+    for name in TEXT_AUGMENT_FIELDS:
+        if values[name]:
+            raise ConfigError(
+                f"{where}.{name}: needs text data (token ids); the data has inputs of shape {data.input_shape}"
+            )
+    aug = Augment(**{k: v for k, v in values.items() if k not in TEXT_AUGMENT_FIELDS})
     if not aug.active:
         return None
-    if data.modality == "text":
-        raise ConfigError(
-            f"{where}: augmentation of text (token masking, deletion, swap) is not built yet; remove it for text data"
-        )
     if len(data.input_shape) != 3:
         for name in ("crop_padding", "hflip", "cutmix_alpha"):
             if getattr(aug, name):
@@ -529,6 +634,10 @@ def make_augment(section, data: DataBundle, where: str) -> Augment | None:
                     f"{where}.{name}: needs image inputs (C, H, W); the data has inputs of shape {data.input_shape}"
                 )
     return aug
+
+
+TEXT_AUGMENT_FIELDS = ("token_mask", "token_delete", "token_swap")
+IMAGE_AUGMENT_FIELDS = ("crop_padding", "hflip", "noise_std", "mixup_alpha", "cutmix_alpha")
 
 
 def evaluate_all(cfg: KDConfig, data: DataBundle, teacher: TeacherEnsemble, runs: dict, device: str):

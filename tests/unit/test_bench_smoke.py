@@ -1,4 +1,5 @@
-"""bench/overhead.py runs end to end at --quick size and reports every figure its docs section needs.
+"""bench/overhead.py and bench/llm.py run end to end at --quick size and report every figure their docs sections
+need.
 
 A smoke test only: tiny models, a couple of steps, no assertion about any timing (this machine is shared and noisy).
 """
@@ -69,3 +70,51 @@ def test_quick_run_prints_one_json_object_and_writes_the_docs_section(overhead, 
     text = docs.read_text()
     assert text.startswith("# kdkit benchmarks")
     assert "python bench/overhead.py --quick" in text and "| configuration |" in text
+
+
+@pytest.fixture(scope="module")
+def llm_bench():
+    pytest.importorskip("trl")
+    pytest.importorskip("datasets")
+    sys.path.insert(0, str(BENCH))
+    try:
+        import llm
+
+        yield llm
+    finally:
+        sys.path.remove(str(BENCH))
+        for name in ("llm", "common"):
+            sys.modules.pop(name, None)
+
+
+def test_llm_quick_run_compares_kdkit_with_trl_and_writes_the_docs_section(llm_bench, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    docs = tmp_path / "benchmarks.md"
+    result = llm_bench.main(["--quick", "--write", "--docs", str(docs)])
+
+    printed = json.loads(capsys.readouterr().out)  # stdout holds exactly one JSON object (the Trainer's logs not)
+    assert printed == json.loads(json.dumps(result))
+    assert printed["quick"] is True
+    assert {"machine", "settings", "check", "configs", "goals", "under_load", "command"} <= printed.keys()
+    assert {"trl", "transformers", "loadavg_before", "loadavg_after"} <= printed["machine"].keys()
+
+    configs = printed["configs"]
+    assert set(configs) == {"trl", "kdkit_chunk_None", "kdkit_chunk_8"}
+    for name, cfg in configs.items():
+        assert cfg["step_s"] > 0 and cfg["tokens_per_s"] > 0
+        assert len(cfg["step_s_per_run"]) == printed["settings"]["rounds"]
+        if name != "trl":
+            assert {"speed_vs_trl", "memory_vs_trl"} <= cfg.keys()
+    assert all(isinstance(g["met"], bool) for g in printed["goals"].values())
+
+    # Both tools compute forward KL per predicted token: equal to a float64 reference on a padded batch.
+    check = printed["check"]
+    assert check["agree"] is True
+    assert check["predicted_positions"] < check["all_label_positions"]  # the batch is padded and shifted
+    assert check["trl_num_items_in_batch"] == check["predicted_positions"]
+    for entry in [*check["kdkit"].values(), check["trl"]]:
+        assert entry["rel_diff_vs_reference"] < 1e-4 and entry["grad_rel_norm_diff"] < 1e-4
+
+    text = docs.read_text()
+    assert "python bench/llm.py --quick" in text and "TRL GKDTrainer (lmbda=0, beta=0)" in text

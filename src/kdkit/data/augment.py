@@ -6,6 +6,7 @@ from a counter-based hash of (seed, example index, view), not from a running ran
 reproducible: the teacher-output cache can store the teacher's outputs for K views of every example and training
 can replay any of them exactly, and a resumed run sees the same augmented inputs as an uninterrupted one.
 Mixup and CutMix mix pairs within a batch: they need the live teacher (a mixed input has no cached output).
+Token-id inputs (text) have their own transforms with the same interface: kdkit.data.text_augment.
 """
 
 from __future__ import annotations
@@ -37,6 +38,31 @@ def uniform(seed: int, index: np.ndarray, view: np.ndarray, stream: int) -> np.n
             key ^ _splitmix64(index.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + view.astype(np.uint64))
         )
     return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def position_uniform(seed: int, index: np.ndarray, view: np.ndarray, length: int, stream: int) -> np.ndarray:
+    """A float in [0, 1) per (example, position): (B,) index and view → (B, length), a pure function of
+    (seed, index, view, stream, position). Position p of an example gets the same number whatever the batch's
+    padded length, so a sequence's augmentation does not depend on the batch it lands in."""
+    with np.errstate(over="ignore"):
+        key = _splitmix64(np.uint64(seed) * np.uint64(0x632BE59BD9B4E019) + np.uint64(stream))
+        h = _splitmix64(
+            key ^ _splitmix64(index.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + view.astype(np.uint64))
+        )
+        pos = _splitmix64(np.arange(length, dtype=np.uint64) * np.uint64(0xD1B54A32D192ED03) + key)
+        h = _splitmix64(h[:, None] ^ pos[None, :])
+    return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def choose_views(index: torch.Tensor, seed: int, epoch: int, views: int = 0) -> torch.Tensor:
+    """The view id (B,) of each example in a training batch: views > 0, one of the `views` stored views (teacher
+    cache), drawn per (seed, epoch, example); otherwise one fresh view per (seed, epoch), shared by all examples
+    (each example's transform still differs: it is hashed with the example's index)."""
+    idx = index.cpu().numpy()
+    if views:
+        pick = uniform(seed + 7919 * (epoch + 1), idx, np.zeros_like(idx), 5)
+        return torch.from_numpy(np.floor(pick * views).astype(np.int64))
+    return torch.full((len(idx),), 1_000_003 * seed + epoch, dtype=torch.long)
 
 
 @dataclass(frozen=True)
@@ -103,12 +129,7 @@ class Augment:
         otherwise a fresh view per epoch. Mixup/CutMix (never with views) use the global torch RNG."""
         x, view = batch.inputs, None
         if self.per_example:
-            idx = batch.index.cpu().numpy()
-            if views:
-                pick = uniform(seed + 7919 * (epoch + 1), idx, np.zeros_like(idx), 5)
-                view = torch.from_numpy(np.floor(pick * views).astype(np.int64))
-            else:
-                view = torch.full((len(idx),), 1_000_003 * seed + epoch, dtype=torch.long)
+            view = choose_views(batch.index, seed, epoch, views)
             x = self.view(x, batch.index, view)
         out = Batch(x, batch.labels, batch.index, batch.attention_mask, view=view)
         if self.mixes:

@@ -4,7 +4,7 @@ the training split only, and batches as `kdkit.types.Batch`."""
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -48,9 +48,45 @@ class DataBundle:
     input_shape: tuple[int, ...]  # one example, without the batch dimension (text: the maximum length)
     modality: str = "tensor"  # "tensor" (images, tables) or "text" (token ids)
     truncated: int = 0  # texts cut to max_length
+    transfer: int = 0  # unlabelled training examples (a transfer set), after the labelled ones in `train`
+    tokenizer: object = None  # text: the tokenizer of the data (the student's)
+    _retokenizers: dict = field(default_factory=dict, repr=False)
 
     def collate(self, items: list) -> Batch:
         return getattr(self.train, "collate", collate)(items)
+
+    def labelled(self) -> DataBundle:
+        """This data without the transfer set: what a network trained on labels alone sees (the labelled
+        examples come first in `train`, so their positions, and a teacher cache keyed by them, are unchanged)."""
+        if not self.transfer:
+            return self
+        keep = np.arange(len(self.train) - self.transfer)
+        return replace(self, train=self.train.subset(keep), transfer=0)
+
+    def retokenizer(self, tokenizer: str, where: str):
+        """A kdkit.data.text.Retokenizer from this data's token ids to `tokenizer`'s, or None when `tokenizer` has
+        the data's own vocabulary (nothing to do, no extra cost). Built once per tokenizer: every split is
+        tokenised again from its raw texts."""
+        from kdkit.data.text import Retokenizer, load_tokenizer
+
+        if self.modality != "text":
+            raise DataError(f"{where}: a member tokenizer needs text data; the data has inputs {self.input_shape}")
+        if tokenizer in self._retokenizers:
+            return self._retokenizers[tokenizer]
+        target = load_tokenizer(tokenizer, where)
+        if target.get_vocab() == self.tokenizer.get_vocab():
+            self._retokenizers[tokenizer] = None
+            return None
+        if target.pad_token_id is None:
+            raise DataError(f"{where}: {tokenizer!r} has no padding token; expected one (e.g. [PAD])")
+        parts = [d for d in (self.train, self.val, self.test) if d is not None]
+        if any(d.texts is None for d in parts):
+            raise DataError(f"{where}: the data keeps no raw texts to tokenise again (extra data without texts)")
+        texts = [t for d in parts for t in d.texts]
+        ids = [i for d in parts for i in d.ids]
+        retok = Retokenizer.build(texts, ids, self.tokenizer, target, self.input_shape[0], tokenizer)
+        self._retokenizers[tokenizer] = retok
+        return retok
 
     def example(self, n: int = 1) -> torch.Tensor:
         """The first n training inputs as a batch (shape checks, latency)."""
@@ -143,13 +179,22 @@ def build_data(
     text_column: str | None = None,
     tokenizer: str | None = None,
     max_length: int = 128,
+    transfer: str | None = None,
+    label_fraction: float = 1.0,
+    task: str = "classification",
 ) -> DataBundle:
-    """The flat arguments of the `data` config section → DataBundle."""
+    """The flat arguments of the `data` config section → DataBundle (classification; language-model corpora,
+    task causal_lm, are built by the language-model flow)."""
     from kdkit.data import builtin, hf, images, tables
     from kdkit.registry import lookup
 
+    if task != "classification":
+        raise DataError(f"data.task: {task!r}; build_data makes classification data (causal_lm has its own flow)")
+
     if source == "text_folder" or (source == "builtin" and name in TEXT_BUILTINS) or (source == "hf" and text_column):
         return _text_bundle(
+            transfer,
+            label_fraction,
             source,
             name,
             path,
@@ -162,6 +207,12 @@ def build_data(
             test_fraction,
             split_seed,
             limit,
+        )
+    if transfer or label_fraction < 1:
+        field_name = "data.transfer" if transfer else "data.label_fraction"
+        raise DataError(
+            f"{field_name}: a transfer set of unlabelled examples needs text data (text_folder, builtin bbc_news, "
+            f"hf with text_column); source is {source!r}"
         )
     if source == "image_folder":
         if extra_train:
@@ -193,6 +244,8 @@ TEXT_BUILTINS = {"bbc_news"}
 
 
 def _text_bundle(
+    transfer,
+    label_fraction,
     source,
     name,
     path,
@@ -206,7 +259,16 @@ def _text_bundle(
     seed,
     limit,
 ) -> DataBundle:
-    from kdkit.data.text import TextData, bbc_news, load_tokenizer, read_text_folder, tokenize
+    from kdkit.data.text import (
+        UNLABELLED,
+        TextData,
+        bbc_news,
+        load_tokenizer,
+        read_text_folder,
+        read_transfer,
+        special_ids,
+        tokenize,
+    )
 
     if not tokenizer:
         raise DataError("data.tokenizer: text data needs a tokenizer (a folder or hub id, usually the teacher's)")
@@ -221,14 +283,40 @@ def _text_bundle(
         texts, y = [texts[i] for i in keep], y[keep]
     if len(np.unique(y)) < 2:
         raise DataError("data: only one class present; expected at least two classes")
+    extra = read_transfer(transfer, text_column) if transfer else []
     tok = load_tokenizer(tokenizer)
     if tok.pad_token_id is None:
         raise DataError(f"data.tokenizer: {tokenizer!r} has no padding token; expected one (e.g. [PAD])")
     ids, cut = tokenize(texts, tok, max_length)
-    full = TextData(ids, torch.from_numpy(y.astype(np.int64)), tok.pad_token_id, tok.mask_token_id)
+    specials = special_ids(tok)
+    mask_id = tok.mask_token_id if tok.mask_token_id is not None else tok.unk_token_id
+    full = TextData(ids, torch.from_numpy(y.astype(np.int64)), tok.pad_token_id, mask_id, texts, specials)
     tr, va, te = split_indices(y, val_fraction, test_fraction, seed)
+    train = full.subset(tr)
+    unlabelled = 0
+    if label_fraction < 1:  # the labelled share first, the rest unlabelled after it
+        n_keep = max(len(names), int(round(label_fraction * len(tr))))
+        if n_keep >= len(tr):
+            raise DataError(f"data.label_fraction: {label_fraction:g} keeps every one of {len(tr)} training labels")
+        keep = subset_indices(y[tr], n_keep, seed)
+        rest = np.setdiff1d(np.arange(len(tr)), keep)
+        labelled, hidden = train.subset(keep), train.subset(rest)
+        hidden.labels = torch.full_like(hidden.labels, UNLABELLED)
+        train, unlabelled = labelled.concat(hidden), len(rest)
+    if extra:
+        extra_ids, extra_cut = tokenize(extra, tok, max_length)
+        cut += extra_cut
+        more = TextData(
+            extra_ids,
+            torch.full((len(extra),), UNLABELLED, dtype=torch.long),
+            tok.pad_token_id,
+            mask_id,
+            extra,
+            specials,
+        )
+        train, unlabelled = train.concat(more), unlabelled + len(extra)
     return DataBundle(
-        full.subset(tr),
+        train,
         full.subset(va) if len(va) else None,
         full.subset(te),
         len(names),
@@ -236,6 +324,8 @@ def _text_bundle(
         (max_length,),
         modality="text",
         truncated=cut,
+        transfer=unlabelled,
+        tokenizer=tok,
     )
 
 
@@ -246,9 +336,9 @@ def _hf_texts(name, data_files, label_column, text_column):
 
     split = load_split(name, data_files)
     columns = list(split.column_names)
-    for field, col in (("data.text_column", text_column), ("data.label_column", label_column)):
+    for setting, col in (("data.text_column", text_column), ("data.label_column", label_column)):
         if col not in columns:
-            raise DataError(f"{field}: {col!r} not found{suggest(col, columns)}; columns: {', '.join(columns)}")
+            raise DataError(f"{setting}: {col!r} not found{suggest(col, columns)}; columns: {', '.join(columns)}")
     y, names = encode_labels(np.asarray(split[label_column]), "data.label_column")
     return [str(t) for t in split[text_column]], y, names
 

@@ -87,10 +87,23 @@ def bbc_news() -> tuple[list[str], np.ndarray, list[str]]:
 
 
 class TextData(Dataset):
-    """Token-id sequences; an item is (ids (T_i,), label, position). `collate` pads a list of items to a Batch."""
+    """Token-id sequences; an item is (ids (T_i,), label, position). `collate` pads a list of items to a Batch.
 
-    def __init__(self, ids: list[torch.Tensor], labels: torch.Tensor, pad_id: int, mask_id: int | None = None):
+    labels: (N,) int64 class ids, UNLABELLED (-100) for transfer-set examples that only the teacher labels.
+    texts: the raw texts (for tokenising them again for a teacher with another tokenizer), or None.
+    special_ids: the tokenizer's special-token ids (augmentation never touches them); unk is not one of them."""
+
+    def __init__(
+        self,
+        ids: list[torch.Tensor],
+        labels: torch.Tensor,
+        pad_id: int,
+        mask_id: int | None = None,
+        texts: list[str] | None = None,
+        special_ids: tuple[int, ...] = (),
+    ):
         self.ids, self.labels, self.pad_id, self.mask_id = ids, labels, int(pad_id), mask_id
+        self.texts, self.special_ids = texts, tuple(int(i) for i in special_ids)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -99,7 +112,30 @@ class TextData(Dataset):
         return self.ids[i], self.labels[i], i
 
     def subset(self, idx: np.ndarray) -> TextData:
-        return TextData([self.ids[i] for i in idx], self.labels[torch.as_tensor(idx)], self.pad_id, self.mask_id)
+        return TextData(
+            [self.ids[i] for i in idx],
+            self.labels[torch.as_tensor(idx, dtype=torch.long)],
+            self.pad_id,
+            self.mask_id,
+            None if self.texts is None else [self.texts[i] for i in idx],
+            self.special_ids,
+        )
+
+    def concat(self, other: TextData) -> TextData:
+        """This data followed by `other` (same tokenizer): positions of this data stay what they were."""
+        texts = None if self.texts is None or other.texts is None else self.texts + other.texts
+        return TextData(
+            self.ids + other.ids,
+            torch.cat([self.labels, other.labels]),
+            self.pad_id,
+            self.mask_id,
+            texts,
+            self.special_ids,
+        )
+
+    @property
+    def num_labelled(self) -> int:
+        return int((self.labels != UNLABELLED).sum())
 
     def collate(self, items: list) -> Batch:
         seqs, ys, idx = zip(*items)
@@ -120,6 +156,99 @@ class TextData(Dataset):
             h.update(s.numpy().tobytes() + b"|")
         h.update(self.labels.numpy().tobytes())
         return h.hexdigest()
+
+
+UNLABELLED = -100  # the label of a transfer-set example (cross-entropy ignores it)
+
+
+def special_ids(tokenizer) -> tuple[int, ...]:
+    """The ids augmentation must leave alone: every special token but unk (an unknown word is a real token)."""
+    unk = tokenizer.unk_token_id
+    return tuple(sorted({int(i) for i in tokenizer.all_special_ids if i != unk}))
+
+
+def read_transfer(path: str | Path, text_column: str | None = None, where: str = "data.transfer") -> list[str]:
+    """Unlabelled texts: a .txt file (one text per non-empty line), a folder (every .txt file below it, one text
+    per file, in sorted order), or a .csv / .jsonl / .json file with a text column (default `text`)."""
+    import csv
+    import json
+
+    base = Path(path)
+    column = text_column or "text"
+    if base.is_dir():
+        files = sorted(base.rglob("*.txt"))
+        texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    elif not base.is_file():
+        raise DataError(f"{where}: {str(base)!r} not found; expected a .txt/.csv/.jsonl file or a folder of .txt files")
+    elif base.suffix == ".txt":
+        texts = [line for line in base.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    elif base.suffix in (".csv", ".jsonl", ".json"):
+        if base.suffix == ".csv":
+            csv.field_size_limit(1 << 30)
+            with open(base, newline="", encoding="utf-8", errors="replace") as fh:
+                rows = list(csv.DictReader(fh))
+        else:
+            text = base.read_text(encoding="utf-8", errors="replace")
+            if base.suffix == ".json" and text.lstrip().startswith("["):
+                rows = json.loads(text)
+            else:
+                rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        columns = list(rows[0]) if rows else []
+        if rows and column not in columns:
+            raise DataError(
+                f"{where}: no column {column!r} in {base.name} (set data.text_column); columns: "
+                f"{', '.join(map(str, columns))}"
+            )
+        texts = [str(r[column]) for r in rows if r.get(column) is not None and str(r[column]).strip()]
+    else:
+        raise DataError(f"{where}: {base.name}: unknown kind {base.suffix!r}; expected .txt, .csv, .jsonl or a folder")
+    if not texts:
+        raise DataError(f"{where}: no texts found in {str(base)!r}")
+    return texts
+
+
+class Retokenizer:
+    """Maps a batch in the student's tokenisation to the same texts in a teacher member's tokenisation.
+
+    The table holds every example of the data (all splits, transfer set included): the key is the example's
+    student ids without padding, the value its ids under the member's tokenizer (computed once, when the run is
+    built, from the raw text). An input not in the table (a corrupted input in a robustness test, new text) is
+    decoded with the student's tokenizer and encoded with the member's: an approximation, counted in `misses`.
+    Identical student ids of different texts (possible when the student's tokenizer is lossy, e.g. uncased)
+    keep the first text's member ids."""
+
+    def __init__(self, table: dict[bytes, torch.Tensor], source, target, max_length: int, name: str):
+        self.table, self.source, self.target, self.max_length, self.name = table, source, target, max_length, name
+        self.source_pad, self.target_pad = int(source.pad_token_id), int(target.pad_token_id)
+        self.misses = 0
+
+    @classmethod
+    def build(cls, texts: list[str], source_ids: list[torch.Tensor], source, target, max_length: int, name: str):
+        target_ids, _ = tokenize(texts, target, max_length)
+        table: dict[bytes, torch.Tensor] = {}
+        for s, t in zip(source_ids, target_ids):
+            table.setdefault(s.numpy().tobytes(), t)
+        return cls(table, source, target, max_length, name)
+
+    def fingerprint(self) -> str:
+        vocab = sorted(self.target.get_vocab().items())
+        return hashlib.sha256(f"{self.name}|{self.max_length}|{vocab}".encode()).hexdigest()
+
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        """(B, T) student ids, right-padded → (B, T') member ids, right-padded with the member's pad id."""
+        rows = []
+        for row in inputs.detach().cpu():
+            real = row[row != self.source_pad]
+            ids = self.table.get(real.numpy().tobytes())
+            if ids is None:
+                self.misses += 1
+                text = self.source.decode(real.tolist(), skip_special_tokens=True)
+                ids = tokenize([text], self.target, self.max_length)[0][0]
+            rows.append(ids)
+        out = torch.full((len(rows), max(len(r) for r in rows)), self.target_pad, dtype=torch.long)
+        for i, r in enumerate(rows):
+            out[i, : len(r)] = r
+        return out.to(inputs.device)
 
 
 def tokenize(texts: list[str], tokenizer, max_length: int) -> tuple[list[torch.Tensor], int]:

@@ -75,7 +75,18 @@ def save_checkpoint(
 
 
 def _cpu(state: dict) -> dict:
-    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    """CPU copies; a tensor that shares memory with an earlier one (tied input and output embeddings of a language
+    model) is cloned, since safetensors refuses shared storage. Loading assigns the same values to both names."""
+    out, seen = {}, set()
+    for k, v in state.items():
+        v = v.detach()
+        key = (v.device, v.untyped_storage().data_ptr()) if v.numel() else None
+        shared = key is not None and key in seen
+        if key is not None:
+            seen.add(key)
+        v = v.cpu()
+        out[k] = v.clone() if shared else v.contiguous()
+    return out
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:

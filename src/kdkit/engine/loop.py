@@ -4,6 +4,7 @@ Teacher/TeacherEnsemble, or a TeacherCache that looks outputs up by example inde
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable
@@ -20,7 +21,16 @@ from kdkit.data.augment import Augment
 from kdkit.data.lm import predicted_positions
 from kdkit.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from kdkit.engine.optim import build_optimizer, build_scheduler
-from kdkit.engine.runtime import make_accelerator, micro_batch
+from kdkit.engine.runtime import (
+    average_gradients,
+    full_optimizer_state,
+    full_state_dict,
+    load_full_optimizer_state,
+    load_full_state_dict,
+    make_accelerator,
+    micro_batch,
+    shards_model,
+)
 from kdkit.engine.schedules import ScheduledValue, apply_schedules
 from kdkit.engine.step import distill_step
 from kdkit.errors import TrainingError, TrainingInterrupted
@@ -129,6 +139,13 @@ def train(
     distillation: the student's own continuations). Token-level batches (labels (B, T)) get
     batch.num_real_tokens: the optimizer step's global count of predicted tokens over grad_accum × processes, so
     that token losses, averaged over micro-batches and processes as usual, equal Σ / (global count).
+
+    Sharded (FSDP under `accelerate launch`): a copy of `student` is sharded and trained, so that `student` itself
+    stays a plain module; at the end it receives the whole trained (or best) weights on every process, on the
+    device it came in on (the CPU, as the pipelines build it). Checkpoints and the best state hold whole state dicts
+    (gathered collectively, written by the main process) and load into an unwrapped model. on_eval and transform
+    get the sharded model and run on every process (each process must run the same forwards). Loss modules with
+    parameters (projectors) are not supported sharded.
     """
     started = time.perf_counter()
     if len(train_data) == 0:
@@ -146,9 +163,24 @@ def train(
         num_workers=opts.num_workers,
         generator=torch.Generator().manual_seed(seed),
     )
-    params = list(student.parameters()) + list(loss.parameters())
+    sharded = shards_model(accelerator)
+    if sharded and (student_taps is not None or any(True for _ in loss.parameters())):
+        # Projector gradients would not be reduced across processes, and taps hook the module that is not trained.
+        raise TrainingError(
+            "distill.losses: feature losses (student taps or projectors) under FSDP; expected token-level losses "
+            "(token_ce, token_kl) when sharding, or train without the FSDP accelerate config"
+        )
+    # FSDP shards the module it is given in place (its class and parameters change); train a copy and hand the
+    # weights back to `student` at the end, so the caller keeps a plain module it can save and evaluate.
+    trained = copy.deepcopy(student) if sharded else student
+    params = list(trained.parameters()) + list(loss.parameters())
     optimizer = build_optimizer(params, opts.optimizer, opts.lr, opts.weight_decay, opts.momentum)
-    model, optimizer, loader = accelerator.prepare(student, optimizer, loader)
+    model, optimizer, loader = accelerator.prepare(trained, optimizer, loader)
+    # Sharded, the prepared model has new (sharded) parameters: clip those, as Accelerate matches them by identity.
+    clip_params = list(model.parameters()) if sharded else params
+    # FSDP1 wraps the module (its inner module cannot run alone); FSDP2 shards it in place. Either way the model
+    # that evaluates and generates is the prepared one.
+    live = (lambda: model) if sharded else (lambda: accelerator.unwrap_model(model))
     micro_per_epoch = len(loader)  # per process: with N processes each takes every N-th batch
     steps_per_epoch = math.ceil(micro_per_epoch / opts.grad_accum)
     total_steps = steps_per_epoch * opts.epochs
@@ -162,6 +194,7 @@ def train(
         opts.step_gamma,
     )
     loss = loss.to(accelerator.device)
+    loss_params = [p for p in loss.parameters() if p.requires_grad]
     # A loss whose weight starts at 0 but is scheduled to grow needs the teacher too.
     needs_teacher = loss.needs_teacher or any(
         loss.parts[sv.term].needs_teacher for sv in schedules if sv.what == "weight"
@@ -174,11 +207,11 @@ def train(
     best_state: dict | None = None
     bad_evals = 0
     if resume and ckpt_dir is not None and (path := latest_checkpoint(ckpt_dir)) is not None:
-        ck = load_checkpoint(path)
-        accelerator.unwrap_model(model).load_state_dict(ck["student"])
+        ck = load_checkpoint(path)  # every process reads the same whole checkpoint
+        load_full_state_dict(accelerator, model, ck["student"])
         if ck["loss_modules"]:
             loss.load_state_dict(ck["loss_modules"])
-        optimizer.optimizer.load_state_dict(ck["trainer"]["optimizer"])
+        load_full_optimizer_state(accelerator, model, optimizer, ck["trainer"]["optimizer"])
         scheduler.load_state_dict(ck["trainer"]["scheduler"])
         torch.set_rng_state(ck["trainer"]["rng"])
         st = ck["state"]
@@ -189,16 +222,21 @@ def train(
         log(f"{desc}: resumed from {path.name} (epoch {epoch + 1}, step {step})")
 
     def checkpoint(batch_in_epoch: int, at_epoch: int) -> None:
-        if ckpt_dir is None or not accelerator.is_main_process:
+        # Sharded, gathering the whole state is a collective: every process takes part, the main one writes.
+        if ckpt_dir is None or not (sharded or accelerator.is_main_process):
+            return
+        student_state = full_state_dict(accelerator, model)
+        optimizer_state = full_optimizer_state(accelerator, model, optimizer)
+        if not accelerator.is_main_process:
             return
         save_checkpoint(
             ckpt_dir,
             step,
-            student=accelerator.unwrap_model(model).state_dict(),
+            student=student_state,
             loss_modules=loss.state_dict(),
             best=best_state,
             trainer={
-                "optimizer": optimizer.optimizer.state_dict(),
+                "optimizer": optimizer_state,
                 "scheduler": scheduler.state_dict(),
                 "rng": torch.get_rng_state(),
             },
@@ -243,7 +281,7 @@ def train(
                     if augment is not None and augment.active:
                         batch = augment.apply(batch, seed, epoch, views=getattr(teacher, "views", 0))
                     if transform is not None:  # e.g. on-policy distillation: the student writes the continuation
-                        batch = transform(batch, accelerator.unwrap_model(model), step)
+                        batch = transform(batch, live(), step)
                     group[i] = batch
                 if group[0].labels.dim() == 2:  # token-level: every micro-batch divides by the step's global count
                     count = sum(predicted_positions(b.labels) for b in group).to(accelerator.device)
@@ -265,8 +303,10 @@ def train(
                                 f"parts: {parts}); training stopped{kept}. Lower train.lr or set train.grad_clip"
                             )
                         accelerator.backward(out.loss)
+                        if accelerator.sync_gradients and loss_params:  # adapters live outside the DDP model
+                            average_gradients(accelerator, loss_params)
                         if accelerator.sync_gradients and opts.grad_clip:
-                            accelerator.clip_grad_norm_(params, opts.grad_clip)
+                            accelerator.clip_grad_norm_(clip_params, opts.grad_clip)
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
                     micro += 1
@@ -309,7 +349,7 @@ def train(
                         )
             epoch += 1
             if on_eval is not None and (epoch % opts.eval_every_epochs == 0 or epoch == opts.epochs):
-                metrics = on_eval(accelerator.unwrap_model(model))
+                metrics = on_eval(live())
                 model.train()
                 result.history.append(
                     {"step": step, "epoch": float(epoch), **{f"val/{k}": v for k, v in metrics.items()}}
@@ -318,10 +358,16 @@ def train(
                     for k, v in metrics.items():
                         writer.add_scalar(f"val/{k}", v, step)
                 if opts.keep_best != "none" and opts.keep_best in metrics:
-                    if _better(metrics[opts.keep_best], result.best_value, opts.keep_best):
+                    better = _better(metrics[opts.keep_best], result.best_value, opts.keep_best)
+                    if sharded:  # gathering the best state is a collective: all processes must agree to take it
+                        from accelerate.utils import broadcast_object_list
+
+                        better = broadcast_object_list([better])[0]
+                    if better:
                         result.best_value, result.best_epoch, bad_evals = metrics[opts.keep_best], epoch, 0
                         best_state = {
-                            k: v.detach().cpu().clone() for k, v in accelerator.unwrap_model(model).state_dict().items()
+                            k: v.detach().cpu().clone()
+                            for k, v in full_state_dict(accelerator, model, everywhere=True).items()
                         }
                     else:
                         bad_evals += 1
@@ -340,9 +386,12 @@ def train(
         bar.close()
         if writer:
             writer.close()
-    final = accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # no autocast left on forward
-    if best_state is not None:
-        final.load_state_dict(best_state)
+    if sharded:  # the whole trained (or best) weights into the caller's plain module, on every process
+        student.load_state_dict(best_state if best_state is not None else full_state_dict(accelerator, model, True))
+    else:
+        final = accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # no autocast left on forward
+        if best_state is not None:
+            final.load_state_dict(best_state)
     result.steps, result.epochs_run = step, epoch
     result.seconds = time.perf_counter() - started
     return result

@@ -3,9 +3,18 @@
 Accelerate keeps its state per process (a singleton). kdkit trains several networks in one process (teacher
 members, baseline, student), possibly at different precisions, so each training run starts a fresh
 AcceleratorState while keeping the process group (PartialState) of a multi-process launch.
+
+Sharded training (FSDP through `accelerate launch --config_file configs/accelerate/fsdp.yaml`, i.e. the
+ACCELERATE_USE_FSDP / FSDP_* environment) splits the student's parameters, gradients and optimizer state across
+processes. The helpers below (`shards_model`, `full_state_dict`, `load_full_state_dict`, `full_optimizer_state`,
+`load_full_optimizer_state`) turn that into whole, unsharded state dicts for checkpoints and back, through
+torch.distributed.checkpoint's state-dict functions (which handle FSDP1 and FSDP2 alike). Without sharding they are
+exactly the plain `state_dict()` / `load_state_dict()` calls.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from accelerate import Accelerator
@@ -25,10 +34,28 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
 def make_accelerator(device: str, precision: str, grad_accum: int) -> Accelerator:
     device = resolve_device(device)
     if precision == "fp16" and device == "cpu":
         raise ConfigError("train.precision: 'fp16' needs a CUDA device; on CPU use bf16 or fp32")
+    # Accelerate 1.15 turns FSDP/DeepSpeed on only for GPU-like devices: on CPU it silently trains unsharded (DDP)
+    # or fails inside the plugin ("no available devices found"). Say so instead (measured; docs/scaling.md).
+    if device == "cpu" and _env_flag("ACCELERATE_USE_FSDP"):
+        raise ConfigError(
+            "run.device: 'cpu' with FSDP (accelerate launch --use_fsdp / ACCELERATE_USE_FSDP); Accelerate shards "
+            "models only on GPUs; expected a CUDA device, or launch on CPU without FSDP (plain DDP)"
+        )
+    if _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        # Its ZeRO optimizer keeps partitioned state that kdkit's checkpoints (whole state dicts, exact resume)
+        # cannot hold yet; refusing beats a run whose checkpoints cannot be resumed.
+        raise ConfigError(
+            "accelerate launch --use_deepspeed: DeepSpeed is not supported by kdkit's engine (its checkpoints "
+            "need whole optimizer states); expected FSDP instead: --config_file configs/accelerate/fsdp.yaml"
+        )
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     return Accelerator(
@@ -49,6 +76,73 @@ def micro_batch(accelerator: Accelerator, model, last: bool):
 
     accelerator.gradient_state._set_sync_gradients(last)
     return contextlib.nullcontext() if last else accelerator.no_sync(model)
+
+
+def shards_model(accelerator: Accelerator) -> bool:
+    """True when the prepared model's parameters are split across processes (FSDP, version 1 or 2)."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def full_state_dict(accelerator: Accelerator, model, everywhere: bool = False) -> dict[str, torch.Tensor]:
+    """The whole state dict of a prepared model (keys of the unwrapped model).
+
+    Unsharded: `unwrap_model(model).state_dict()` (tensors where they live). Sharded: a collective that every
+    process must call, in the same order; the tensors come back on the CPU, on the main process only (others get
+    {}) unless `everywhere`, which gathers onto every process's device first and then copies to the CPU.
+    """
+    if not shards_model(accelerator):
+        return accelerator.unwrap_model(model).state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=not everywhere))
+    return {k: v.detach().cpu() for k, v in state.items()} if everywhere else state
+
+
+def load_full_state_dict(accelerator: Accelerator, model, state: dict[str, torch.Tensor]) -> None:
+    """Load a whole state dict into a prepared model; sharded, every process passes the same whole dict (read from
+    the checkpoint) and keeps its own shard."""
+    if not shards_model(accelerator):
+        accelerator.unwrap_model(model).load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+
+
+def full_optimizer_state(accelerator: Accelerator, model, optimizer) -> dict:
+    """The optimizer's whole state (a collective when sharded: on the main process only, parameters named by their
+    keys in the model instead of by position)."""
+    if not shards_model(accelerator):
+        return optimizer.optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(model, optimizer.optimizer, options=options)
+
+
+def load_full_optimizer_state(accelerator: Accelerator, model, optimizer, state: dict) -> None:
+    """The inverse of `full_optimizer_state`; sharded, every process passes the same whole state."""
+    if not shards_model(accelerator):
+        optimizer.optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer.optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def average_gradients(accelerator: Accelerator, params: list) -> None:
+    """Average across processes the gradients of parameters trained beside the prepared model (a loss's adapters
+    and projections): DDP averages only the gradients of the model it wraps, so without this each process would
+    step its own adapters apart from the others'. A no-op in one process."""
+    if accelerator.num_processes == 1:
+        return
+    import torch
+
+    for p in params:
+        grad = p.grad if p.grad is not None else torch.zeros_like(p)  # every process joins every reduction
+        p.grad = accelerator.reduce(grad, "mean")
 
 
 def is_main_process() -> bool:

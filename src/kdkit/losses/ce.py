@@ -1,4 +1,4 @@
-"""Cross-entropy with the true labels."""
+"""Cross-entropy with the true labels; unlabelled examples (label -100, a transfer set) are left out of the mean."""
 
 from __future__ import annotations
 

@@ -12,9 +12,20 @@ import torch
 import torch.nn.functional as F
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Mean cross-entropy with the true labels. logits: (B, C); labels: (B,) int64."""
-    return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+def cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0, ignore_index: int = -100
+) -> torch.Tensor:
+    """Mean cross-entropy with the true labels over the labelled examples. logits: (B, C); labels: (B,) int64,
+    `ignore_index` for an unlabelled example (a transfer-set text that only the teacher labels).
+
+        L = (1/|S|) Σ_{b ∈ S} CE(z_b, y_b),   S = {b : y_b ≠ ignore_index}
+
+    A batch without labels gives 0 (with a gradient of zeros), not the NaN of an empty mean."""
+    keep = labels != ignore_index
+    per_example = F.cross_entropy(
+        logits.float(), labels.masked_fill(~keep, 0), label_smoothing=label_smoothing, reduction="none"
+    )
+    return (per_example * keep).sum() / keep.sum().clamp_min(1)
 
 
 def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:

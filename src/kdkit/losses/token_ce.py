@@ -43,5 +43,8 @@ class TokenCE(Loss):
     name = "token_ce"
     needs_teacher = False
 
+    def __init__(self):  # no parameters: an unknown one in the config is then an error, not ignored
+        super().__init__()
+
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, batch: Batch):
         return token_cross_entropy(student.logits, batch.labels, batch.num_real_tokens)

@@ -29,6 +29,10 @@ Conventions, the same for every function here:
   loss supports one backward pass (no retain_graph) and no double backward.
 
 Shapes: student_logits, teacher_logits (B, T, V); labels (B, T) int64 → a () float32 tensor.
+
+sparse_token_divergence takes the teacher as SparseLogprobs (its top-k ids and log-probs plus the log of the rest
+mass, from the offline cache kdkit.data.lm_cache) instead of dense logits, with the same conventions; topk_kl_error
+measures what the top-k cache loses against the dense teacher.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+
+from kdkit.types import SparseLogprobs
 
 DIRECTIONS = ("forward", "reverse", "jsd", "tvd")
 
@@ -120,6 +126,14 @@ def per_position_divergence(
     t = float(temperature)
     log_q = F.log_softmax(_upcast(student_logits) / t, dim=-1)
     log_p = F.log_softmax(_upcast(teacher_logits.detach()) / t, dim=-1)
+    return _divergence(log_p, log_q, direction, beta) * (t * t)
+
+
+def _divergence(log_p: torch.Tensor, log_q: torch.Tensor, direction: str, beta: float) -> torch.Tensor:
+    """The divergence of per_position_divergence between two normalised log-distributions (N, M) → (N,), no T².
+
+    log_p is the teacher's end, log_q the student's; M is the vocabulary, or the k + 1 buckets of the sparse path.
+    """
     if direction == "jsd" and beta == 0.0:
         direction = "forward"
     elif direction == "jsd" and beta == 1.0:
@@ -136,27 +150,27 @@ def per_position_divergence(
         d = beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
     else:
         d = 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
-    return d * (t * t)
+    return d
 
 
 class _ChunkedSum(torch.autograd.Function):
-    """Σ per_position_divergence over the gathered positions / denom, computed chunk by chunk.
+    """Σ per_chunk(student rows, r, c) over the gathered positions / denom, computed chunk by chunk.
 
-    The forward computes each chunk's value and its gradient with respect to the student's logits (autograd on
-    the chunk alone) and writes the gradient into one buffer shaped like the student's logits; backward scales
-    that buffer. So at most chunk_size × V probabilities are alive at once.
+    per_chunk(s, r, c) → (k,) is the per-position divergence of the student's logits s = student[r, c] (k, V)
+    against whatever teacher the caller closed over (dense logits, or the sparse top-k). The forward computes each
+    chunk's value and its gradient with respect to the student's logits (autograd on the chunk alone) and writes
+    the gradient into one buffer shaped like the student's logits; backward scales that buffer. So at most
+    chunk_size × V probabilities are alive at once.
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, rows, cols, chunk_size, direction, beta, temperature, denom, needs_grad):
+    def forward(ctx, student, per_chunk, rows, cols, chunk_size, dtype, denom, needs_grad):
         grad = torch.zeros_like(student) if needs_grad else None
-        dtype = torch.promote_types(torch.promote_types(student.dtype, teacher.dtype), torch.float32)
         total = torch.zeros((), dtype=dtype, device=student.device)
         for r, c in zip(rows.split(chunk_size), cols.split(chunk_size)):
             s = student[r, c].detach().requires_grad_(needs_grad)  # (k, V), the student's dtype
-            t = teacher[r, c]
             with torch.set_grad_enabled(needs_grad):
-                part = per_position_divergence(s, t, direction, beta, temperature).sum() / denom
+                part = per_chunk(s, r, c).sum() / denom
             if needs_grad:
                 (g,) = torch.autograd.grad(part, s)
                 grad.index_put_((r, c), g, accumulate=False)  # each (b, t) appears once
@@ -171,7 +185,29 @@ class _ChunkedSum(torch.autograd.Function):
         if grad is None:
             raise RuntimeError("the chunked token loss supports one backward pass; use chunk_size=None to retain_graph")
         ctx.grad = None  # scaled in place and handed over: no second full-size tensor
-        return grad.mul_(grad_output.to(grad.dtype)), None, None, None, None, None, None, None, None, None
+        return grad.mul_(grad_output.to(grad.dtype)), None, None, None, None, None, None, None
+
+
+def _check_common(direction: str, beta: float, temperature: float, chunk_size: int | None) -> None:
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction={direction!r}; expected one of {', '.join(DIRECTIONS)}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta={beta}; expected 0 ≤ beta ≤ 1")
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature}; expected > 0")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size}; expected a positive number of positions or None")
+
+
+def _denominator(n_real: int, num_real_tokens: int | torch.Tensor | None, device: torch.device):
+    """N of the module docstring: the local count of real positions, or the global count given."""
+    if num_real_tokens is None:
+        return float(max(n_real, 1))
+    if isinstance(num_real_tokens, torch.Tensor):
+        return num_real_tokens.to(device=device).clamp_min(1e-12)  # a share of the step count can be < 1
+    if num_real_tokens < n_real:
+        raise ValueError(f"num_real_tokens={num_real_tokens} is below this batch's {n_real} real positions")
+    return float(max(num_real_tokens, 1))
 
 
 def token_divergence(
@@ -197,33 +233,199 @@ def token_divergence(
             f"expected student and teacher logits of one shape (B, T, V); got {tuple(student_logits.shape)} and "
             f"{tuple(teacher_logits.shape)}"
         )
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction={direction!r}; expected one of {', '.join(DIRECTIONS)}")
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta={beta}; expected 0 ≤ beta ≤ 1")
-    if temperature <= 0:
-        raise ValueError(f"temperature={temperature}; expected > 0")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size}; expected a positive number of positions or None")
+    _check_common(direction, beta, temperature, chunk_size)
     b, t, _ = student_logits.shape
     rows, cols = real_positions(labels, b, t, shift, ignore_index, student_logits.device)
-    if num_real_tokens is None:
-        denom = float(max(rows.numel(), 1))
-    elif isinstance(num_real_tokens, torch.Tensor):
-        denom = num_real_tokens.to(device=student_logits.device).clamp_min(1)
-    else:
-        if num_real_tokens < rows.numel():
-            raise ValueError(f"num_real_tokens={num_real_tokens} is below this batch's {rows.numel()} real positions")
-        denom = float(max(num_real_tokens, 1))
+    denom = _denominator(rows.numel(), num_real_tokens, student_logits.device)
     teacher = teacher_logits.detach()
     if chunk_size is None:
         # Advanced indexing gathers the real rows (a copy; an inference tensor becomes an ordinary one).
         per = per_position_divergence(student_logits[rows, cols], teacher[rows, cols], direction, beta, temperature)
         return per.sum() / denom
     needs_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    return _ChunkedSum.apply(
-        student_logits, teacher, rows, cols, chunk_size, direction, float(beta), float(temperature), denom, needs_grad
-    )
+    dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher.dtype), torch.float32)
+
+    def per_chunk(s, r, c):
+        return per_position_divergence(s, teacher[r, c], direction, beta, temperature)
+
+    return _ChunkedSum.apply(student_logits, per_chunk, rows, cols, chunk_size, dtype, denom, needs_grad)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sparse teacher: the top-k log-probabilities of an offline cache (kdkit.data.lm_cache) instead of dense logits.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _teacher_buckets(logprobs: torch.Tensor, rest: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The teacher's (k + 1)-bucket log-distribution [top-k ids…, rest], renormalised: (N, k), (N,) → (N, k + 1).
+
+    The cache stores the top-k log-probs in float16 (about 3 significant digits), so the k + 1 masses add up to 1
+    only to ~1e-3; renormalising in fp32 makes the teacher's end an exact distribution, so that every divergence
+    is ≥ 0 and is 0 when the student's coarsened distribution equals it.
+    """
+    log_p = torch.cat([logprobs.detach().to(dtype), rest.detach().to(dtype).unsqueeze(-1)], dim=-1)
+    return log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)
+
+
+def _student_buckets(log_q: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The student's log-distribution log_q (N, V) coarsened to the buckets [ids (N, k)…, the other V − k ids].
+
+    The rest bucket is logsumexp over the ids not picked (not log1p(−Σ q_ids), which cancels catastrophically when
+    the top k hold nearly all the mass). Picked ids are replaced by the dtype's lowest finite value rather than
+    −inf, so that with k = V (nothing left) the rest is ~exp(−3e38) = 0 with a zero — not NaN — gradient.
+    """
+    picked = torch.zeros(log_q.shape, dtype=torch.bool, device=log_q.device).scatter_(-1, ids, True)
+    lowest = torch.finfo(log_q.dtype).min
+    log_rest = torch.where(picked, lowest, log_q).logsumexp(-1, keepdim=True)  # (N, 1)
+    return torch.cat([log_q.gather(-1, ids), log_rest], dim=-1)
+
+
+def sparse_per_position_divergence(
+    student_logits: torch.Tensor,
+    ids: torch.Tensor,
+    logprobs: torch.Tensor,
+    rest: torch.Tensor,
+    direction: str = "forward",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """The divergence between the teacher's and the student's (k + 1)-bucket distributions, times T².
+
+    Shapes: student_logits (N, V); ids (N, k) distinct int ids < V; logprobs (N, k) the teacher's log-probs of
+    those ids at temperature T; rest (N,) the teacher's log of the mass outside them → (N,) float32 (float64 for
+    float64 student logits). The buckets are the k ids and one "rest" bucket holding the other V − k ids: the
+    teacher's end is [logprobs, rest] (renormalised, see _teacher_buckets), the student's end is
+    q = softmax(student / T) summed into the same buckets. direction and β as in per_position_divergence.
+    """
+    t = float(temperature)
+    log_q = F.log_softmax(_upcast(student_logits) / t, dim=-1)
+    log_qb = _student_buckets(log_q, ids.long())
+    log_pb = _teacher_buckets(logprobs, rest, log_q.dtype)
+    return _divergence(log_pb, log_qb, direction, beta) * (t * t)
+
+
+def _check_sparse(student_logits: torch.Tensor, sparse: SparseLogprobs) -> None:
+    if student_logits.dim() != 3:
+        raise ValueError(f"expected student logits (B, T, V); got {tuple(student_logits.shape)}")
+    b, t, v = student_logits.shape
+    ids, lp, rest = sparse.ids, sparse.logprobs, sparse.rest
+    if ids.dim() != 3 or tuple(ids.shape[:2]) != (b, t) or lp.shape != ids.shape or tuple(rest.shape) != (b, t):
+        raise ValueError(
+            f"sparse teacher ids {tuple(ids.shape)}, logprobs {tuple(lp.shape)}, rest {tuple(rest.shape)} do not "
+            f"fit student logits of shape {(b, t, v)}; expected (B, T, k), (B, T, k), (B, T)"
+        )
+    if ids.shape[-1] > v:
+        raise ValueError(f"sparse teacher keeps k={ids.shape[-1]} ids, more than the student's {v} logits")
+
+
+def sparse_token_divergence(
+    student_logits: torch.Tensor,
+    sparse: SparseLogprobs,
+    labels: torch.Tensor | None = None,
+    direction: str = "forward",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    shift: bool = True,
+    num_real_tokens: int | torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Token-level distillation loss against a top-k teacher: Σ_{real positions} D_buckets / N.
+
+    The teacher at each position is known only through its k most likely ids, their log-probs, and the log of the
+    mass of all other ids (sparse.ids, sparse.logprobs, sparse.rest, (B, T, k), (B, T, k), (B, T)). The divergence
+    is taken between two distributions over k + 1 buckets — the k ids and one rest bucket — the teacher's stored
+    one, and the student's q = softmax(student_logits / T) coarsened to the same buckets (sparse_per_position_
+    divergence). All four directions are supported (forward, reverse, jsd with β on the teacher's end, tvd).
+
+    - With k = V (rest mass 0, rest = −inf) this is token_divergence on the dense teacher (up to storage rounding).
+    - Coarsening can only lower an f-divergence (data-processing inequality), so with k < V the value is ≤ the
+      dense one: the part of the divergence inside the rest bucket is not seen (kdkit.losses.token_functional.
+      topk_kl_error measures how much).
+    - The sparse teacher's temperature is the one it was cached at; `temperature` divides the student's logits
+      and gives the T² factor, so the two must be equal (the cache's manifest records it; the caller checks).
+    - Positions follow the logits (position t is the distribution over token t + 1), so shift, masking (masked
+      positions, and the sparse entries there, are never read), normalisation by N = num_real_tokens or the local
+      count, fp32 and chunking follow the module docstring exactly as for token_divergence.
+    - Gradients reach the student's logits only (the sparse tensors are detached).
+
+    Shapes: (B, T, V), SparseLogprobs, (B, T) or None → () float32.
+    """
+    _check_sparse(student_logits, sparse)
+    _check_common(direction, beta, temperature, chunk_size)
+    b, t, _ = student_logits.shape
+    device = student_logits.device
+    rows, cols = real_positions(labels, b, t, shift, ignore_index, device)
+    denom = _denominator(rows.numel(), num_real_tokens, device)
+    ids, lp, rest = (x.detach().to(device) for x in (sparse.ids, sparse.logprobs, sparse.rest))
+    if chunk_size is None:
+        per = sparse_per_position_divergence(
+            student_logits[rows, cols], ids[rows, cols], lp[rows, cols], rest[rows, cols], direction, beta, temperature
+        )
+        return per.sum() / denom
+    needs_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+
+    def per_chunk(s, r, c):
+        return sparse_per_position_divergence(s, ids[r, c], lp[r, c], rest[r, c], direction, beta, temperature)
+
+    return _ChunkedSum.apply(student_logits, per_chunk, rows, cols, chunk_size, dtype, denom, needs_grad)
+
+
+@torch.no_grad()
+def topk_kl_error(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    sparse: SparseLogprobs,
+    labels: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    shift: bool = True,
+    ignore_index: int = -100,
+    chunk_size: int = 1024,
+) -> dict[str, float]:
+    """How far a top-k teacher is from its dense logits, over the real positions of one batch.
+
+    student_logits, teacher_logits (B, T, V); sparse the teacher's top-k at the same positions and temperature
+    (from kdkit.data.lm_cache) → a dict of floats, means per real token:
+
+        dense_kl     T² · KL(p ‖ q), the forward token loss with the dense teacher
+        sparse_kl    T² · KL over the k + 1 buckets, the same loss with the top-k teacher (≤ dense_kl)
+        abs_error    mean |sparse − dense| per token (= dense − sparse: coarsening never raises KL)
+        rel_error    abs_error / dense_kl (0 when dense_kl is 0)
+        teacher_kl   KL(p ‖ p̂) without T²: p̂ is the top-k distribution expanded back to V ids, the rest mass
+                     spread evenly over the V − k other ids — how much of the teacher the cache loses
+        topk_mass    mean Σ p over the top k (the stored ids' share of the teacher's mass)
+        tokens       the number of real positions measured
+    Computed chunk_size positions at a time, without gradients.
+    """
+    _check_sparse(student_logits, sparse)
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} ≠ student {tuple(student_logits.shape)}")
+    b, t, v = student_logits.shape
+    device = student_logits.device
+    rows, cols = real_positions(labels, b, t, shift, ignore_index, device)
+    k = sparse.ids.shape[-1]
+    sums = dict.fromkeys(("dense_kl", "sparse_kl", "abs_error", "teacher_kl", "topk_mass"), 0.0)
+    for r, c in zip(rows.split(chunk_size), cols.split(chunk_size)):
+        s, te = student_logits[r, c], teacher_logits[r, c]
+        ids = sparse.ids[r, c].to(device).long()
+        lp, rest = sparse.logprobs[r, c].to(device), sparse.rest[r, c].to(device)
+        dense = per_position_divergence(s, te, "forward", temperature=temperature)
+        coarse = sparse_per_position_divergence(s, ids, lp, rest, "forward", temperature=temperature)
+        log_p = F.log_softmax(_upcast(te) / float(temperature), dim=-1)
+        log_pb = _teacher_buckets(lp, rest, log_p.dtype)
+        fill = log_pb[:, -1:] - math.log(max(v - k, 1))  # the rest mass shared evenly by the V − k other ids
+        log_hat = fill.expand(-1, v).clone().scatter_(-1, ids, log_pb[:, :-1])
+        sums["dense_kl"] += float(dense.sum())
+        sums["sparse_kl"] += float(coarse.sum())
+        sums["abs_error"] += float((coarse - dense).abs().sum())
+        sums["teacher_kl"] += float(_kl(log_p, log_hat).sum())
+        sums["topk_mass"] += float(log_p.gather(-1, ids).exp().sum())
+    n = rows.numel()
+    out = {key: val / max(n, 1) for key, val in sums.items()}
+    out["rel_error"] = out["abs_error"] / out["dense_kl"] if out["dense_kl"] > 0 else 0.0
+    out["tokens"] = n
+    return out
 
 
 def forward_kl(student_logits, teacher_logits, labels=None, temperature=1.0, **kw) -> torch.Tensor:

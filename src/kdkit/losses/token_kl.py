@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from kdkit.errors import CompatibilityError
 from kdkit.losses import token_functional as Ft
 from kdkit.losses.base import Loss
 from kdkit.models.vocab import align_vocab
-from kdkit.types import Batch, ModelOutputs
+from kdkit.types import Batch, ModelOutputs, SparseLogprobs
 
 
 class TokenKL(Loss):
@@ -21,6 +22,9 @@ class TokenKL(Loss):
     processes); None divides by this batch's count. The engine may also pass it per call to forward().
     vocab_size: the shared vocabulary (kdkit.models.vocab) when the logit widths differ (a padded vocabulary);
     None requires equal widths.
+    A teacher read from the offline top-k cache (teacher.sparse, kdkit.data.lm_cache) is compared over its k ids
+    plus one bucket for the rest (Ft.sparse_token_divergence); its ids must lie within the student's (shared)
+    logits, and the cache must have been built at this temperature (the cache's manifest records it).
     """
 
     name = "token_kl"
@@ -61,10 +65,36 @@ class TokenKL(Loss):
         batch: Batch,
         num_real_tokens: int | torch.Tensor | None = None,
     ):
+        if num_real_tokens is None:  # the engine's share of the optimizer step's global token count
+            num_real_tokens = batch.num_real_tokens
+        if teacher.sparse is not None:
+            return self._sparse(student, teacher.sparse, batch, num_real_tokens)
         s, t = align_vocab(student.logits, teacher.logits, self.vocab_size, where=self.name)
         return Ft.token_divergence(
             s,
             t,
+            batch.labels,
+            direction=self.direction,
+            beta=self.beta,
+            temperature=self.temperature,
+            shift=self.shift,
+            num_real_tokens=self.num_real_tokens if num_real_tokens is None else num_real_tokens,
+            chunk_size=self.chunk_size,
+        )
+
+    def _sparse(self, student: ModelOutputs, sparse: SparseLogprobs, batch: Batch, num_real_tokens):
+        """The top-k teacher of the offline cache: Ft.sparse_token_divergence over the student's shared ids."""
+        s = student.logits if self.vocab_size is None else student.logits[..., : self.vocab_size]
+        width = s.shape[-1]
+        top = int(sparse.ids.max()) if sparse.ids.numel() else -1  # one sync per step; an id ≥ width cannot be read
+        if top >= width:
+            raise CompatibilityError(
+                f"{self.name}: the cached teacher has token id {top}, beyond the student's {width} logits; the cache "
+                f"needs a teacher with the student's vocabulary ({width} ids)"
+            )
+        return Ft.sparse_token_divergence(
+            s,
+            sparse,
             batch.labels,
             direction=self.direction,
             beta=self.beta,

@@ -18,6 +18,10 @@ class TeacherEnsemble(nn.Module):
     combine="probs": p = Σ w_i softmax(z_i); the returned logits are log p (softmax(log p) = p, so a loss at T=1
     sees exactly the averaged probabilities; at T ≠ 1 it softens the averaged distribution).
     combine="logits": z = Σ w_i z_i. Weights are normalised to sum to 1.
+
+    inputs_for: per member, None (the member takes the ensemble's inputs) or a function that maps the ensemble's
+    inputs to the member's own, e.g. a kdkit.data.text.Retokenizer for a text teacher with another tokenizer:
+    the ensemble is fed the student's token ids and each member sees the same texts in its own ids.
     """
 
     def __init__(
@@ -26,6 +30,7 @@ class TeacherEnsemble(nn.Module):
         weights: list[float] | None = None,
         combine: str = "probs",
         feature_member: int | None = None,
+        inputs_for: list | None = None,
     ):
         super().__init__()
         if not members:
@@ -42,6 +47,9 @@ class TeacherEnsemble(nn.Module):
         if feature_member is not None and not 0 <= feature_member < len(members):
             raise ValueError(f"feature_member={feature_member}; expected 0..{len(members) - 1} or null")
         self.feature_member = feature_member
+        self.inputs_for = list(inputs_for) if inputs_for is not None else [None] * len(members)
+        if len(self.inputs_for) != len(members):
+            raise ValueError(f"inputs_for has {len(self.inputs_for)} entries; expected one per member ({len(members)})")
 
     def tap(self, paths: list[str], where: str = "teacher") -> None:
         """Features for feature losses: from one chosen member, or the weighted mean over members (each member
@@ -54,7 +62,7 @@ class TeacherEnsemble(nn.Module):
         return super().train(False)
 
     def forward(self, inputs: torch.Tensor) -> ModelOutputs:
-        results = [m(inputs) for m in self.members]
+        results = [m(self.member_inputs(i, inputs)) for i, m in enumerate(self.members)]
         outs = [r.logits for r in results]  # each (B, C) fp32
         classes = {o.shape[-1] for o in outs}
         if len(classes) > 1:
@@ -66,6 +74,11 @@ class TeacherEnsemble(nn.Module):
             stacked = torch.stack([o.log_softmax(-1) + torch.log(torch.tensor(w)) for w, o in zip(self.weights, outs)])
             logits = torch.logsumexp(stacked, dim=0)
         return ModelOutputs(logits=logits, features=self._features(results))
+
+    def member_inputs(self, i: int, inputs: torch.Tensor) -> torch.Tensor:
+        """What member i is fed for the ensemble's `inputs`."""
+        convert = self.inputs_for[i]
+        return inputs if convert is None else convert(inputs)
 
     def _features(self, results: list[ModelOutputs]) -> dict[str, torch.Tensor]:
         if self.feature_member is not None:
@@ -88,10 +101,12 @@ class TeacherEnsemble(nn.Module):
 
     def fingerprint(self) -> str:
         h = hashlib.sha256(f"ensemble|{self.combine}|{self.weights}".encode())
-        for m in self.members:
+        for m, convert in zip(self.members, self.inputs_for):
             h.update(m.fingerprint().encode())
+            if convert is not None:  # the member's outputs also depend on how its inputs are made
+                h.update(getattr(convert, "fingerprint", lambda c=convert: repr(c))().encode())
         return h.hexdigest()
 
     def check(self, example: torch.Tensor, num_classes: int, where: str = "teacher") -> None:
         for i, m in enumerate(self.members):
-            m.check(example, num_classes, f"{where}.members.{i}")
+            m.check(self.member_inputs(i, example), num_classes, f"{where}.members.{i}")

@@ -70,3 +70,28 @@ def test_equals_a_plain_loop_that_divides_by_the_real_token_count():
     engine = _train(2, 2)
     for p, q in zip(model.parameters(), engine.parameters()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+
+
+def test_token_kl_with_a_teacher_is_also_split_invariant():
+    torch.manual_seed(7)
+    teacher_model = nn.Sequential(nn.Embedding(V, 8), nn.Linear(8, V)).eval()
+
+    def teacher(batch):
+        from kdkit.types import ModelOutputs
+
+        with torch.no_grad():
+            return ModelOutputs(teacher_model(batch.inputs))
+
+    def run(batch_size, accum):
+        model = TinyLM()
+        opts = TrainOptions(
+            epochs=1, batch_size=batch_size, grad_accum=accum, optimizer="sgd", lr=0.5, momentum=0.0,
+            schedule="constant",
+        )  # fmt: skip
+        loss = build_loss([("token_kl", 1.0, {"direction": "reverse"}), ("token_ce", 0.5, {})])
+        train(model, loss, _data(), opts, teacher=teacher, seed=3, device="cpu", progress=False)
+        return model
+
+    whole, split = run(4, 1), run(1, 4)
+    for p, q in zip(whole.parameters(), split.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)

@@ -1,0 +1,519 @@
+"""Offline top-k teacher cache for language models: the teacher runs once, training reads k log-probs per token.
+
+For every position t of every token block the cache keeps the teacher's k most likely next tokens at the kd
+temperature T — their ids and log-probs log softmax(logits / T) — and the log of the mass of all other ids,
+rest = log(1 − Σ p_topk), computed as the logsumexp of the other log-probs (stable when the top k hold nearly
+all the mass). Positions follow the logits: position t is the distribution over token t + 1.
+
+Storage per position: k ids (uint16 when V ≤ 65,536, else int32), k log-probs (float16) and rest (float32):
+k = 64 → 64 · (2 + 2) + 4 = 260 bytes per token. Files, in one folder:
+
+    shard_00000.ids.npy  (n, T, k)    shard_00000.logprobs.npy  (n, T, k)    shard_00000.rest.npy  (n, T)
+    …  one shard per `shard_size` examples, each file written to a temp file and renamed
+    manifest.json  k, temperature, V, T, dtypes, shards (file sizes and sha256), teacher and data fingerprints,
+                   tokens stored, bytes per token; written atomically LAST, so a folder without it is no cache
+
+Loading memory-maps the shards (np.load mmap_mode="r"), refuses a cache built from another teacher, another data
+set, another k or temperature (a one-line DataError naming what differs), and refuses a truncated shard (file
+sizes are checked on every open; verify=True also checks every sha256). Positions at or after an example's valid
+length (padding) hold a placeholder — ids 0 … k − 1 with log-prob −inf and all mass in the rest bucket — that the
+losses never read as long as those positions are masked (labels −100), which right-padded batches do.
+
+The data layer does not know what a teacher is: it takes a function input_ids (B, T) int64 → logits (B, T, V).
+Under several processes, build inside the runtime's main_process_first() so that one process builds and the
+others load what it wrote.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdkit.atomic import write_json, write_with
+from kdkit.errors import DataError
+from kdkit.types import Batch, ModelOutputs, SparseLogprobs
+
+FORMAT = "kdkit-topk-cache/1"
+MANIFEST = "manifest.json"
+ARRAYS = ("ids", "logprobs", "rest")
+LOGPROB_DTYPE = np.float16
+REST_DTYPE = np.float32  # the tail mass: 2 bytes more per token buy a log that keeps 7 digits
+
+
+def ids_dtype(vocab_size: int) -> np.dtype:
+    """uint16 holds ids < 65,536 (SmolLM2's 49,152, GPT-2's 50,257); larger vocabularies (Llama 3, Qwen) need int32."""
+    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.int32)
+
+
+@torch.no_grad()
+def topk_logprobs(logits: torch.Tensor, k: int, temperature: float = 1.0, rows_per_chunk: int = 1024) -> SparseLogprobs:
+    """The top-k of log_softmax(logits / T) in fp32, and the log of the mass left outside it.
+
+    logits (..., V) → SparseLogprobs with ids (..., k) int64, logprobs (..., k) float32 sorted high to low,
+    rest (...) float32 = log Σ p over the V − k other ids (−inf when k = V). Computed rows_per_chunk
+    positions at a time so that only rows_per_chunk × V fp32 values are alive at once.
+
+    The rest is summed directly over the other ids, never as 1 − Σ p_topk (which cancels to 0 when the top k
+    hold nearly all the mass): with e = exp(z − max z), rest = log Σ_{v ∉ top} e_v − log Σ_v e_v. Where that sum
+    underflows (every other id more than ~100 nats below the top), the row is redone as a logsumexp of the
+    log-probs, so the rest is −inf only when k = V. One pass of exp instead of log_softmax + a masked logsumexp:
+    about 1.5× faster on CPU, where this costs as much as a small teacher's forward.
+    """
+    v = logits.shape[-1]
+    if not 1 <= k <= v:
+        raise ValueError(f"k={k}; expected 1 ≤ k ≤ V={v}")
+    flat = logits.reshape(-1, v)
+    ids, lps, rests = [], [], []
+    for chunk in flat.split(rows_per_chunk):
+        z = chunk.float() / float(temperature)  # (n, V) fp32 (a copy: the teacher's logits stay untouched)
+        z_max = z.amax(-1, keepdim=True)
+        e = (z - z_max).exp_()
+        log_z = e.sum(-1, keepdim=True).log_() + z_max  # log Σ exp(z)
+        top, top_ids = z.topk(k, dim=-1)
+        rest = e.scatter_(-1, top_ids, 0.0).sum(-1).log_() + (z_max - log_z).squeeze(-1)
+        if k < v:
+            under = torch.isneginf(rest)
+            if under.any():
+                log_p = z[under] - log_z[under]
+                rest[under] = log_p.scatter_(-1, top_ids[under], float("-inf")).logsumexp(-1)
+        ids.append(top_ids)
+        lps.append(top - log_z)
+        rests.append(rest)
+    lead = logits.shape[:-1]
+    return SparseLogprobs(
+        torch.cat(ids).reshape(*lead, k), torch.cat(lps).reshape(*lead, k), torch.cat(rests).reshape(lead)
+    )
+
+
+def fingerprint_blocks(blocks: Sequence[Any], lengths: Sequence[int] | None = None) -> str:
+    """sha256 of every block's token ids and valid length, in order: what the cache's data check compares."""
+    h = hashlib.sha256()
+    for i in range(len(blocks)):
+        ids, length = _tokens(blocks[i], None if lengths is None else lengths[i])
+        h.update(np.ascontiguousarray(ids.cpu().numpy().astype(np.int64)).tobytes())
+        h.update(int(length).to_bytes(8, "little"))
+    return f"tokens:{len(blocks)}:{h.hexdigest()}"
+
+
+def _tokens(item: Any, length: int | None) -> tuple[torch.Tensor, int]:
+    """A block → (input_ids (T,) int64, valid length). Items: a 1-D tensor; a dict with "input_ids" (and
+    "length" or "attention_mask"); a tuple or list whose first element is the ids. Padding is on the right."""
+    mask = None
+    if isinstance(item, dict):
+        ids = item.get("input_ids", item.get("inputs"))
+        length = item.get("length", length)
+        mask = item.get("attention_mask")
+    elif isinstance(item, (tuple, list)):
+        ids = item[0]
+    else:
+        ids = item
+    ids = torch.as_tensor(ids)
+    if ids.dim() != 1:
+        raise DataError(f"teacher top-k cache: a token block must be 1-D (T,); got shape {tuple(ids.shape)}")
+    if length is None:
+        length = int(torch.as_tensor(mask).sum()) if mask is not None else ids.shape[0]
+    return ids.long(), int(length)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as fh:  # np.save on a path would append '.npy' to the temp name
+        np.save(fh, array)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class TopKCache:
+    """The teacher's top-k next-token log-probs per position, memory-mapped, looked up by Batch.index.
+
+    `cache(batch)` → ModelOutputs(logits=None, sparse=SparseLogprobs) with ids (B, T, k) int64, logprobs
+    (B, T, k) float32, rest (B, T) float32 on the device of batch.inputs, for the examples batch.index (B,).
+    Build with TopKCache.build (always writes), open with TopKCache.load (checks), or TopKCache.build_or_load.
+    """
+
+    def __init__(self, path: Path, manifest: dict, shards: list[dict[str, np.ndarray]]):
+        self.path = Path(path)
+        self.manifest = manifest
+        self._shards = shards  # per shard {"ids": (n, T, k), "logprobs": (n, T, k), "rest": (n, T)} memory maps
+        self._shard_size = int(manifest["shard_size"])
+
+    # ---- what the cache holds -------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self.manifest["examples"])
+
+    @property
+    def k(self) -> int:
+        return int(self.manifest["k"])
+
+    @property
+    def temperature(self) -> float:
+        return float(self.manifest["temperature"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["vocab_size"])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.manifest["seq_len"])
+
+    @property
+    def tokens(self) -> int:
+        """Real positions stored: Σ valid lengths (padding excluded)."""
+        return int(self.manifest["tokens"])
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes of all shard files on disk (headers included; the manifest excluded)."""
+        return int(self.manifest["bytes"])
+
+    @property
+    def bytes_per_token(self) -> float:
+        """size_bytes / real tokens stored: padding positions count as overhead."""
+        return self.size_bytes / max(self.tokens, 1)
+
+    def describe(self) -> dict:
+        """What the report shows about the cache."""
+        return {
+            "path": str(self.path),
+            "examples": len(self),
+            "k": self.k,
+            "temperature": self.temperature,
+            "vocab_size": self.vocab_size,
+            "seq_len": self.seq_len,
+            "tokens": self.tokens,
+            "bytes": self.size_bytes,
+            "bytes_per_token": round(self.bytes_per_token, 2),
+        }
+
+    # ---- lookup ---------------------------------------------------------------------------------------------
+    def lookup(self, index: Sequence[int] | np.ndarray | torch.Tensor) -> SparseLogprobs:
+        """The stored top-k of the examples `index` (B,), in that order, as CPU tensors (int64, float32, float32)."""
+        idx = np.asarray(index.cpu() if isinstance(index, torch.Tensor) else index, dtype=np.int64).reshape(-1)
+        n = len(self)
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            bad = int(idx[(idx < 0) | (idx >= n)][0])
+            raise DataError(f"teacher top-k cache {self.path}: example {bad} is not in it (it holds {n} examples)")
+        out = {name: [] for name in ARRAYS}
+        for i in idx.tolist():  # a batch is small; each example is one contiguous slice of one shard
+            shard = self._shards[i // self._shard_size]
+            j = i % self._shard_size
+            for name in ARRAYS:
+                out[name].append(shard[name][j])
+        if not idx.size:
+            t, k = self.seq_len, self.k
+            return SparseLogprobs(torch.zeros(0, t, k, dtype=torch.long), torch.zeros(0, t, k), torch.zeros(0, t))
+        ids = torch.from_numpy(np.stack(out["ids"]).astype(np.int64))  # uint16 → int64: torch indexes with int64
+        logprobs = torch.from_numpy(np.stack(out["logprobs"]).astype(np.float32))
+        rest = torch.from_numpy(np.stack(out["rest"]).astype(np.float32))
+        return SparseLogprobs(ids, logprobs, rest)
+
+    def __call__(self, batch: Batch) -> ModelOutputs:
+        """The teacher source the engine calls: the batch's examples by batch.index, on the batch's device.
+
+        A batch padded to fewer positions than the cache's T gets the first positions (padding is on the right);
+        more positions than T is an error.
+        """
+        length = batch.inputs.shape[1] if batch.inputs.dim() >= 2 else self.seq_len
+        if length > self.seq_len:
+            raise DataError(
+                f"teacher top-k cache {self.path}: batch of {length} positions, but the cache stores {self.seq_len}"
+            )
+        sp = self.lookup(batch.index)
+        if length < self.seq_len:
+            sp = SparseLogprobs(sp.ids[:, :length], sp.logprobs[:, :length], sp.rest[:, :length])
+        return ModelOutputs(logits=None, sparse=sp.to(batch.inputs.device))
+
+    # ---- opening --------------------------------------------------------------------------------------------
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        teacher_fingerprint: str | None = None,
+        data_fingerprint: str | None = None,
+        k: int | None = None,
+        temperature: float | None = None,
+        verify: bool = False,
+        log: Callable[[str], None] | None = None,
+    ) -> TopKCache:
+        """Open the cache at `path`, refusing one that does not match what is expected (None: not checked).
+
+        A DataError, one line: no manifest; another teacher, data set, k or temperature; a shard file missing or
+        of the wrong size (truncated); with verify=True a shard whose sha256 differs (altered).
+        """
+        path = Path(path)
+        manifest = _read_manifest(path)
+        problem = _mismatch(manifest, teacher_fingerprint, data_fingerprint, k, temperature)
+        if problem:
+            raise DataError(f"teacher top-k cache {path}: {problem}; rebuild it with `kdkit cache-teacher`")
+        shards = []
+        for s, shard in enumerate(manifest["shards"]):
+            arrays = {}
+            for name in ARRAYS:
+                entry = shard[name]
+                file = path / entry["file"]
+                damage = _check_file(file, entry, verify)
+                if damage:
+                    raise DataError(f"teacher top-k cache {path}: shard {s} {damage}; rebuild it")
+                arrays[name] = np.load(file, mmap_mode="r")
+            shards.append(arrays)
+        cache = cls(path, manifest, shards)
+        if log is not None:
+            log(
+                f"teacher top-k cache: reading {path} ({len(cache)} examples, k={cache.k}, "
+                f"{cache.size_bytes / 1e6:.1f} MB, {cache.bytes_per_token:.0f} bytes/token)"
+            )
+        return cache
+
+    @classmethod
+    def build_or_load(
+        cls,
+        path: str | Path,
+        blocks: Sequence[Any],
+        logits_fn: Callable[[torch.Tensor], torch.Tensor],
+        k: int,
+        temperature: float,
+        teacher_fingerprint: str,
+        data_fingerprint: str | None = None,
+        lengths: Sequence[int] | None = None,
+        verify: bool = False,
+        overwrite: bool = False,
+        **build_kw,
+    ) -> TopKCache:
+        """Load the cache at `path` when it was built from this teacher, data, k and temperature and is intact;
+        otherwise build it. A damaged cache (truncated or, with verify=True, altered shards; no manifest) is
+        rebuilt with a log line. A cache made for another teacher or data set is refused (DataError) unless
+        overwrite=True: the folder was named by the user, so replacing it silently could destroy a costly cache.
+        build_kw: batch_size, shard_size, device, log (see build).
+        """
+        log = build_kw.get("log", print)
+        path = Path(path)
+        if data_fingerprint is None:
+            data_fingerprint = fingerprint_blocks(blocks, lengths)
+        if (path / MANIFEST).is_file():
+            try:
+                manifest = _read_manifest(path)
+            except DataError:
+                manifest = None
+            if manifest is not None:
+                problem = _mismatch(manifest, teacher_fingerprint, data_fingerprint, k, temperature)
+                if problem and not overwrite:
+                    raise DataError(
+                        f"teacher top-k cache {path}: {problem}; choose another folder or rebuild it (overwrite)"
+                    )
+                if not problem:
+                    try:
+                        return cls.load(path, teacher_fingerprint, data_fingerprint, k, temperature, verify, log)
+                    except DataError as exc:
+                        log(f"{exc}: rebuilding")
+        return cls.build(
+            path, blocks, logits_fn, k, temperature, teacher_fingerprint, data_fingerprint, lengths, **build_kw
+        )
+
+    # ---- building -------------------------------------------------------------------------------------------
+    @classmethod
+    @torch.inference_mode()
+    def build(
+        cls,
+        path: str | Path,
+        blocks: Sequence[Any],
+        logits_fn: Callable[[torch.Tensor], torch.Tensor],
+        k: int,
+        temperature: float,
+        teacher_fingerprint: str,
+        data_fingerprint: str | None = None,
+        lengths: Sequence[int] | None = None,
+        batch_size: int = 8,
+        shard_size: int | None = None,
+        device: torch.device | str = "cpu",
+        log: Callable[[str], None] = print,
+        log_every_s: float = 30.0,
+    ) -> TopKCache:
+        """Run logits_fn over every block and write the cache to `path` (an existing cache there is replaced).
+
+        blocks: a sequence of token blocks of one length T (see _tokens for the item forms), indexable by example
+        index — index i of the cache is blocks[i], which must be what Batch.index means in training. lengths:
+        valid lengths per block (default: each item's own, else T). logits_fn: (b, T) int64 on `device` →
+        (b, T, V) logits. batch_size blocks per call; shard_size examples per shard (default ≈ 2^20 positions).
+        data_fingerprint default: fingerprint_blocks(blocks, lengths). Progress with ETA goes to `log`.
+        """
+        path = Path(path)
+        n = len(blocks)
+        if n == 0:
+            raise DataError("teacher top-k cache: the data set is empty")
+        if k < 1:
+            raise DataError(f"teacher top-k cache: k={k}; expected at least 1")
+        if temperature <= 0:
+            raise DataError(f"teacher top-k cache: temperature={temperature}; expected > 0")
+        if data_fingerprint is None:
+            data_fingerprint = fingerprint_blocks(blocks, lengths)
+        first, _ = _tokens(blocks[0], None)
+        seq_len = int(first.shape[0])
+        shard_size = int(shard_size or max(1, (1 << 20) // seq_len))
+        path.mkdir(parents=True, exist_ok=True)
+        (path / MANIFEST).unlink(missing_ok=True)  # from here until the new manifest, the folder is no cache
+        log(f"teacher top-k cache: {n} blocks × {seq_len} tokens, k={k}, T={temperature:g} → {path}")
+
+        start = last_log = time.perf_counter()
+        done = tokens = 0
+        vocab, id_dtype, shards, buf = None, None, [], None
+        for lo in range(0, n, batch_size):
+            hi = min(lo + batch_size, n)
+            items = [_tokens(blocks[i], None if lengths is None else lengths[i]) for i in range(lo, hi)]
+            for i, (ids, length) in zip(range(lo, hi), items):
+                if ids.shape[0] != seq_len or not 0 <= length <= seq_len:
+                    raise DataError(
+                        f"teacher top-k cache: block {i} has {ids.shape[0]} tokens (valid length {length}); every "
+                        f"block must have T={seq_len} tokens"
+                    )
+            input_ids = torch.stack([ids for ids, _ in items]).to(device)
+            logits = logits_fn(input_ids)
+            if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(input_ids.shape):
+                raise DataError(
+                    f"teacher top-k cache: the teacher gave logits of shape {tuple(logits.shape)} for input ids of "
+                    f"shape {tuple(input_ids.shape)}; expected (B, T, V)"
+                )
+            if vocab is None:
+                vocab = int(logits.shape[-1])
+                if k > vocab:
+                    raise DataError(f"teacher top-k cache: k={k} exceeds the teacher's vocabulary of {vocab}")
+                id_dtype = ids_dtype(vocab)
+            sp = topk_logprobs(logits, k, temperature)
+            ids_np = sp.ids.cpu().numpy().astype(id_dtype)
+            lp_np = sp.logprobs.cpu().numpy().astype(LOGPROB_DTYPE)
+            rest_np = sp.rest.cpu().numpy().astype(REST_DTYPE)
+            for row, (_, length) in enumerate(items):
+                if length < seq_len:  # padding: a placeholder distribution (all mass in the rest bucket)
+                    ids_np[row, length:] = np.arange(k, dtype=id_dtype)
+                    lp_np[row, length:] = -np.inf
+                    rest_np[row, length:] = 0.0
+                tokens += length
+            for row in range(hi - lo):
+                if buf is None:
+                    rows = min(shard_size, n - done)
+                    buf = {
+                        "ids": np.empty((rows, seq_len, k), id_dtype),
+                        "logprobs": np.empty((rows, seq_len, k), LOGPROB_DTYPE),
+                        "rest": np.empty((rows, seq_len), REST_DTYPE),
+                        "filled": 0,
+                    }
+                j = buf["filled"]
+                buf["ids"][j], buf["logprobs"][j], buf["rest"][j] = ids_np[row], lp_np[row], rest_np[row]
+                buf["filled"] = j + 1
+                done += 1
+                if buf["filled"] == buf["ids"].shape[0]:
+                    shards.append(_write_shard(path, len(shards), buf))
+                    buf = None
+            now = time.perf_counter()
+            if now - last_log >= log_every_s and done < n:
+                last_log = now
+                rate = done / (now - start)
+                log(
+                    f"teacher top-k cache: {done}/{n} blocks ({100 * done / n:.0f}%), "
+                    f"{rate * seq_len:.0f} tokens/s, ETA {_duration((n - done) / rate)}"
+                )
+        _remove_stale(path, len(shards))
+        size = sum(entry[name]["bytes"] for entry in shards for name in ARRAYS)
+        manifest = {
+            "format": FORMAT,
+            "teacher": teacher_fingerprint,
+            "data": data_fingerprint,
+            "k": int(k),
+            "temperature": float(temperature),
+            "vocab_size": vocab,
+            "seq_len": seq_len,
+            "examples": n,
+            "shard_size": shard_size,
+            "dtypes": {
+                "ids": id_dtype.name,
+                "logprobs": np.dtype(LOGPROB_DTYPE).name,
+                "rest": np.dtype(REST_DTYPE).name,
+            },
+            "tokens": tokens,
+            "bytes": size,
+            "bytes_per_token": round(size / max(tokens, 1), 3),
+            "shards": shards,
+        }
+        write_json(path / MANIFEST, manifest)
+        seconds = time.perf_counter() - start
+        log(
+            f"teacher top-k cache: wrote {len(shards)} shards, {size / 1e6:.1f} MB, "
+            f"{manifest['bytes_per_token']:.0f} bytes/token, in {_duration(seconds)}"
+        )
+        return cls.load(path)
+
+
+def _write_shard(folder: Path, number: int, buf: dict) -> dict:
+    """Write one shard's three arrays (temp file + rename each) → its manifest entry."""
+    entry = {"examples": int(buf["filled"])}
+    for name in ARRAYS:
+        file = folder / f"shard_{number:05d}.{name}.npy"
+        write_with(file, lambda p, a=buf[name]: _save_npy(p, a))
+        entry[name] = {"file": file.name, "bytes": file.stat().st_size, "sha256": _sha256(file)}
+    return entry
+
+
+def _remove_stale(folder: Path, shards: int) -> None:
+    """Shard files of an earlier, larger build of this folder that the new manifest does not list."""
+    for file in folder.glob("shard_*.npy"):
+        try:
+            number = int(file.name.split(".")[0].split("_")[1])
+        except (IndexError, ValueError):
+            continue
+        if number >= shards:
+            file.unlink(missing_ok=True)
+
+
+def _read_manifest(path: Path) -> dict:
+    file = path / MANIFEST
+    if not file.is_file():
+        raise DataError(f"teacher top-k cache {path}: no {MANIFEST} (not built, or its build did not finish)")
+    try:
+        manifest = json.loads(file.read_text())
+    except ValueError as exc:
+        raise DataError(f"teacher top-k cache {path}: {MANIFEST} is not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise DataError(f"teacher top-k cache {path}: {MANIFEST} is not a {FORMAT} manifest")
+    return manifest
+
+
+def _mismatch(manifest: dict, teacher: str | None, data: str | None, k: int | None, temperature: float | None) -> str:
+    """'' when the manifest matches what is expected, else what differs (the first difference, one phrase)."""
+    if teacher is not None and manifest.get("teacher") != teacher:
+        return f"built from another teacher ({manifest.get('teacher')!r}, expected {teacher!r})"
+    if data is not None and manifest.get("data") != data:
+        return f"built from another data set ({manifest.get('data')!r}, expected {data!r})"
+    if k is not None and manifest.get("k") != int(k):
+        return f"built with k={manifest.get('k')}, expected k={k}"
+    if temperature is not None and not np.isclose(float(manifest.get("temperature", float("nan"))), temperature):
+        return f"built at kd temperature {manifest.get('temperature')}, expected {temperature:g}"
+    return ""
+
+
+def _check_file(file: Path, entry: dict, verify: bool) -> str:
+    """'' when the shard file is whole, else what is wrong with it."""
+    if not file.is_file():
+        return f"file {file.name} is missing"
+    size = file.stat().st_size
+    if size != entry["bytes"]:
+        return f"file {file.name} has {size} bytes, the manifest says {entry['bytes']} (truncated or altered)"
+    if verify and _sha256(file) != entry["sha256"]:
+        return f"file {file.name} has been altered (its sha256 differs from the manifest)"
+    return ""

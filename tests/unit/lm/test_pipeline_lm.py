@@ -1,0 +1,133 @@
+"""The language-model flow end to end on a tiny Llama: teacher cache, baseline and distilled students, perplexity,
+report, an HF folder that transformers reloads; sequence-level and on-policy distillation; resume; bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kdkit.config import load_config
+from kdkit.errors import CompatibilityError, ConfigError
+from kdkit.pipeline import distill
+
+
+def lm_config(corpus, teacher, tmp_path, **sections) -> dict:
+    cfg = {
+        "run": {"name": "lm", "seeds": [0], "progress": False, "tensorboard": False, "device": "cpu"},
+        "data": {
+            "task": "causal_lm",
+            "source": "text_folder",
+            "path": str(corpus),
+            "max_length": 24,
+            "val_fraction": 0.1,
+            "test_fraction": 0.2,
+        },
+        "teacher": {"members": [{"model": {"source": "hf", "path": str(teacher)}}]},
+        "student": {"model": {"source": "hf", "path": str(teacher), "teacher_layers": [0, 3]}},
+        "distill": {
+            "losses": [{"name": "token_ce", "weight": 0.5}, {"name": "token_kl", "weight": 0.5}],
+            "cache_teacher": True,
+            "cache_dir": str(tmp_path / "cache"),
+        },
+        "llm": {"top_k": 8, "prompt_tokens": 6, "report_samples": 2, "generation": {"max_new_tokens": 5}},
+        "train": {"epochs": 2, "batch_size": 8, "lr": 0.003, "keep_best": "loss"},
+        "eval": {"batch_size": 8, "latency_repeats": 3},
+    }
+    for name, values in sections.items():
+        cfg[name] = {**cfg.get(name, {}), **values}
+    return cfg
+
+
+def test_cached_teacher_run_end_to_end(lm_world, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    corpus, teacher, _ = lm_world
+    result = distill(lm_config(corpus, teacher, tmp_path), out=tmp_path / "run", log=lambda m: None)
+    m = result.metrics
+    for key in ("teacher", "baseline_student", "student"):
+        assert m[key]["perplexity"] > 1.0 and 0.0 <= m[key]["accuracy"] <= 1.0
+    assert m["teacher"]["kl"] == 0.0 and m["teacher"]["agreement"] == 1.0
+    assert m["student"]["kl"] > 0.0
+    assert 0.0 <= m["teacher_cache"]["heldout_kl_rel_error"] <= 1.0
+    assert (
+        m["teacher_cache"]["k"] == 8 and m["teacher_cache"]["bytes_per_token"] <= 8 * (2 + 2) + 4 + 1
+    )  # + .npy headers
+    assert m["gain"]["seeds"] == 1
+    assert m["student"]["params"] < m["teacher"]["params"]
+    run = tmp_path / "run"
+    report = (run / "report.md").read_text()
+    assert "perplexity" in report and "Greedy continuations" in report
+    assert (run / "plots" / "perplexity.png").is_file()
+    # The exported student is a plain HF folder: transformers reloads it and gives the same logits.
+    reloaded = AutoModelForCausalLM.from_pretrained(str(run / "student")).eval()
+    AutoTokenizer.from_pretrained(str(run / "student"))
+    ids = torch.randint(0, reloaded.config.vocab_size, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, result.student.eval()(ids).logits, atol=1e-5, rtol=1e-5)
+    assert reloaded.config.num_hidden_layers == 2
+    history = json.loads((run / "history.json").read_text())
+    assert {"baseline-s0", "student-s0"} <= set(history)
+    assert any("train/token_kl" in r for r in history["student-s0"])
+    assert not any("train/token_kl" in r for r in history["baseline-s0"])
+
+
+def test_resume_reuses_finished_phases_and_cache(lm_world, tmp_path):
+    corpus, teacher, _ = lm_world
+    cfg = lm_config(corpus, teacher, tmp_path, train={"epochs": 1})
+    first = distill(cfg, out=tmp_path / "run", log=lambda m: None)
+    said = []
+    again = distill(cfg, out=tmp_path / "run", resume=True, log=said.append)
+    assert any("finished earlier" in s for s in said)
+    assert any("teacher top-k cache: reading" in s for s in said)
+    assert again.metrics["student"]["nll"] == pytest.approx(first.metrics["student"]["nll"], abs=1e-6)
+
+
+def test_live_teacher_with_sequence_level_and_on_policy(lm_world, tmp_path):
+    corpus, teacher, _ = lm_world
+    cfg = lm_config(
+        corpus,
+        teacher,
+        tmp_path,
+        distill={"cache_teacher": False},
+        llm={"sequence_level": 4, "on_policy_fraction": 0.5},
+        train={"epochs": 1},
+    )
+    result = distill(cfg, out=tmp_path / "run", log=lambda m: None)
+    gens = (tmp_path / "run" / "generations.jsonl").read_text().splitlines()
+    assert len(gens) == 4
+    assert result.metrics["data"]["sequence_kd_examples"] == 4
+    assert "teacher_cache" not in result.metrics
+
+
+def test_random_init_smaller_student(lm_world, tmp_path):
+    corpus, teacher, _ = lm_world
+    cfg = lm_config(
+        corpus,
+        teacher,
+        tmp_path,
+        student={
+            "model": {"source": "hf", "path": str(teacher), "pretrained": False, "kwargs": {"num_hidden_layers": 1}}
+        },
+        train={"epochs": 1},
+    )
+    result = distill(cfg, out=tmp_path / "run", log=lambda m: None)
+    assert result.student.config.num_hidden_layers == 1
+
+
+def test_bad_input_is_named(lm_world, tmp_path):
+    corpus, teacher, other = lm_world
+    cfg = lm_config(corpus, teacher, tmp_path)
+    with pytest.raises(ConfigError, match="llm.prompt_tokens: 30; expected fewer than data.max_length"):
+        load_config({**cfg, "llm": {"prompt_tokens": 30}})
+    with pytest.raises(ConfigError, match="on_policy_fraction: the student's own continuations need the live teacher"):
+        load_config({**cfg, "llm": {"on_policy_fraction": 0.5}})
+    with pytest.raises(ConfigError, match="llm: settings for language models"):
+        load_config({**cfg, "data": {"source": "builtin", "name": "digits"}})
+    with pytest.raises(ConfigError, match="sampling_temperature"):
+        load_config({**cfg, "llm": {"generation": {"sampling_temperature": 0}}})
+    mixed = lm_config(corpus, teacher, tmp_path)
+    mixed["teacher"]["members"].append({"model": {"source": "hf", "path": str(other)}})
+    with pytest.raises(CompatibilityError, match="teacher.members.1"):
+        distill(mixed, out=tmp_path / "mixed", log=lambda m: None)
