@@ -704,7 +704,7 @@ def to_markdown(result: dict) -> str:
         f"({'met' if gs['met'] else 'missed'}); peak ≤ {gm['goal']}× TRL with chunking — best "
         f"{fmt_chunk(gm['best_config'])} at **{gm['ratio']}** ({'met' if gm['met'] else 'missed'}; speed there "
         f"{gm['speed_vs_trl_there']}× TRL). TRL's optimizer: {result['configs']['trl'].get('optimizer', '?')}; "
-        "kdkit's: torch.optim.AdamW (default, not fused).",
+        "kdkit's: torch.optim.AdamW (fused where the parameters allow, kdkit.engine.optim).",
         "",
         f"Loss check on one padded batch ({c['batch']}; {c['predicted_positions']} predicted positions, "
         f"{c['all_label_positions']} label positions), against a float64 reference "

@@ -264,6 +264,9 @@ def serve_cmd(
 
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # transformers' own bars (loading and writing weights) would interleave with kdkit's progress and push an error
+    # off the first line of stderr; kdkit shows the progress of what takes time.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         app(args=argv, standalone_mode=False)
     except KdkitError as exc:

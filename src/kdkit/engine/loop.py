@@ -174,7 +174,9 @@ def train(
     # weights back to `student` at the end, so the caller keeps a plain module it can save and evaluate.
     trained = copy.deepcopy(student) if sharded else student
     params = list(trained.parameters()) + list(loss.parameters())
-    optimizer = build_optimizer(params, opts.optimizer, opts.lr, opts.weight_decay, opts.momentum)
+    optimizer = build_optimizer(
+        params, opts.optimizer, opts.lr, opts.weight_decay, opts.momentum, accelerator.device.type
+    )
     model, optimizer, loader = accelerator.prepare(trained, optimizer, loader)
     # Sharded, the prepared model has new (sharded) parameters: clip those, as Accelerate matches them by identity.
     clip_params = list(model.parameters()) if sharded else params

@@ -7,10 +7,17 @@ import math
 import torch
 
 
-def build_optimizer(params, optimizer: str, lr: float, weight_decay: float, momentum: float) -> torch.optim.Optimizer:
+def build_optimizer(
+    params, optimizer: str, lr: float, weight_decay: float, momentum: float, device_type: str = "cpu"
+) -> torch.optim.Optimizer:
+    """device_type: where training runs (the parameters may still be on the CPU when the optimizer is built)."""
     params = [p for p in params if p.requires_grad]
     if optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        # The fused kernel (one pass over all parameters) is used on CUDA. Not on CPU, though it saved ~0.35 s of
+        # a 10 s LLM step there (bench/llm.py): the CPU kernel's rounding depends on the thread count, so a run
+        # resumed with another number of threads would no longer be bit-equal to an uninterrupted one.
+        fused = device_type == "cuda" and bool(params) and all(p.is_floating_point() for p in params)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
     if optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=momentum > 0, weight_decay=weight_decay)
     raise ValueError(f"optimizer={optimizer!r}; expected adamw or sgd")

@@ -164,10 +164,16 @@ class _ChunkedSum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student, per_chunk, rows, cols, chunk_size, dtype, denom, needs_grad):
+    def forward(ctx, student, per_chunk, rows, cols, chunk_size, dtype, denom, needs_grad, with_grad=None):
         grad = torch.zeros_like(student) if needs_grad else None
         total = torch.zeros((), dtype=dtype, device=student.device)
         for r, c in zip(rows.split(chunk_size), cols.split(chunk_size)):
+            if needs_grad and with_grad is not None:  # the gradient in closed form: no autograd graph per chunk
+                values, g = with_grad(student[r, c].detach(), r, c)
+                part = values.sum() / denom
+                grad.index_put_((r, c), (g / denom).to(grad.dtype), accumulate=False)
+                total += part
+                continue
             s = student[r, c].detach().requires_grad_(needs_grad)  # (k, V), the student's dtype
             with torch.set_grad_enabled(needs_grad):
                 part = per_chunk(s, r, c).sum() / denom
@@ -185,7 +191,7 @@ class _ChunkedSum(torch.autograd.Function):
         if grad is None:
             raise RuntimeError("the chunked token loss supports one backward pass; use chunk_size=None to retain_graph")
         ctx.grad = None  # scaled in place and handed over: no second full-size tensor
-        return grad.mul_(grad_output.to(grad.dtype)), None, None, None, None, None, None, None
+        return grad.mul_(grad_output.to(grad.dtype)), None, None, None, None, None, None, None, None
 
 
 def _check_common(direction: str, beta: float, temperature: float, chunk_size: int | None) -> None:
@@ -248,7 +254,28 @@ def token_divergence(
     def per_chunk(s, r, c):
         return per_position_divergence(s, teacher[r, c], direction, beta, temperature)
 
-    return _ChunkedSum.apply(student_logits, per_chunk, rows, cols, chunk_size, dtype, denom, needs_grad)
+    def with_grad(s, r, c):
+        return forward_kl_with_grad(s, teacher[r, c], temperature)
+
+    closed = with_grad if direction == "forward" or (direction == "jsd" and beta == 0.0) else None
+    return _ChunkedSum.apply(student_logits, per_chunk, rows, cols, chunk_size, dtype, denom, needs_grad, closed)
+
+
+def forward_kl_with_grad(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward KL per position and its gradient, without autograd: (N, V), (N, V) → (N,), (N, V).
+
+    value = T² · KL(p ‖ q) as in per_position_divergence; with q = softmax(z / T), d value / d z = T · (q − p)
+    (the softmax-cross-entropy gradient, scaled by T² · 1/T). Computed in fp32 with in-place operations, so a chunk
+    holds two (N, V) buffers instead of autograd's saved intermediates; the chunked path uses it for forward KL.
+    """
+    t = float(temperature)
+    log_q = F.log_softmax(_upcast(student_logits) / t, dim=-1)
+    log_p = F.log_softmax(_upcast(teacher_logits.detach()) / t, dim=-1)
+    values = _kl(log_p, log_q) * (t * t)
+    grad = log_q.exp_().sub_(log_p.exp_()).mul_(t)  # reuses both buffers: q − p, times T
+    return values, grad
 
 
 # ----------------------------------------------------------------------------------------------------------------

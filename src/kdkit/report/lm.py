@@ -62,7 +62,7 @@ HEADERS = [
     "KL(teacher‖model)",
     "params",
     "tokens/s",
-    "speed-up",
+    "speed-up (tokens/s)",
 ]
 
 
