@@ -56,6 +56,7 @@ def base_config(args) -> dict:
                 "warmup_steps": 10,
                 "weight_decay": 0.01,
                 "keep_best": "none",
+                "checkpoint_every_steps": 1_000_000,  # one checkpoint, at the end: a bench needs no resume points
             },
         },
         "student": {"model": {"source": "hf", "path": "builtin:all-minilm-l6-v2", "teacher_layers": [0, 5]}},
@@ -74,6 +75,7 @@ def base_config(args) -> dict:
             "warmup_steps": 10,
             "weight_decay": 0.01,
             "keep_best": "none",
+            "checkpoint_every_steps": 1_000_000,
         },
         "eval": {"batch_size": 64},
     }

@@ -267,6 +267,8 @@ def main(argv: list[str] | None = None) -> None:
     # transformers' own bars (loading and writing weights) would interleave with kdkit's progress and push an error
     # off the first line of stderr; kdkit shows the progress of what takes time.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:  # imported before main() (a caller's process): the variable came too late
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
     try:
         app(args=argv, standalone_mode=False)
     except KdkitError as exc:

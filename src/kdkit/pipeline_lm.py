@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdkit.atomic import write_json
+from kdkit.atomic import write_json, write_text
 from kdkit.config import KDConfig, dump_config
 from kdkit.data.lm import LMBundle, LMData, build_lm_data, concat
 from kdkit.engine import TrainOptions, train
@@ -122,7 +122,7 @@ def distill_lm(cfg: KDConfig, run_dir: Path, resume: bool, log: Log = print) -> 
     write_json(run_dir / "metrics.json", metrics)
     histories = {r["phase"]: r["history"] for kind in runs.values() for r in kind}
     write_json(run_dir / "history.json", histories)
-    write_lm_report(
+    report = write_lm_report(
         run_dir,
         metrics=metrics,
         histories=histories,
@@ -131,6 +131,8 @@ def distill_lm(cfg: KDConfig, run_dir: Path, resume: bool, log: Log = print) -> 
         env=env,
         samples=samples,
     )
+    # The HF folder carries the report as its model card (plots stay in the run directory).
+    write_text(run_dir / "student" / "README.md", report.read_text().replace("](plots/", "](../plots/"))
     wait_for_everyone()
     return RunResult(run_dir, metrics, best["model"], teacher)
 

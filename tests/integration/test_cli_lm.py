@@ -37,24 +37,33 @@ def test_cache_teacher_then_train_reads_it(cli_process, lm_world, tmp_path):
     assert "perplexity" in trained.stdout
 
 
-def test_bad_language_model_input_is_one_line(cli_process, make_config, lm_world, tmp_path):
+def test_bad_language_model_input_is_one_line(cli, cli_process, make_config, lm_world, tmp_path):
     corpus, teacher, other = lm_world
+    # One real process (what a user sees); the other cases run in this process through the same error mapping.
     assert_user_error(cli_process("cache-teacher", make_config()), "distill.cache_teacher", "causal_lm")
     bad = _config(tmp_path, corpus, teacher)
     bad["teacher"]["members"].append({"model": {"source": "hf", "path": str(other)}})
     cfg = tmp_path / "two.yaml"
     cfg.write_text(yaml.safe_dump(bad))
-    assert_user_error(cli_process("train", cfg, "--out", tmp_path / "r1"), "teacher.members.1")
+    assert_user_error(cli("train", cfg, "--out", tmp_path / "r1"), "teacher.members.1")
     missing = _config(tmp_path, corpus, tmp_path / "no-such-model")
     cfg = tmp_path / "missing.yaml"
     cfg.write_text(yaml.safe_dump(missing))
-    assert_user_error(cli_process("train", cfg, "--out", tmp_path / "r2"), "teacher.members.0.model.path", "no-such")
+    assert_user_error(cli("train", cfg, "--out", tmp_path / "r2"), "teacher.members.0.model.path", "no-such")
     long = _config(tmp_path, corpus, teacher)
     long["data"]["max_length"] = 1000
     cfg = tmp_path / "long.yaml"
     cfg.write_text(yaml.safe_dump(long))
-    assert_user_error(cli_process("train", cfg, "--out", tmp_path / "r3"), "data.max_length", "1000")
-    empty = _config(tmp_path, corpus, teacher, sequence_level=3, generation={"max_new_tokens": 200})
+    assert_user_error(cli("train", cfg, "--out", tmp_path / "r3"), "data.max_length", "1000")
+    gen = _config(tmp_path, corpus, teacher, sequence_level=3, generation={"max_new_tokens": 200})
     cfg = tmp_path / "gen.yaml"
-    cfg.write_text(yaml.safe_dump(empty))
-    assert_user_error(cli_process("train", cfg, "--out", tmp_path / "r4"), "llm.generation", "max_new_tokens")
+    cfg.write_text(yaml.safe_dump(gen))
+    assert_user_error(cli("train", cfg, "--out", tmp_path / "r4"), "llm.generation", "max_new_tokens")
+
+
+def test_export_of_a_language_model_run_points_at_its_hf_folder(cli, lm_world, tmp_path):
+    corpus, teacher, _ = lm_world
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(_config(tmp_path, corpus, teacher)))
+    assert_user_error(cli("export", run), "language-model run", "AutoModelForCausalLM")

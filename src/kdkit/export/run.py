@@ -65,9 +65,15 @@ def open_run(run_dir: str | Path) -> Run:
         raise ConfigError(f"RUN_DIR: {str(run_dir)!r} is not a folder; expected a run directory written by kdkit")
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"RUN_DIR: {str(run_dir)!r} is not a kdkit run directory (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
+    if cfg.data.task == "causal_lm":
+        raise ConfigError(
+            f"RUN_DIR: {str(run_dir)!r} is a language-model run; its student is already an HF folder "
+            f"({run_dir / 'student'}: AutoModelForCausalLM.from_pretrained and AutoTokenizer load it, with report.md "
+            "beside it); kdkit export and serve handle classifiers"
+        )
     if not (run_dir / "student" / "model.json").is_file():
         raise ConfigError(f"RUN_DIR: {str(run_dir)!r} has no trained student (student/model.json); did the run finish?")
-    cfg = load_config(run_dir / "config.yaml")
     spec = read_model_json(run_dir / "student", "RUN_DIR/student")
     missing = [k for k in ("source", "in_shape", "num_classes") if k not in spec]
     if missing:

@@ -67,6 +67,7 @@ def test_cached_teacher_run_end_to_end(lm_world, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, result.student.eval()(ids).logits, atol=1e-5, rtol=1e-5)
     assert reloaded.config.num_hidden_layers == 2
+    assert "perplexity" in (run / "student" / "README.md").read_text()  # the model card
     history = json.loads((run / "history.json").read_text())
     assert {"baseline-s0", "student-s0"} <= set(history)
     assert any("train/token_kl" in r for r in history["student-s0"])
