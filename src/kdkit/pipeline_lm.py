@@ -34,7 +34,7 @@ from kdkit.evaluate.lm import lm_metrics, tokens_per_second
 from kdkit.losses import build_loss
 from kdkit.models.causal_lm import load_causal_lm, save_lm_folder, smaller_lm, student_from_teacher_lm
 from kdkit.models.vocab import check_tokenizers
-from kdkit.pipeline import RunResult, _quiet, prepare_run_dir
+from kdkit.pipeline import RunResult, _quiet, prepare_run_dir, wire_features
 from kdkit.report.lm import write_lm_report
 from kdkit.teachers import Teacher, TeacherEnsemble
 
@@ -89,6 +89,7 @@ def distill_lm(cfg: KDConfig, run_dir: Path, resume: bool, log: Log = print) -> 
                 kd_data if distilled else train_data,
                 data,
                 tokenizer,
+                teacher if distilled else None,
                 teacher_outputs if distilled else None,
                 schedules if distilled else (),
                 on_policy if distilled else None,
@@ -316,7 +317,7 @@ def lm_teacher_source(cfg: KDConfig, data: LMData, teacher: TeacherEnsemble, los
     if not loss.needs_teacher:
         return None, None
     if not cfg.distill.cache_teacher:
-        return (lambda batch: teacher(batch.inputs)), None
+        return LiveTeacher(teacher), None
     from kdkit.data.lm_cache import TopKCache
 
     temperature = _kd_temperature(cfg)
@@ -379,6 +380,16 @@ def topk_error(test: LMData, teacher: TeacherEnsemble, student: nn.Module, info:
     return out
 
 
+class LiveTeacher:
+    """The teacher source the engine calls when nothing is cached: the frozen teacher on the batch's tokens."""
+
+    def __init__(self, teacher: TeacherEnsemble):
+        self.teacher = teacher
+
+    def __call__(self, batch):
+        return self.teacher(batch.inputs)
+
+
 def _kd_temperature(cfg: KDConfig) -> float:
     """The cache stores log-probabilities at the token_kl temperature; a scheduled temperature cannot be cached."""
     temps = {float(t.params.get("temperature", 1.0)) for t in cfg.distill.losses if t.name == "token_kl"}
@@ -397,6 +408,7 @@ def run_lm_phase(
     train_data: LMData,
     data: LMBundle,
     tokenizer,
+    teacher: TeacherEnsemble | None,
     teacher_outputs,
     schedules,
     transform,
@@ -420,6 +432,9 @@ def run_lm_phase(
             f"student.model: {width} output logits; the tokenizer has {len(tokenizer)} tokens (expected at least that)"
         )
     batch_size = cfg.eval.batch_size
+    # Feature losses (hidden_state on decoder layers, with a learned projection when the widths differ) tap both
+    # models; they need the live teacher (wire_features refuses the cache, which holds output distributions only).
+    taps = wire_features(cfg, loss, model, teacher, data, device) if teacher is not None else None
 
     def on_eval(m: nn.Module) -> dict[str, float]:
         was = m.training
@@ -445,7 +460,11 @@ def run_lm_phase(
         log=log,
         schedules=schedules,
         transform=transform,
+        student_taps=taps,
     )
+    if taps is not None:
+        taps.remove()
+        teacher.tap([])
     model = model.cpu()
     summary = {
         "history": result.history,

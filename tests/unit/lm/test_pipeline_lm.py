@@ -132,3 +132,40 @@ def test_bad_input_is_named(lm_world, tmp_path):
     mixed["teacher"]["members"].append({"model": {"source": "hf", "path": str(other)}})
     with pytest.raises(CompatibilityError, match="teacher.members.1"):
         distill(mixed, out=tmp_path / "mixed", log=lambda m: None)
+
+
+def test_hidden_state_with_a_learned_projection_on_decoder_layers(lm_world, tmp_path):
+    # A narrower random-init student (16 wide vs the teacher's 32): hidden_state pairs its 2 decoder layers with
+    # the teacher's layers uniformly, through projections trained with it; the projections never reach the export.
+    corpus, teacher, _ = lm_world
+    cfg = lm_config(
+        corpus,
+        teacher,
+        tmp_path,
+        student={
+            "model": {
+                "source": "hf",
+                "path": str(teacher),
+                "pretrained": False,
+                "kwargs": {"num_hidden_layers": 2, "hidden_size": 16, "intermediate_size": 32},
+            }
+        },
+        distill={
+            "cache_teacher": False,
+            "losses": [
+                {"name": "token_ce", "weight": 0.5},
+                {"name": "token_kl", "weight": 0.5},
+                {"name": "hidden_state", "weight": 1.0},
+            ],
+        },
+        train={"epochs": 1},
+    )
+    result = distill(cfg, out=tmp_path / "run", log=lambda m: None)
+    history = json.loads((tmp_path / "run" / "history.json").read_text())["student-s0"]
+    assert any(r.get("train/hidden_state", 0) > 0 for r in history)
+    assert result.student.config.hidden_size == 16
+    plain = type(result.student)(result.student.config)
+    assert set(result.student.state_dict()) == set(plain.state_dict())  # no projection leaked into the student
+    cached = {**cfg, "distill": {**cfg["distill"], "cache_teacher": True}}
+    with pytest.raises(ConfigError, match="feature losses need the live teacher"):
+        distill(cached, out=tmp_path / "run2", log=lambda m: None)
