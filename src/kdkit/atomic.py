@@ -71,3 +71,22 @@ def replace_dir(tmp_dir: str | Path, final_dir: str | Path) -> Path:
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return final_dir
+
+
+def sha256_file(path: str | Path) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB pieces (checkpoints and caches record it to detect damage)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_npy(path: str | Path, array) -> None:
+    """np.save into exactly `path` (np.save on a path would append '.npy' to a temp name); use with write_with."""
+    import numpy as np
+
+    with open(path, "wb") as fh:
+        np.save(fh, array)

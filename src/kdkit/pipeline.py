@@ -407,7 +407,7 @@ def run_phase(
         data.train,
         TrainOptions.from_dict(train_cfg.model_dump()),
         augment=make_augment(
-            train_cfg.augment, data, "train.augment" if train_cfg is cfg.train else "teacher.train.augment"
+            train_cfg.augment, data, "teacher.train.augment" if train_cfg is cfg.teacher.train else "train.augment"
         ),
         teacher=teacher_outputs,
         on_eval=on_eval,

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdkit.atomic import write_json, write_with
+from kdkit.atomic import save_npy, sha256_file, write_json, write_with
 from kdkit.errors import DataError
 from kdkit.types import Batch, ModelOutputs, SparseLogprobs
 
@@ -120,19 +120,6 @@ def _tokens(item: Any, length: int | None) -> tuple[torch.Tensor, int]:
     if length is None:
         length = int(torch.as_tensor(mask).sum()) if mask is not None else ids.shape[0]
     return ids.long(), int(length)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as fh:  # np.save on a path would append '.npy' to the temp name
-        np.save(fh, array)
 
 
 def _duration(seconds: float) -> str:
@@ -465,8 +452,8 @@ def _write_shard(folder: Path, number: int, buf: dict) -> dict:
     entry = {"examples": int(buf["filled"])}
     for name in ARRAYS:
         file = folder / f"shard_{number:05d}.{name}.npy"
-        write_with(file, lambda p, a=buf[name]: _save_npy(p, a))
-        entry[name] = {"file": file.name, "bytes": file.stat().st_size, "sha256": _sha256(file)}
+        write_with(file, lambda p, a=buf[name]: save_npy(p, a))
+        entry[name] = {"file": file.name, "bytes": file.stat().st_size, "sha256": sha256_file(file)}
     return entry
 
 
@@ -514,6 +501,6 @@ def _check_file(file: Path, entry: dict, verify: bool) -> str:
     size = file.stat().st_size
     if size != entry["bytes"]:
         return f"file {file.name} has {size} bytes, the manifest says {entry['bytes']} (truncated or altered)"
-    if verify and _sha256(file) != entry["sha256"]:
+    if verify and sha256_file(file) != entry["sha256"]:
         return f"file {file.name} has been altered (its sha256 differs from the manifest)"
     return ""

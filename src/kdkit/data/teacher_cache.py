@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from kdkit.atomic import write_json, write_with
+from kdkit.atomic import save_npy, sha256_file, write_json, write_with
 from kdkit.data.bundle import collate
 from kdkit.errors import DataError
 from kdkit.types import Batch, ModelOutputs
@@ -92,7 +92,7 @@ class TeacherCache:
                 and meta.get("data") == data_fp
                 and meta.get("n") == len(dataset)
             ):
-                if meta.get("sha256") == _sha256(npy):
+                if meta.get("sha256") == sha256_file(npy):
                     logits = np.load(npy, mmap_mode="r")
                     log(f"teacher cache: reusing {npy} ({logits.shape[0]} × {logits.shape[-1]})")
                     return cls(logits, npy)
@@ -104,7 +104,7 @@ class TeacherCache:
             logits = np.stack(per_view, axis=1)  # (N, K, C)
         else:
             logits = compute_logits(dataset, forward, batch_size, device)
-        write_with(npy, lambda p: _save_npy(p, logits))
+        write_with(npy, lambda p: save_npy(p, logits))
         write_json(
             meta_path,
             {
@@ -113,24 +113,11 @@ class TeacherCache:
                 "n": len(dataset),
                 "num_classes": int(logits.shape[-1]),
                 "dtype": "float32",
-                "sha256": _sha256(npy),
+                "sha256": sha256_file(npy),
             },
         )
         log(f"teacher cache: wrote {npy} ({logits.nbytes / 1e6:.2f} MB)")
         return cls(np.load(npy, mmap_mode="r"), npy)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as fh:  # np.save on a path would append '.npy' to the temp name
-        np.save(fh, array)
 
 
 @torch.inference_mode()

@@ -9,7 +9,6 @@ every file, checked before anything is loaded: a truncated, edited or foreign fi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -18,16 +17,8 @@ from typing import Any
 
 import torch
 
-from kdkit.atomic import write_json
+from kdkit.atomic import sha256_file, write_json
 from kdkit.errors import TrainingError
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
