@@ -57,6 +57,7 @@ class TokenKL(Loss):
         self.shift = bool(shift)
         self.num_real_tokens = num_real_tokens
         self.vocab_size = vocab_size
+        self._checked_widths: set[int] = set()
 
     def forward(
         self,
@@ -86,7 +87,10 @@ class TokenKL(Loss):
         """The top-k teacher of the offline cache: Ft.sparse_token_divergence over the student's shared ids."""
         s = student.logits if self.vocab_size is None else student.logits[..., : self.vocab_size]
         width = s.shape[-1]
-        top = int(sparse.ids.max()) if sparse.ids.numel() else -1  # one sync per step; an id ≥ width cannot be read
+        # An id ≥ width cannot be read. Checked on the first batch only: .max() waits for the device, and a cache
+        # holds one teacher's vocabulary throughout.
+        top = int(sparse.ids.max()) if sparse.ids.numel() and width not in self._checked_widths else -1
+        self._checked_widths.add(width)
         if top >= width:
             raise CompatibilityError(
                 f"{self.name}: the cached teacher has token id {top}, beyond the student's {width} logits; the cache "
