@@ -44,6 +44,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
+from math import nan
 from pathlib import Path
 
 from common import (
@@ -546,7 +547,11 @@ def summarise(s: Settings, runs: dict[str, list[dict]]) -> dict:
         if name == "trl":
             continue
         speed = [median(t["step_s"]) / median(k["step_s"]) for k, t in zip(rs, trl)]  # kdkit tokens/s ÷ TRL's
-        mem = [k["memory"]["train_peak_mib"] / t["memory"]["train_peak_mib"] for k, t in zip(rs, trl)]
+        # A tiny (--quick) run can peak below the RSS measured before training: no ratio then, not a crash.
+        mem = [
+            k["memory"]["train_peak_mib"] / t["memory"]["train_peak_mib"] if t["memory"]["train_peak_mib"] > 0 else nan
+            for k, t in zip(rs, trl)
+        ]
         out[name] |= {
             "speed_vs_trl": round(median(speed), 3),
             "speed_vs_trl_per_round": [round(v, 3) for v in speed],
