@@ -105,7 +105,7 @@ def distill_lm(cfg: KDConfig, run_dir: Path, resume: bool, log: Log = print) -> 
     if not is_main_process():
         wait_for_everyone()
         return RunResult(run_dir, {}, best["model"], teacher)
-    metrics, samples = evaluate_lm(cfg, data, teacher, runs, tokenizer, device)
+    metrics, samples = evaluate_lm(cfg, data, teacher, runs, tokenizer, device, cache_info, best["phase"])
     metrics["data"] = {
         "corpus": d.name if d.source in ("builtin", "hf") else d.path,
         "documents": data.documents,
@@ -115,9 +115,6 @@ def distill_lm(cfg: KDConfig, run_dir: Path, resume: bool, log: Log = print) -> 
         "sequence_kd_examples": len(kd_data) - len(train_data),
     }
     if cache_info:
-        best_model = best["model"].to(device).eval()
-        cache_info.update(topk_error(data.test, teacher, best_model, cache_info, cfg.eval.batch_size, device))
-        best_model.cpu()
         metrics["teacher_cache"] = cache_info
     save_lm_folder(best["model"], tokenizer, run_dir / "student")
     write_json(run_dir / "metrics.json", metrics)
@@ -352,32 +349,32 @@ def lm_teacher_source(cfg: KDConfig, data: LMData, teacher: TeacherEnsemble, los
     return cache, info
 
 
-def topk_error(test: LMData, teacher: TeacherEnsemble, student: nn.Module, info: dict, batch_size: int, device: str):
+class TopKError:
     """What the top-k cache loses, on held-out text: the distilled student's forward KL to the dense teacher vs to
-    the teacher's top-k (the loss it was trained with), token-weighted over up to 8 test batches."""
-    from torch.utils.data import DataLoader
+    the teacher's top-k (the loss it was trained with), token-weighted. Fed by lm_metrics' forward passes."""
 
-    from kdkit.data.lm_cache import topk_logprobs
-    from kdkit.losses.token_functional import topk_kl_error
+    def __init__(self, student: str, k: int, temperature: float):
+        self.student, self.k, self.temperature = student, k, temperature
+        self.totals: dict[str, float] = {}
+        self.tokens = 0
 
-    k, temperature = info["k"], info["kd_temperature"]
-    totals, tokens = {}, 0
-    loader = DataLoader(test, batch_size=batch_size, shuffle=False, collate_fn=test.collate)
-    with torch.inference_mode():
-        for i, batch in enumerate(loader):
-            if i == 8:
-                break
-            inputs, labels = batch.inputs.to(device), batch.labels.to(device)
-            t = teacher.logits(inputs)
-            s = student(inputs).logits.float()
-            r = topk_kl_error(s, t, topk_logprobs(t, k, temperature), labels, temperature)
-            for key in ("dense_kl", "sparse_kl", "teacher_kl", "topk_mass"):
-                totals[key] = totals.get(key, 0.0) + r[key] * r["tokens"]
-            tokens += r["tokens"]
-    out = {f"heldout_{key}": round(v / max(tokens, 1), 4) for key, v in totals.items()}
-    dense = out.get("heldout_dense_kl", 0.0)
-    out["heldout_kl_rel_error"] = round((dense - out.get("heldout_sparse_kl", 0.0)) / dense, 4) if dense else 0.0
-    return out
+    def __call__(self, logits: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
+        from kdkit.data.lm_cache import topk_logprobs
+        from kdkit.losses.token_functional import topk_kl_error
+
+        t, s = logits["teacher"], logits[self.student].float()
+        v = min(t.shape[-1], s.shape[-1])  # a padded output layer: the shared ids
+        t, s = t[..., :v], s[..., :v]
+        r = topk_kl_error(s, t, topk_logprobs(t, self.k, self.temperature), labels, self.temperature)
+        for key in ("dense_kl", "sparse_kl", "teacher_kl", "topk_mass"):
+            self.totals[key] = self.totals.get(key, 0.0) + r[key] * r["tokens"]
+        self.tokens += r["tokens"]
+
+    def summary(self) -> dict:
+        out = {f"heldout_{key}": round(v / max(self.tokens, 1), 4) for key, v in self.totals.items()}
+        dense = out.get("heldout_dense_kl", 0.0)
+        out["heldout_kl_rel_error"] = round((dense - out.get("heldout_sparse_kl", 0.0)) / dense, 4) if dense else 0.0
+        return out
 
 
 class LiveTeacher:
@@ -482,8 +479,18 @@ def run_lm_phase(
     return model, summary
 
 
-def evaluate_lm(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, runs: dict, tokenizer, device: str):
-    """Test-split metrics of teacher and students (mean ± std over seeds), cost, speed-up, greedy samples."""
+def evaluate_lm(
+    cfg: KDConfig,
+    data: LMBundle,
+    teacher: TeacherEnsemble,
+    runs: dict,
+    tokenizer,
+    device: str,
+    cache_info: dict | None = None,
+    best_phase: str | None = None,
+):
+    """Test-split metrics of teacher and students (mean ± std over seeds), cost, speed-up, greedy samples; with a
+    top-k cache, its KL error for the best distilled student (added to cache_info) from the same forward passes."""
     e = cfg.eval
     models: dict[str, Callable] = {"teacher": teacher.logits}
     for kind in ("baseline", "student"):
@@ -493,7 +500,10 @@ def evaluate_lm(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, runs: d
     widths = [teacher.members[0].model.get_output_embeddings().weight.shape[0]]
     widths += [r["model"].get_output_embeddings().weight.shape[0] for k in runs.values() for r in k]
     shared = min(widths) if len(set(widths)) > 1 else None
-    scores = lm_metrics(models, data.test, e.batch_size, device, teacher="teacher", vocab_size=shared)
+    topk = TopKError(best_phase, cache_info["k"], cache_info["kd_temperature"]) if cache_info else None
+    scores = lm_metrics(models, data.test, e.batch_size, device, teacher="teacher", vocab_size=shared, on_batch=topk)
+    if topk is not None:
+        cache_info.update(topk.summary())
 
     block = data.test.ids[: min(len(data.test), e.batch_size)].to(device)
     one = data.test.ids[:1].to(device)

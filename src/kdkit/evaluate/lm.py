@@ -29,11 +29,13 @@ def lm_metrics(
     device: str,
     teacher: str | None = None,
     vocab_size: int | None = None,
+    on_batch: Callable[[dict[str, torch.Tensor], torch.Tensor], None] | None = None,
 ) -> dict[str, dict[str, float]]:
     """{name: {nll, perplexity, accuracy, agreement, kl, tokens}} for each model over `data` (an LMData).
 
     teacher: the key of the teacher in `models` (agreement and kl need it). vocab_size: compare only the first
-    vocab_size logits (a padded vocabulary); None requires equal widths.
+    vocab_size logits (a padded vocabulary); None requires equal widths. on_batch(logits by name (B, T, V), labels)
+    sees every batch's full logits, so that other measurements share these forward passes instead of repeating them.
     """
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=data.collate)
     sums = {name: {"nll": 0.0, "correct": 0.0, "agree": 0.0, "kl": 0.0} for name in models}
@@ -47,12 +49,16 @@ def lm_metrics(
                 continue
             target = labels[rows, cols + 1]
             tokens += rows.numel()
-            logp = {}
+            logp, full = {}, {}
             for name, forward in models.items():
-                logits = _logits(forward(inputs))[rows, cols].float()
+                full[name] = _logits(forward(inputs))
+                logits = full[name][rows, cols].float()
                 if vocab_size is not None:
                     logits = logits[:, :vocab_size]
                 logp[name] = F.log_softmax(logits, dim=-1)  # (N, V)
+            if on_batch is not None:
+                on_batch(full, labels)
+            del full
             t_logp = logp.get(teacher) if teacher is not None else None
             t_top = t_logp.argmax(-1) if t_logp is not None else None
             for name, lp in logp.items():
