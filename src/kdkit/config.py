@@ -7,7 +7,9 @@ This module imports no torch and nothing of kdkit but `errors`, so `kdkit valida
 
 from __future__ import annotations
 
+import copy
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -245,8 +247,8 @@ class ScheduleSpec(Section):
     schedule: Literal["constant", "linear", "cosine", "step"] = Field(
         description="constant: start; linear/cosine: start → end; step: start · gamma^(epoch // every)."
     )
-    start: float = Field(ge=0, description="Value at the first step.")
-    end: float | None = Field(None, ge=0, description="Value at the last step (linear, cosine).")
+    start: float = Field(ge=0, allow_inf_nan=False, description="Value at the first step.")
+    end: float | None = Field(None, ge=0, allow_inf_nan=False, description="Value at the last step (linear, cosine).")
     unit: Literal["step", "epoch"] = Field("step", description="Change every optimizer step, or once per epoch.")
     warmup_steps: int = Field(0, ge=0, description="Ramp linearly from 0 over this many steps first.")
     every: int = Field(1, gt=0, description="For step: decay every so many epochs.")
@@ -258,14 +260,32 @@ class ScheduleSpec(Section):
             raise ValueError(f"a {self.schedule} schedule needs `end`")
         return self
 
+    def reachable(self, epochs: int) -> list[tuple[float, str]]:
+        """The extreme values this schedule takes over `epochs` epochs, each with where it takes it.
+
+        start; end (linear, cosine); the last decay start · gamma^((epochs − 1) // every) (step); start /
+        warmup_steps at the first step of a warm-up. Every other value lies between these (a warm-up scales a value
+        by a factor in (0, 1]), so a loss's range checks (T > 0, 0 <= beta <= 1) hold throughout when they hold
+        for these.
+        """
+        out = [(self.start, f"the start of its {self.schedule} schedule")]
+        if self.schedule in ("linear", "cosine") and self.end is not None:
+            out.append((self.end, f"the end of its {self.schedule} schedule"))
+        decays = (epochs - 1) // self.every
+        if self.schedule == "step" and decays > 0:
+            out.append((self.start * self.gamma**decays, f"epoch {decays * self.every + 1} of its step schedule"))
+        if self.warmup_steps > 0:
+            out.append((self.start / self.warmup_steps, "the first step of its warm-up"))
+        return out
+
+
+LOSS_NAME_HELP = "A loss name registered in kdkit.losses.LOSSES."  # kdkit.validate.config_docs lists them
+
 
 class LossTerm(Section):
     """One weighted part of the training loss."""
 
-    name: str = Field(
-        description="Registered loss name: ce, soft_kl, hard_teacher, dkd, hint, attention_transfer, hidden_state, "
-        "attention_map."
-    )
+    name: str = Field(description=LOSS_NAME_HELP)
     weight: Annotated[float, Field(ge=0)] | ScheduleSpec = Field(
         1.0, description="Weight of this part in the total: a number, or a schedule (progressive KD weight)."
     )
@@ -287,8 +307,10 @@ class LossTerm(Section):
                 raise ValueError(
                     f"{where + ': ' if where else ''}{first['msg'].removeprefix('Value error, ')}"
                 ) from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise ValueError(f"got {value!r}; expected a number >= 0 or a schedule {{schedule: linear, start, end}}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            raise ValueError(
+                f"got {value!r}; expected a finite number >= 0 or a schedule {{schedule: linear, start, end}}"
+            )
         return float(value)
 
     @field_validator("params")
@@ -329,7 +351,12 @@ class MutualConfig(Section):
 
     enabled: bool = Field(False, description="Train student and teacher members together (no pre-trained teacher).")
     temperature: float = Field(1.0, gt=0, description="Temperature of the peers' soft labels.")
-    kd_weight: float = Field(1.0, ge=0, description="Weight of each peer's KL to the mean of the others.")
+    kd_weight: float = Field(1.0, ge=0, description="Weight of each peer's KL term to the other peers.")
+    peer_target: Literal["pairwise", "mean_of_peers"] = Field(
+        "pairwise",
+        description="What each peer matches: pairwise, the mean of its KLs to every other peer (Zhang et al. 2018, "
+        "eq. 10); mean_of_peers, one KL to the other peers' mean distribution. The same for two peers.",
+    )
 
 
 class DistillConfig(Section):
@@ -583,7 +610,9 @@ class KDConfig(Section):
 # Loading
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """tree[a][b][c] = value for dotted "a.b.c", in place; list items by index ("distill.losses.1.weight").
+    Missing sections are created; a ConfigError names the override when a step is a value or out of range."""
     keys = dotted.split(".")
     node = tree
     for i, key in enumerate(keys[:-1]):
@@ -600,7 +629,7 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
                 return
             if not isinstance(nxt[idx], dict):
                 raise ConfigError(f"--set {dotted}: {'.'.join(keys[: i + 2])} is not a section")
-            _set_dotted(nxt[idx], rest, value)
+            set_dotted(nxt[idx], rest, value)
             return
         if nxt is None:
             nxt = node[key] = {}
@@ -608,6 +637,28 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
             raise ConfigError(f"--set {dotted}: {'.'.join(keys[: i + 1])} is a value, not a section")
         node = nxt
     node[keys[-1]] = value
+
+
+_set_dotted = set_dotted  # the old private name, still imported by kdkit.interpret.config
+
+
+def apply_overrides(raw: Any, overrides: list[str] | tuple[str, ...], root: type[BaseModel] | None = None) -> Any:
+    """A copy of the raw config (a dict read from YAML) with `--set key=value` overrides applied.
+
+    With `root` (the config's top-level model, e.g. KDConfig) the raw config is first resolved against it, so that
+    defaults not written in the YAML (e.g. the default loss list) can be overridden too; a raw config that does not
+    validate is taken as it is, so that its own errors are reported with the overrides applied.
+    """
+    raw = copy.deepcopy(raw)
+    if overrides and isinstance(raw, dict) and root is not None:
+        try:
+            raw = root.model_validate(raw).model_dump(mode="json")
+        except ValidationError:
+            pass
+    for text in overrides:
+        key, value = parse_override(text)
+        set_dotted(raw, key, value)
+    return raw
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -693,8 +744,21 @@ def read_yaml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config: file {str(p)!r} not found" + ("" if p.parent.exists() else " (nor its folder)"))
+    data = p.read_bytes()
     try:
-        raw = yaml.safe_load(p.read_text())
+        text = data.decode("utf-8-sig")  # a byte-order mark, as some editors write, is not part of the YAML
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config {str(p)!r}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); expected a "
+            "YAML file"
+        ) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.reader.ReaderError as exc:  # UTF-8, but control characters (a binary file): no mark, no problem
+        raise ConfigError(
+            f"config {str(p)!r}: character #x{exc.character:04x} at position {exc.position} is not allowed in YAML; "
+            "expected a text file"
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -707,20 +771,7 @@ def load_config(path: str | Path | dict, overrides: list[str] | tuple[str, ...] 
     """Read a YAML file (or take a dict), apply `--set key=value` overrides, and validate."""
     raw = dict(path) if isinstance(path, dict) else read_yaml(path)
     source = "config" if isinstance(path, dict) else str(path)
-    import copy
-
-    raw = copy.deepcopy(raw)
-    if overrides and isinstance(raw, dict):
-        # Overrides apply to the resolved config, so that defaults not written in the YAML (e.g. the default
-        # loss list) can be overridden too; an invalid YAML is reported with the overrides applied to it as is.
-        try:
-            raw = KDConfig.model_validate(raw).model_dump(mode="json")
-        except ValidationError:
-            pass
-    for text in overrides:
-        key, value = parse_override(text)
-        _set_dotted(raw, key, value)
-    return config_from_dict(raw, source)
+    return config_from_dict(apply_overrides(raw, overrides, KDConfig), source)
 
 
 def dump_config(cfg: KDConfig) -> str:
@@ -762,12 +813,19 @@ def _type_name(ann: Any) -> str:
     return getattr(ann, "__name__", str(ann))
 
 
-def config_markdown() -> str:
-    """Markdown reference of every config section and field, from the models' descriptions."""
+def config_markdown(choices: dict[str, list[str]] | None = None) -> str:
+    """Markdown reference of every config section and field, from the models' descriptions.
+
+    choices: "Section.field" → the names a registry accepts there, appended to that field's description, e.g.
+    {"LossTerm.name": list(LOSSES)}. This module cannot import the registries (it imports nothing of kdkit but
+    errors); kdkit.validate.config_docs passes them, so the reference lists exactly what is registered.
+    """
+    choices = choices or {}
     lines = [
         "# Configuration reference",
         "",
-        "Generated from `src/kdkit/config.py` by `kdkit config-docs > docs/config.md`; a test fails when it is stale.",
+        "Generated from `src/kdkit/config.py` and the registries by `kdkit config-docs > docs/config.md`; a test "
+        "fails when it is stale.",
         "Every key is checked on load: an unknown key fails with the closest valid names.",
         "",
     ]
@@ -791,7 +849,10 @@ def config_markdown() -> str:
                 default = "see below" if isinstance(made, BaseModel) else f"`{_short(made)}`"
             else:
                 default = f"`{_short(f.default)}`"
-            lines.append(f"| `{name}` | {_type_name(f.annotation)} | {default} | {f.description or ''} |")
+            meaning = f.description or ""
+            if f"{model.__name__}.{name}" in choices:
+                meaning += " One of: " + ", ".join(f"`{c}`" for c in choices[f"{model.__name__}.{name}"]) + "."
+            lines.append(f"| `{name}` | {_type_name(f.annotation)} | {default} | {meaning} |")
             if isinstance(inner, type) and issubclass(inner, BaseModel):
                 suffix = "[]" if typing.get_origin(f.annotation) is list else ""
                 nested.append((inner, f"{path}.{name}{suffix}" if path else name + suffix))

@@ -1,14 +1,23 @@
-"""Checks of a loaded config that need the registries (loss and model names, their parameters), without data
-or training. Reports every problem at once."""
+"""Checks of a loaded config that need the registries (loss, model and data set names, the losses' parameters and
+their valid ranges), without data or training; and the config reference, which lists what the registries hold.
+Reports every problem at once."""
 
 from __future__ import annotations
 
-from kdkit.config import KDConfig
+from kdkit.config import KDConfig, LossTerm, config_markdown
 from kdkit.errors import ConfigError
 
 
 def check_names(cfg: KDConfig) -> None:
-    from kdkit.losses import LOSSES
+    """Every problem in one ConfigError, one line each, naming its field:
+
+    - loss names (did you mean), their parameters (bound against the constructor), and their values: each loss is
+      built once with its start values and once more for each extreme value a scheduled parameter reaches
+      (ScheduleSpec.reachable over train.epochs), so `temperature: -1` or a temperature schedule to 0 fails here,
+      not with a NaN at the run's last step;
+    - built-in model names and their kwargs;
+    - built-in data set names (data.source: builtin), for the task's registry.
+    """
     from kdkit.models import BUILTIN_MODELS
     from kdkit.registry import bind, lookup
 
@@ -16,30 +25,77 @@ def check_names(cfg: KDConfig) -> None:
 
     def attempt(fn, *args, **kwargs):
         try:
-            fn(*args, **kwargs)
+            return fn(*args, **kwargs)
         except ConfigError as exc:
             problems.extend(exc.details or [str(exc)])
+            return None
 
     for i, term in enumerate(cfg.distill.losses):
-        where = f"distill.losses.{i}"
-        try:
-            cls = lookup(LOSSES, term.name, f"{where}.name")
-        except ConfigError as exc:
-            problems.append(str(exc))
-            continue
-        attempt(bind, cls.__init__, term.params, f"{where}.params")
+        attempt(_check_loss, term, f"distill.losses.{i}", cfg.train.epochs)
     models = [(f"teacher.members.{i}.model", m.model) for i, m in enumerate(cfg.teacher.members)]
     models.append(("student.model", cfg.student.model))
     for where, spec in models:
         if spec.source != "builtin":
             continue
-        try:
-            cls = lookup(BUILTIN_MODELS, spec.name, f"{where}.name")
-        except ConfigError as exc:
-            problems.append(str(exc))
-            continue
-        attempt(bind, cls.__init__, spec.kwargs, f"{where}.kwargs", provided=("in_shape", "num_classes"))
+        cls = attempt(lookup, BUILTIN_MODELS, spec.name, f"{where}.name")
+        if cls is not None:
+            attempt(bind, cls.__init__, spec.kwargs, f"{where}.kwargs", provided=("in_shape", "num_classes"))
+    if cfg.data.source == "builtin":
+        attempt(lookup, _builtin_data(cfg.data.task), cfg.data.name, "data.name")
     if problems:
         if len(problems) == 1:
             raise ConfigError(problems[0])
         raise ConfigError(f"{len(problems)} problems", details=problems)
+
+
+def _check_loss(term: LossTerm, where: str, epochs: int) -> None:
+    """Build the loss at its start values, then with each scheduled parameter at each extreme it reaches (the other
+    parameters at their start values); one problem per parameter."""
+    from kdkit import losses
+    from kdkit.registry import bind, lookup
+
+    cls = lookup(losses.LOSSES, term.name, f"{where}.name")
+    _, params = term.start_values()
+    kwargs = bind(cls.__init__, params, f"{where}.params")
+    scheduled = {k: spec for k, spec in term.schedules().items() if k != "weight"}  # the config checks weights
+
+    def at_start(param: str) -> str:
+        return f"at the start of its {scheduled[param].schedule} schedule" if param in scheduled else ""
+
+    losses.construct(cls, kwargs, f"{where}.params", at_start)
+    problems = []
+    for param, spec in scheduled.items():
+        for value, when in spec.reachable(epochs):
+            try:
+                losses.construct(
+                    cls,
+                    {**kwargs, param: value},
+                    f"{where}.params",
+                    lambda failed, param=param, value=value, when=when: (
+                        f"at {when}" if failed == param else f"with {param}={value:g} (at {when})"
+                    ),
+                )
+            except ConfigError as exc:
+                problems.append(str(exc))
+                break
+    if problems:  # one line each; the caller lists exc.details (or the message when there are none)
+        raise ConfigError(problems[0], details=problems if len(problems) > 1 else None)
+
+
+def _builtin_data(task: str) -> dict:
+    """The registry of built-in data sets for data.task: class-labelled sets, or text corpora for causal_lm."""
+    if task == "causal_lm":
+        from kdkit.data.lm import CORPORA
+
+        return CORPORA
+    from kdkit.data.builtin import BUILTIN_DATASETS
+
+    return BUILTIN_DATASETS
+
+
+def config_docs() -> str:
+    """docs/config.md: the reference of every config field (kdkit.config.config_markdown) with the names the
+    registries accept filled in from the registries themselves, so a new loss shows up without editing the docs."""
+    from kdkit import losses
+
+    return config_markdown({"LossTerm.name": list(losses.LOSSES)})

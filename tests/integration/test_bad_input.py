@@ -96,6 +96,72 @@ def test_config_that_is_a_list(cli, tmp_path):
     assert_user_error(cli("validate", config), "list.yaml", "expected a mapping", "list")
 
 
+def test_binary_config_file_names_the_file(cli, tmp_path):
+    config = tmp_path / "weights.yaml"
+    config.write_bytes(bytes(range(128, 256)) * 4)  # not UTF-8: a model file given by mistake
+    assert_user_error(cli("validate", config), "weights.yaml", "not UTF-8", "expected a YAML file")
+    config.write_bytes(b"run:\n  name: \x00\x01\x02\n")  # UTF-8, but control characters
+    assert_user_error(cli("validate", config), "weights.yaml", "#x0000", "expected a text file")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loss values and built-in names that only the registries know (kdkit validate runs the losses' own checks)
+
+
+def test_validate_runs_the_loss_value_checks(cli, make_config):
+    def negative(cfg):
+        cfg["distill"]["losses"] = [{"name": "ce", "weight": 0.1}, {"name": "soft_kl", "params": {"temperature": -1}}]
+
+    first = assert_user_error(cli("validate", make_config(negative)), "distill.losses.1.params.temperature", "-1")
+    assert first.endswith("expected a number > 0")
+
+
+def test_validate_checks_every_value_a_schedule_reaches(cli, make_config):
+    def anneal_to_zero(cfg):
+        anneal = {"schedule": "linear", "start": 4, "end": 0}
+        cfg["distill"]["losses"] = [
+            {"name": "ce", "weight": 0.1},
+            {"name": "soft_kl", "params": {"temperature": anneal}},
+        ]
+
+    assert_user_error(
+        cli("validate", make_config(anneal_to_zero)),
+        "distill.losses.1.params.temperature",
+        "end of its linear schedule",
+        "temperature=0",
+        "expected a number > 0",
+    )
+
+
+def test_several_loss_problems_are_one_line_each(cli, make_config):
+    def two_bad(cfg):
+        cfg["distill"]["losses"] = [
+            {"name": "ce", "params": {"label_smoothing": 1.5}},
+            {"name": "dkd", "params": {"beta": -8}},
+        ]
+
+    result = cli("validate", make_config(two_bad))
+    assert_user_error(result, "2 problems")
+    details = [line.lstrip(" -") for line in result.stderr.strip().splitlines()[1:]]
+    assert details == [
+        "distill.losses.0.params.label_smoothing: label_smoothing=1.5; expected 0 <= value < 1",
+        "distill.losses.1.params.beta: beta=-8; expected a number >= 0",
+    ], result.describe()
+
+
+def test_validate_checks_the_builtin_data_set_name(cli, make_config):
+    def unknown(cfg):
+        cfg["data"] = {"source": "builtin", "name": "cifar1000"}
+
+    first = assert_user_error(cli("validate", make_config(unknown)), "data.name", "'cifar1000'", "expected one of")
+    assert "digits" in first and "mnist5k" in first
+
+    def typo(cfg):
+        cfg["data"] = {"source": "builtin", "name": "mnist5"}
+
+    assert_user_error(cli("validate", make_config(typo)), "data.name", "'mnist5'", "did you mean: mnist5k")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Data files
 

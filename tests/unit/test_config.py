@@ -83,8 +83,10 @@ def test_dump_round_trips_and_diff_names_keys(tmp_path):
 
 
 def test_docs_config_md_is_fresh():
+    from kdkit.validate import config_docs
+
     doc = ROOT / "docs" / "config.md"
-    assert doc.read_text() == config_markdown(), "docs/config.md is stale: run `kdkit config-docs > docs/config.md`"
+    assert doc.read_text() == config_docs(), "docs/config.md is stale: run `kdkit config-docs > docs/config.md`"
 
 
 def test_every_shipped_config_validates():
@@ -94,3 +96,69 @@ def test_every_shipped_config_validates():
     assert shipped, "no shipped configs found"
     for path in shipped:
         check_names(load_config(path))
+
+
+def test_config_markdown_fills_in_registry_choices():
+    # config.py imports no registry; the caller passes what a field accepts (kdkit.validate.config_docs does).
+    plain = config_markdown()
+    filled = config_markdown({"LossTerm.name": ["ce", "my_loss"]})
+    line = next(x for x in filled.splitlines() if "A loss name registered" in x)
+    assert line.endswith("One of: `ce`, `my_loss`. |")
+    assert "my_loss" not in plain
+
+
+def test_schedule_reachable_values_are_its_extremes():
+    from kdkit.config import ScheduleSpec
+
+    linear = ScheduleSpec(schedule="linear", start=8, end=2)
+    assert [v for v, _ in linear.reachable(epochs=10)] == [8, 2]
+    step = ScheduleSpec(schedule="step", start=8, gamma=0.5, every=3)
+    # epochs 0-2: 8, 3-5: 4, 6-8: 2, 9: 1 → the last decay is at (1-based) epoch 10
+    assert step.reachable(epochs=10) == [(8, "the start of its step schedule"), (1.0, "epoch 10 of its step schedule")]
+    assert step.reachable(epochs=3) == [(8, "the start of its step schedule")]
+    warm = ScheduleSpec(schedule="constant", start=4, warmup_steps=8)
+    assert warm.reachable(epochs=5)[-1] == (0.5, "the first step of its warm-up")
+
+
+def test_a_weight_or_schedule_must_be_finite():
+    with pytest.raises(ConfigError, match=r"distill\.losses\.0\.weight: got inf; expected a finite number >= 0"):
+        load_config(BASE, ["distill.losses.0.weight=.inf"])
+    with pytest.raises(ConfigError, match=r"temperature\.end: Input should be a finite number"):
+        load_config(BASE, ["distill.losses.1.params.temperature={schedule: linear, start: 4, end: .inf}"])
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        (b"run:\n  name: \xff\xfe\n", "not UTF-8 text (byte 0xff at offset 13); expected a YAML file"),
+        (b"run: \x00\x01\x02\n", "character #x0000 at position 5 is not allowed in YAML; expected a text file"),
+    ],
+)
+def test_a_binary_config_file_is_a_config_error_naming_the_file(tmp_path, content, needle):
+    p = tmp_path / "model.bin"
+    p.write_bytes(content)
+    with pytest.raises(ConfigError) as info:
+        load_config(p)
+    assert str(info.value) == f"config {str(p)!r}: {needle}"
+
+
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path):
+    p = tmp_path / "bom.yaml"
+    p.write_bytes("\ufeffteacher: {members: [{model: {name: mlp}}]}\nstudent: {model: {name: mlp}}\n".encode())
+    assert load_config(p).student.model.name == "mlp"
+
+
+def test_apply_overrides_is_public_and_leaves_the_raw_dict_alone():
+    from kdkit.config import KDConfig, _set_dotted, apply_overrides, set_dotted
+
+    raw = {**BASE}
+    out = apply_overrides(raw, ["train.epochs=3", "distill.losses.1.weight=0.5"], KDConfig)
+    assert out["train"]["epochs"] == 3 and out["distill"]["losses"][1]["weight"] == 0.5  # defaults resolved first
+    assert raw == BASE and "train" not in raw
+    assert apply_overrides({"a": {"b": 1}}, ["a.c=2"]) == {"a": {"b": 1, "c": 2}}  # no root: applied as is
+    tree = {"x": [{"y": 1}]}
+    set_dotted(tree, "x.0.y", 5)
+    _set_dotted(tree, "x.0.z", 6)  # the old name still works (kdkit.interpret.config imports it)
+    assert tree == {"x": [{"y": 5, "z": 6}]}
+    with pytest.raises(ConfigError, match="index 3 out of range"):
+        set_dotted(tree, "x.3.y", 1)

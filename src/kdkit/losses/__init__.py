@@ -1,13 +1,18 @@
 """Losses: the math in `functional.py`, one thin module per loss, and the LOSSES registry.
 
-Adding a loss: its file, one line in LOSSES, its test.
+Adding a loss: its file, one line in LOSSES, its test. build_loss, `kdkit validate` (kdkit.validate.check_names)
+and the config reference (kdkit.validate.config_docs) read LOSSES; nothing else lists loss names. What a loss needs
+is a class attribute: needs_teacher, needs_labels (see Loss).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from kdkit.errors import ConfigError
 from kdkit.losses.attention_map import AttentionMap
 from kdkit.losses.attention_transfer import AttentionTransfer
-from kdkit.losses.base import Loss
+from kdkit.losses.base import Loss, ParamError
 from kdkit.losses.ce import CrossEntropy
 from kdkit.losses.combined import WeightedLoss
 from kdkit.losses.dkd import DecoupledKD
@@ -36,18 +41,31 @@ LOSSES: dict[str, type[Loss]] = {
 
 
 def build_loss(terms: list[tuple[str, float, dict]], where: str = "distill.losses") -> WeightedLoss:
-    """[(name, weight, params)] -> WeightedLoss; unknown names and parameters fail with the field path."""
-    built = []
-    for i, (name, weight, params) in enumerate(terms):
-        cls = lookup(LOSSES, name, f"{where}.{i}.name")
-        kwargs = bind(cls.__init__, params, f"{where}.{i}.params")
-        try:
-            built.append((weight, cls(**kwargs)))
-        except ValueError as exc:
-            from kdkit.errors import ConfigError
+    """[(name, weight, params)] -> WeightedLoss; unknown names, parameters and bad values fail with the field path."""
+    return WeightedLoss(
+        [(weight, make_loss(name, params, f"{where}.{i}")) for i, (name, weight, params) in enumerate(terms)]
+    )
 
-            raise ConfigError(f"{where}.{i}.params: {exc}") from None
-    return WeightedLoss(built)
+
+def make_loss(name: str, params: dict, where: str) -> Loss:
+    """One loss from its registered name and parameters; a ConfigError names the field under `where`
+    (e.g. "distill.losses.1"): .name for an unknown name, .params.<key> for an unknown key or a bad value."""
+    cls = lookup(LOSSES, name, f"{where}.name")
+    return construct(cls, bind(cls.__init__, params, f"{where}.params"), f"{where}.params")
+
+
+def construct(cls: type[Loss], kwargs: dict, where: str, when: Callable[[str], str] | None = None) -> Loss:
+    """cls(**kwargs), its constructor's checks turned into a ConfigError naming the field:
+    "<where>.temperature: temperature=0; expected a number > 0". when(param) may say when the value is reached
+    ("at the end of its linear schedule"), for the parameter that failed. A ValueError or TypeError without a
+    parameter name names <where> itself."""
+    try:
+        return cls(**kwargs)
+    except ParamError as exc:
+        context = when(exc.param) if when is not None else ""
+        raise ConfigError(f"{where}.{exc.param}: {context + ', ' if context else ''}{exc}") from None
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 __all__ = [
@@ -55,6 +73,9 @@ __all__ = [
     "Loss",
     "WeightedLoss",
     "build_loss",
+    "make_loss",
+    "construct",
+    "ParamError",
     "CrossEntropy",
     "SoftKL",
     "HardTeacher",

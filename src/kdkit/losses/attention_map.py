@@ -19,7 +19,7 @@ from torch import nn
 
 from kdkit.errors import CompatibilityError
 from kdkit.losses import functional as Fk
-from kdkit.losses.base import Loss
+from kdkit.losses.base import Loss, ParamError, choice
 from kdkit.models.taps import get_feature, layer_pairs, parse_layer_map, resolve_module, split_path
 from kdkit.types import Batch, ModelOutputs
 
@@ -51,15 +51,14 @@ class AttentionMap(Loss):
     ):
         super().__init__()
         self.layer_map = parse_layer_map(layer_map)
-        if head_reduce not in ("mean", "all"):
-            raise ValueError(f"head_reduce={head_reduce!r}; expected 'mean' or 'all'")
+        choice("head_reduce", head_reduce, ("mean", "all"))
         by_path = self._by_path()
         if by_path and (student_container, teacher_container, attention_module) != (None, None, None):
             raise ValueError(
                 "student_container/teacher_container/attention_module apply to layer indices or 'uniform', not paths"
             )
         if attention_module is not None and (not isinstance(attention_module, str) or not attention_module):
-            raise ValueError(f"attention_module={attention_module!r}; expected a module path inside a block")
+            raise ParamError("attention_module", attention_module, "a module path inside a block")
         self.head_reduce = head_reduce
         self.student_container = student_container
         self.teacher_container = teacher_container

@@ -6,7 +6,7 @@ import torch
 
 from kdkit.errors import CompatibilityError
 from kdkit.losses import functional as Fk
-from kdkit.losses.base import Loss
+from kdkit.losses.base import Loss, ParamError, non_negative, positive
 from kdkit.models.taps import get_feature
 from kdkit.types import Batch, ModelOutputs
 
@@ -28,14 +28,10 @@ class AttentionTransfer(Loss):
             for pair in pairs
         )
         if not ok:
-            raise ValueError(f"pairs={pairs!r}; expected a non-empty list of [student path, teacher path]")
-        if p <= 0:
-            raise ValueError(f"p={p}; expected > 0")
-        if beta < 0:
-            raise ValueError(f"beta={beta}; expected ≥ 0")
+            raise ParamError("pairs", pairs, "a non-empty list of [student path, teacher path]")
         self.pairs = [(str(s), str(t)) for s, t in pairs]
-        self.p = float(p)
-        self.beta = float(beta)
+        self.p = positive("p", p)
+        self.beta = non_negative("beta", beta)
 
     def feature_paths(self) -> tuple[list[str], list[str]]:
         return [s for s, _ in self.pairs], [t for _, t in self.pairs]

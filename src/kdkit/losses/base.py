@@ -2,8 +2,45 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Collection
+from typing import Any
+
 import torch
 from torch import nn
+
+
+class ParamError(ValueError):
+    """A loss parameter outside what the loss accepts. `param` names it, so that a config error can name the field
+    (distill.losses.1.params.temperature); str() is "temperature=0; expected a number > 0"."""
+
+    def __init__(self, param: str, value: Any, expected: str):
+        self.param, self.value, self.expected = param, value, expected
+        super().__init__(f"{param}={value!r}; expected {expected}")
+
+
+def number(param: str, value: Any, ok: Callable[[float], bool], expected: str) -> float:
+    """`value` as a float when it is a finite real number (not a bool) with ok(value); else ParamError.
+
+    NaN and ±inf fail (a NaN passes `value <= 0` checks unnoticed and poisons the loss at its first step).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+        raise ParamError(param, value, expected)
+    return float(value)
+
+
+def positive(param: str, value: Any) -> float:
+    return number(param, value, lambda v: v > 0, "a number > 0")
+
+
+def non_negative(param: str, value: Any) -> float:
+    return number(param, value, lambda v: v >= 0, "a number >= 0")
+
+
+def choice(param: str, value: Any, choices: Collection[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ParamError(param, value, "one of " + ", ".join(choices))
+    return value
 
 
 class Loss(nn.Module):
@@ -20,13 +57,24 @@ class Loss(nn.Module):
       feature_paths() -> (student_paths, teacher_paths)   module paths to tap with forward hooks
       setup(student_shapes, teacher_shapes)     build adapters from the tapped shapes (per path, without batch)
     Tapped activations arrive in ModelOutputs.features, keyed by module path.
+
+    `needs_labels` is True for a loss that reads batch.labels as the true class of every example (dkd, mutual):
+    such a loss cannot train on unlabelled examples (label -100, a transfer set). ce skips them, so it is False.
+    Constructors check their parameters and raise ParamError (a ValueError naming the parameter) for a bad value;
+    `kdkit validate` builds every loss once for each value a schedule can give it, so those checks cover schedules.
     """
 
     needs_teacher: bool = True
+    needs_labels: bool = False
     name = "loss"
 
     def describe(self) -> str:
         return self.name
+
+    def set_epoch(self, epoch: float) -> None:
+        """Called by the engine before every micro-batch with the fractional epoch (0.0 at the start, 1.5 half-way
+        through the second epoch). Default: nothing to remember. A loss that changes over training (a warm-up)
+        keeps it and reads it in forward()."""
 
     def resolve(self, student_model: nn.Module, teacher_models: list[nn.Module]) -> None:
         """Turn layer indices into module paths, given the real models. Default: nothing to resolve."""

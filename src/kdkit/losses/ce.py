@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kdkit.losses import functional as Fk
-from kdkit.losses.base import Loss
+from kdkit.losses.base import Loss, number
 from kdkit.types import Batch, ModelOutputs
 
 
@@ -13,9 +13,7 @@ class CrossEntropy(Loss):
 
     def __init__(self, label_smoothing: float = 0.0):
         super().__init__()
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing={label_smoothing}; expected 0 <= value < 1")
-        self.label_smoothing = label_smoothing
+        self.label_smoothing = number("label_smoothing", label_smoothing, lambda v: 0 <= v < 1, "0 <= value < 1")
 
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, batch: Batch):
         ce = Fk.cross_entropy(student.logits, batch.labels, self.label_smoothing)

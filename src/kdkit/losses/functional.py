@@ -267,23 +267,48 @@ def attention_map_kl(
     return torch.where(queries, kl, torch.zeros((), device=kl.device)).sum() / queries.sum().clamp_min(1)
 
 
+PEER_TARGETS = ("pairwise", "mean_of_peers")
+
+
 def mutual_learning(
-    peer_logits: list[torch.Tensor], labels: torch.Tensor, temperature: float = 1.0, kd_weight: float = 1.0
+    peer_logits: list[torch.Tensor],
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    kd_weight: float = 1.0,
+    peer_target: str = "pairwise",
+    mixed_labels: torch.Tensor | None = None,
+    mix_lambda: float = 1.0,
 ) -> torch.Tensor:
-    """Deep mutual learning, Zhang et al. 2018 (CVPR), for K ≥ 2 peers trained together:
+    """Deep mutual learning, Zhang et al. 2018, "Deep Mutual Learning" (CVPR), for K ≥ 2 peers trained together:
 
-        L = Σ_k [ CE(z_k, y) + kd_weight · T² · KL( p̄_{−k} ‖ softmax(z_k / T) ) ],
-        p̄_{−k} = mean over the other peers j ≠ k of softmax(z_j / T), held constant (detached)
+        L = Σ_k [ CE(z_k, y) + kd_weight · T² · D_k ],   p_j = softmax(z_j / T), the others held constant (detached)
 
-    so each peer learns from the labels and from its peers' current predictions; gradients reach each peer only
-    through its own terms. Shapes: K × (B, C), (B,) → ().
+        pairwise (the paper, eq. 10):  D_k = 1/(K − 1) · Σ_{l ≠ k} KL( p_l ‖ p_k )
+        mean_of_peers:                 D_k = KL( p̄_{−k} ‖ p_k ),   p̄_{−k} = 1/(K − 1) · Σ_{l ≠ k} p_l
+
+    For K = 2 both are KL(p_other ‖ p_k). For K ≥ 3 they differ: KL is convex in its first argument, so
+    mean_of_peers ≤ pairwise; it matches the other peers' ensemble (their mean distribution) as one teacher, the
+    alternative the paper discusses beside eq. 10, instead of each peer. Each peer learns from the labels and from
+    its peers' current predictions; gradients reach each peer only through its own terms. CE skips unlabelled
+    examples (-100).
+    With Mixup/CutMix, CE(z_k, y) becomes mix_lambda · CE(z_k, y) + (1 − mix_lambda) · CE(z_k, mixed_labels);
+    the peers' predictions are on the same mixed input, so the KL terms stay as they are.
+    Shapes: K × (B, C), (B,) → ().
     """
+    if peer_target not in PEER_TARGETS:
+        raise ValueError(f"peer_target={peer_target!r}; expected one of {', '.join(PEER_TARGETS)}")
     t = float(temperature)
     probs = [F.softmax(z.detach().float() / t, dim=-1) for z in peer_logits]
     total = torch.zeros((), device=labels.device)
     for k, z in enumerate(peer_logits):
-        others = torch.stack([p for j, p in enumerate(probs) if j != k]).mean(0)
         log_q = F.log_softmax(z.float() / t, dim=-1)
-        kl = F.kl_div(log_q, others, reduction="batchmean")
-        total = total + F.cross_entropy(z.float(), labels) + kd_weight * kl * (t * t)
+        others = [p for j, p in enumerate(probs) if j != k]
+        if peer_target == "pairwise":
+            kl = torch.stack([F.kl_div(log_q, p, reduction="batchmean") for p in others]).mean()
+        else:
+            kl = F.kl_div(log_q, torch.stack(others).mean(0), reduction="batchmean")
+        ce = cross_entropy(z, labels)
+        if mixed_labels is not None:
+            ce = mix_lambda * ce + (1.0 - mix_lambda) * cross_entropy(z, mixed_labels)
+        total = total + ce + kd_weight * kl * (t * t)
     return total

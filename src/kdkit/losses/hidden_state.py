@@ -7,7 +7,7 @@ from torch import nn
 
 from kdkit.errors import CompatibilityError
 from kdkit.losses import functional as Fk
-from kdkit.losses.base import Loss
+from kdkit.losses.base import Loss, choice
 from kdkit.models.adapters import make_adapter
 from kdkit.models.taps import get_feature, layer_pairs, parse_layer_map
 from kdkit.types import Batch, ModelOutputs
@@ -36,8 +36,7 @@ class HiddenState(Loss):
     ):
         super().__init__()
         self.layer_map = parse_layer_map(layer_map)
-        if kind not in ("mse", "cosine"):
-            raise ValueError(f"kind={kind!r}; expected 'mse' or 'cosine'")
+        choice("kind", kind, ("mse", "cosine"))
         by_path = self._by_path()
         if by_path and (student_container is not None or teacher_container is not None):
             raise ValueError("student_container/teacher_container apply to layer indices or 'uniform', not to paths")

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from kdkit.losses import functional as Fk
-from kdkit.losses.base import Loss
+from kdkit.losses.base import Loss, ParamError
 from kdkit.models.adapters import make_adapter
 from kdkit.models.taps import get_feature
 from kdkit.types import Batch, ModelOutputs
@@ -25,7 +25,7 @@ class Hint(Loss):
         super().__init__()
         for field, value in (("student_layer", student_layer), ("teacher_layer", teacher_layer)):
             if not isinstance(value, str) or not value:
-                raise ValueError(f"{field}={value!r}; expected a module path such as 'layer2'")
+                raise ParamError(field, value, "a module path such as 'layer2'")
         self.student_layer = student_layer
         self.teacher_layer = teacher_layer
         self.adapter: nn.Module | None = None

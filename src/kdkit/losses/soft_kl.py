@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kdkit.losses import functional as Fk
-from kdkit.losses.base import Loss
+from kdkit.losses.base import Loss, positive
 from kdkit.types import Batch, ModelOutputs
 
 
@@ -12,9 +12,7 @@ class SoftKL(Loss):
 
     def __init__(self, temperature: float = 4.0):
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature={temperature}; expected > 0")
-        self.temperature = float(temperature)
+        self.temperature = positive("temperature", temperature)
 
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, batch: Batch):
         return Fk.soft_kl(student.logits, teacher.logits, self.temperature)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kdkit.losses.base import Loss
+from kdkit.losses import token_functional as Ft
+from kdkit.losses.base import Loss, ParamError
 from kdkit.types import Batch, ModelOutputs
 
 
@@ -14,22 +15,23 @@ def token_cross_entropy(
     labels: torch.Tensor,
     num_real_tokens: int | float | torch.Tensor | None = None,
     ignore_index: int = -100,
+    shift: bool = True,
 ) -> torch.Tensor:
     """Σ over predicted positions of −log softmax(logits[b, t])[labels[b, t + 1]], divided by N.
 
     logits (B, T, V), labels (B, T) int64 (the input ids, -100 where nothing is predicted) → () float32.
     The logits at t predict the token at t + 1 (the shift of Hugging Face's causal LMs); positions whose next label
-    is -100 are gathered out before any arithmetic, so their logits are never read. Computed in fp32 whatever the
-    logits' dtype. N = num_real_tokens (the engine's per-micro-batch share of the optimizer step's global count,
-    so that micro-batches and processes add up to the whole step's mean), or this batch's count when None.
-    No predicted position: 0.
+    is -100 are gathered out before any arithmetic, so their logits are never read. shift=False: labels are
+    already aligned with the logits, the logits at t are scored against labels[b, t] where it is not -100.
+    Computed in fp32 whatever the logits' dtype. N = num_real_tokens (the engine's per-micro-batch share of the
+    optimizer step's global count under the same shift convention, so that micro-batches and processes add up to
+    the whole step's mean), or this batch's count when None. No predicted position: 0.
     """
-    keep = labels[:, 1:] != ignore_index  # (B, T-1)
-    rows, cols = keep.nonzero(as_tuple=True)
+    rows, cols = Ft.real_positions(labels, logits.shape[0], logits.shape[1], shift, ignore_index, logits.device)
     if rows.numel() == 0:  # an empty slice keeps the graph without reading a value (NaN there stays unread)
         return logits[..., :0].float().sum()
     picked = logits[rows, cols].float()  # (N, V): only the positions that count
-    total = F.cross_entropy(picked, labels[rows, cols + 1], reduction="sum")
+    total = F.cross_entropy(picked, labels[rows, cols + 1 if shift else cols], reduction="sum")
     if num_real_tokens is None:
         return total / rows.numel()
     if isinstance(num_real_tokens, torch.Tensor):
@@ -38,13 +40,24 @@ def token_cross_entropy(
 
 
 class TokenCE(Loss):
-    """token_cross_entropy(student logits, batch.labels): the causal-LM loss on the real text (hard targets)."""
+    """token_cross_entropy(student logits, batch.labels): the causal-LM loss on the real text (hard targets).
+
+    shift: causal LM (logits t predict labels t + 1, the default); false: labels already aligned with the logits.
+    Divides by the engine's count of the step for the same shift setting (Ft.step_count).
+    """
 
     name = "token_ce"
     needs_teacher = False
 
-    def __init__(self):  # no parameters: an unknown one in the config is then an error, not ignored
+    def __init__(self, shift: bool = True):
         super().__init__()
+        if not isinstance(shift, bool):
+            raise ParamError("shift", shift, "true or false")
+        self.shift = shift
 
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, batch: Batch):
-        return token_cross_entropy(student.logits, batch.labels, batch.num_real_tokens)
+        count = Ft.step_count(batch, self.shift)
+        return token_cross_entropy(student.logits, batch.labels, count, shift=self.shift)
+
+    def describe(self) -> str:
+        return "token_ce" if self.shift else "token_ce(shift=false)"

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from kdkit.types import SparseLogprobs
+from kdkit.types import Batch, SparseLogprobs
 
 DIRECTIONS = ("forward", "reverse", "jsd", "tvd")
 
@@ -83,6 +83,19 @@ def count_real_tokens(labels: torch.Tensor | None, shift: bool = True, ignore_in
         raise ValueError("count_real_tokens: labels=None; every position counts: B·(T−1) with shift, else B·T")
     keep = labels != ignore_index
     return int((keep[:, 1:] if shift else keep).sum())
+
+
+def step_count(batch: Batch, shift: bool) -> torch.Tensor | None:
+    """The engine's share of the optimizer step's global count of positions that count under `shift`, or None.
+
+    The engine sets batch.num_real_tokens from shifted labels (labels[:, 1:] ≠ -100, kdkit.data.lm
+    .predicted_positions) and batch.num_labelled_tokens from unshifted ones (labels ≠ -100). A loss with
+    shift=False must not divide by the shifted count (off by T / (T − 1) on full blocks): without
+    num_labelled_tokens it gets None and divides by its own micro-batch's count.
+    """
+    if shift:
+        return batch.num_real_tokens
+    return batch.num_labelled_tokens
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:

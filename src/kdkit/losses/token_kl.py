@@ -6,7 +6,7 @@ import torch
 
 from kdkit.errors import CompatibilityError
 from kdkit.losses import token_functional as Ft
-from kdkit.losses.base import Loss
+from kdkit.losses.base import Loss, ParamError, choice, number, positive
 from kdkit.models.vocab import align_vocab
 from kdkit.types import Batch, ModelOutputs, SparseLogprobs
 
@@ -17,9 +17,11 @@ class TokenKL(Loss):
     direction: "forward" KL(teacher ‖ student), "reverse" KL(student ‖ teacher), "jsd" (β weights the teacher's
     end: m = β·p_teacher + (1 − β)·q_student; β = 0 is forward KL, β = 1 reverse KL, as in TRL), "tvd".
     temperature: kd_temperature T, softmax(logits / T) on both sides, loss × T² (not the sampling temperature).
-    shift: causal LM (logits t predict labels t + 1); labels -100 are ignored. chunk_size: positions per chunk.
+    shift: causal LM (logits t predict labels t + 1); false: labels already aligned with the logits. Labels -100
+    are ignored. chunk_size: positions per chunk.
     num_real_tokens: the global count of real tokens to divide by (all micro-batches of the optimizer step, all
-    processes); None divides by this batch's count. The engine may also pass it per call to forward().
+    processes); None divides by the engine's count for this shift setting (Ft.step_count), else by this batch's
+    count. The engine may also pass it per call to forward().
     vocab_size: the shared vocabulary (kdkit.models.vocab) when the logit widths differ (a padded vocabulary);
     None requires equal widths.
     A teacher read from the offline top-k cache (teacher.sparse, kdkit.data.lm_cache) is compared over its k ids
@@ -40,16 +42,18 @@ class TokenKL(Loss):
         vocab_size: int | None = None,
     ):
         super().__init__()
-        if direction not in Ft.DIRECTIONS:
-            raise ValueError(f"direction={direction!r}; expected one of {', '.join(Ft.DIRECTIONS)}")
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"beta={beta}; expected 0 ≤ beta ≤ 1")
-        if temperature <= 0:
-            raise ValueError(f"temperature={temperature}; expected > 0")
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"chunk_size={chunk_size}; expected a positive number of positions or None")
-        if vocab_size is not None and vocab_size < 1:
-            raise ValueError(f"vocab_size={vocab_size}; expected a positive number of shared ids or None")
+        choice("direction", direction, Ft.DIRECTIONS)
+        beta = number("beta", beta, lambda v: 0 <= v <= 1, "0 <= beta <= 1")
+        temperature = positive("temperature", temperature)
+        for param, value, what in (
+            ("chunk_size", chunk_size, "a positive number of positions or null"),
+            ("vocab_size", vocab_size, "a positive number of shared ids or null"),
+            ("num_real_tokens", num_real_tokens, "a positive count or null"),
+        ):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ParamError(param, value, what)
+        if not isinstance(shift, bool):
+            raise ParamError("shift", shift, "true or false")
         self.direction = direction
         self.beta = float(beta)
         self.temperature = float(temperature)
@@ -66,8 +70,8 @@ class TokenKL(Loss):
         batch: Batch,
         num_real_tokens: int | torch.Tensor | None = None,
     ):
-        if num_real_tokens is None:  # the engine's share of the optimizer step's global token count
-            num_real_tokens = batch.num_real_tokens
+        if num_real_tokens is None:  # the engine's share of the optimizer step's global count, for this shift
+            num_real_tokens = Ft.step_count(batch, self.shift)
         if teacher.sparse is not None:
             return self._sparse(student, teacher.sparse, batch, num_real_tokens)
         s, t = align_vocab(student.logits, teacher.logits, self.vocab_size, where=self.name)

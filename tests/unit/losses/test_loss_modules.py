@@ -188,3 +188,42 @@ def test_invalid_value_raises_a_config_error_naming_the_field(name, params, bad)
 def test_build_loss_uses_the_given_field_prefix():
     with pytest.raises(ConfigError, match=r"^stage2\.losses\.0\.name"):
         build_loss([("kl", 1.0, {})], where="stage2.losses")
+
+
+# --- repeated loss names, needs_labels ----------------------------------------------------------------------------
+
+
+def test_two_terms_with_one_name_are_both_logged_under_their_position():
+    student, teacher, batch = _inputs(3)
+    loss = WeightedLoss([(1.0, CrossEntropy()), (0.5, SoftKL(2.0)), (0.25, SoftKL(8.0))])
+    out = loss(student, teacher, batch)
+    assert list(out.parts) == ["ce", "soft_kl.1", "soft_kl.2"]
+    torch.testing.assert_close(out.parts["soft_kl.1"], Fk.soft_kl(student.logits, teacher.logits, 2.0).detach())
+    torch.testing.assert_close(out.parts["soft_kl.2"], Fk.soft_kl(student.logits, teacher.logits, 8.0).detach())
+    assert loss.formula() == "total = 1*ce + 0.5*soft_kl(T=2) [soft_kl.1] + 0.25*soft_kl(T=8) [soft_kl.2]"
+    # A name used once keeps its plain label, in the logs and in the formula.
+    assert build_loss([("ce", 0.1, {}), ("soft_kl", 0.9, {})]).formula() == "total = 0.1*ce + 0.9*soft_kl(T=4)"
+
+
+def test_needs_labels_is_declared_by_each_loss():
+    # Losses that read batch.labels as the true class of every example; ce skips unlabelled ones (-100), token
+    # losses read token ids with their own -100 mask.
+    assert sorted(n for n, cls in LOSSES.items() if cls.needs_labels) == ["dkd", "mutual"]
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "field"),
+    [
+        ("soft_kl", {"temperature": float("nan")}, "temperature=nan"),
+        ("soft_kl", {"temperature": "4"}, "temperature='4'"),
+        ("token_kl", {"beta": 1.5}, "beta=1.5"),
+        ("token_kl", {"chunk_size": 0}, "chunk_size=0"),
+        ("attention_transfer", {"pairs": [], "p": 2}, "pairs=[]"),
+        ("mutual", {"kd_weight": -1}, "kd_weight=-1"),
+    ],
+)
+def test_a_bad_value_is_named_with_its_full_field_path(name, params, field):
+    with pytest.raises(ConfigError) as info:
+        build_loss([("ce", 1.0, {}), (name, 1.0, params)])
+    param = field.split("=")[0]
+    assert str(info.value).startswith(f"distill.losses.1.params.{param}: {field}; expected ")
