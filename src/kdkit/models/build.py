@@ -1,4 +1,5 @@
-"""build_model: one network from its source (built-in, timm, torchvision, a kdkit student folder), with weights.
+"""build_model: one network from its source (built-in, timm, torchvision, a kdkit student folder, transformers),
+with weights. The sources are a literal registry, MODEL_SOURCES, whose keys are the values of `model.source`.
 
 A student folder is what kdkit writes for every trained network: `model.safetensors` and `model.json` (source,
 name, kwargs, input shape, class count), which is all it takes to rebuild it.
@@ -7,6 +8,8 @@ name, kwargs, input shape, class count), which is all it takes to rebuild it.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,108 @@ from kdkit.atomic import write_json, write_with
 from kdkit.errors import CompatibilityError, ConfigError
 from kdkit.models.small import BUILTIN_MODELS
 from kdkit.registry import bind, lookup
+
+# ---------------------------------------------------------------------------------------------------------------
+# One builder per source. Every builder has the signature of `Builder`:
+#     (name, path, kwargs, in_shape, num_classes, pretrained, where) -> nn.Module
+# `where` is the config field of the model (e.g. "student.model") for error messages.
+
+
+def build_builtin(
+    name: str | None, path: str | None, kwargs: dict, in_shape: tuple, num_classes: int, pretrained: bool, where: str
+) -> nn.Module:
+    """One of kdkit's small nets (BUILTIN_MODELS), its kwargs checked against the constructor."""
+    cls = lookup(BUILTIN_MODELS, name, f"{where}.name")
+    params = bind(cls.__init__, kwargs, f"{where}.kwargs", provided=("in_shape", "num_classes"))
+    try:
+        return cls(in_shape=tuple(in_shape), num_classes=num_classes, **params)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{where}.kwargs: {exc}") from None
+
+
+def build_timm(
+    name: str | None, path: str | None, kwargs: dict, in_shape: tuple, num_classes: int, pretrained: bool, where: str
+) -> nn.Module:
+    """A timm model by name, random weights unless kwargs say pretrained: true, with in_chans from the data."""
+    try:
+        import timm
+    except ImportError:
+        raise ConfigError(f"{where}.source: 'timm' is not installed (pip install 'kdkit[vision]')") from None
+    if not timm.is_model(name):
+        from kdkit.registry import suggest
+
+        raise ConfigError(f"{where}.name: timm has no model {name!r}{suggest(name, timm.list_models())}")
+    kwargs = {"pretrained": False, **kwargs}
+    return timm.create_model(name, num_classes=num_classes, in_chans=in_shape[0], **kwargs)
+
+
+def build_torchvision(
+    name: str | None, path: str | None, kwargs: dict, in_shape: tuple, num_classes: int, pretrained: bool, where: str
+) -> nn.Module:
+    """A torchvision model by name (torchvision.models.get_model)."""
+    try:
+        import torchvision
+    except ImportError:
+        raise ConfigError(f"{where}.source: 'torchvision' is not installed (pip install 'kdkit[vision]')") from None
+    available = torchvision.models.list_models()
+    if name not in available:
+        from kdkit.registry import suggest
+
+        raise ConfigError(f"{where}.name: torchvision has no model {name!r}{suggest(name, available)}")
+    return torchvision.models.get_model(name, num_classes=num_classes, **kwargs)
+
+
+def build_kdkit_folder(
+    name: str | None, path: str | None, kwargs: dict, in_shape: tuple, num_classes: int, pretrained: bool, where: str
+) -> nn.Module:
+    """A model folder written by kdkit (model.json + weights): rebuilt as recorded, trained weights loaded."""
+    return load_model_folder(path, where=f"{where}.path")
+
+
+def build_hf(
+    name: str | None, path: str | None, kwargs: dict, in_shape: tuple, num_classes: int, pretrained: bool, where: str
+) -> nn.Module:
+    """A transformers sequence classifier from a folder or hub id (`path`)."""
+    from kdkit.models.hf import build_hf_classifier
+
+    return build_hf_classifier(path, num_classes, kwargs, pretrained, where)
+
+
+Builder = Callable[[str | None, str | None, dict, tuple, int, bool, str], nn.Module]
+
+
+def check_builtin(name: str | None, kwargs: dict, where: str) -> None:
+    """The name and kwargs of a built-in net, without building it."""
+    cls = lookup(BUILTIN_MODELS, name, f"{where}.name")
+    bind(cls.__init__, kwargs, f"{where}.kwargs", provided=("in_shape", "num_classes"))
+
+
+def _checked_when_built(name: str | None, kwargs: dict, where: str) -> None:
+    """Libraries (timm, torchvision, transformers) and folders are only checked when the model is built."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """How kdkit makes the networks of one `model.source`.
+
+    build: the Builder.
+    check: (name, kwargs, where) → None or a ConfigError; what can be checked without building (kdkit validate).
+    folder: the source is a kdkit model folder: it holds trained weights and its own spec (model.json).
+    """
+
+    build: Builder
+    check: Callable[[str | None, dict, str], None] = _checked_when_built
+    folder: bool = False
+
+
+# The keys are exactly the values of kdkit.config.ModelSpec.source (a test checks it).
+MODEL_SOURCES: dict[str, ModelSource] = {
+    "builtin": ModelSource(build_builtin, check=check_builtin),
+    "timm": ModelSource(build_timm),
+    "torchvision": ModelSource(build_torchvision),
+    "kdkit": ModelSource(build_kdkit_folder, folder=True),
+    "hf": ModelSource(build_hf),
+}
 
 
 def build_model(
@@ -31,54 +136,23 @@ def build_model(
     pretrained: bool = True,
 ) -> nn.Module:
     """Build a network for inputs of `in_shape` and `num_classes` outputs; load `checkpoint` weights if given."""
-    if source == "hf":
-        from kdkit.models.hf import build_hf_classifier
-
-        model = build_hf_classifier(path, num_classes, kwargs, pretrained, where)
-    elif source == "kdkit":
-        model = load_model_folder(path, where=f"{where}.path")
-    elif source == "builtin":
-        cls = lookup(BUILTIN_MODELS, name, f"{where}.name")
-        params = bind(cls.__init__, kwargs, f"{where}.kwargs", provided=("in_shape", "num_classes"))
-        try:
-            model = cls(in_shape=tuple(in_shape), num_classes=num_classes, **params)
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"{where}.kwargs: {exc}") from None
-    elif source == "timm":
-        model = _timm(name, kwargs, in_shape, num_classes, where)
-    elif source == "torchvision":
-        model = _torchvision(name, kwargs, num_classes, where)
-    else:
-        raise ConfigError(f"{where}.source: unknown source {source!r}; expected builtin, timm, torchvision, kdkit, hf")
+    entry = lookup(MODEL_SOURCES, source, f"{where}.source")
+    model = entry.build(name, path, kwargs, tuple(in_shape), num_classes, pretrained, where)
     if checkpoint:
         load_weights(model, checkpoint, f"{where}.checkpoint")
     return model
 
 
-def _timm(name: str, kwargs: dict, in_shape, num_classes: int, where: str) -> nn.Module:
-    try:
-        import timm
-    except ImportError:
-        raise ConfigError(f"{where}.source: 'timm' is not installed (pip install 'kdkit[vision]')") from None
-    if not timm.is_model(name):
-        from kdkit.registry import suggest
-
-        raise ConfigError(f"{where}.name: timm has no model {name!r}{suggest(name, timm.list_models())}")
-    kwargs = {"pretrained": False, **kwargs}
-    return timm.create_model(name, num_classes=num_classes, in_chans=in_shape[0], **kwargs)
+def check_model(source: str, name: str | None, kwargs: dict[str, Any], where: str) -> None:
+    """Check what can be checked of a model section without building it: the source, and for built-in nets the
+    name and kwargs. Raises ConfigError (every kwargs problem in its details)."""
+    lookup(MODEL_SOURCES, source, f"{where}.source").check(name, dict(kwargs), where)
 
 
-def _torchvision(name: str, kwargs: dict, num_classes: int, where: str) -> nn.Module:
-    try:
-        import torchvision
-    except ImportError:
-        raise ConfigError(f"{where}.source: 'torchvision' is not installed (pip install 'kdkit[vision]')") from None
-    available = torchvision.models.list_models()
-    if name not in available:
-        from kdkit.registry import suggest
-
-        raise ConfigError(f"{where}.name: torchvision has no model {name!r}{suggest(name, available)}")
-    return torchvision.models.get_model(name, num_classes=num_classes, **kwargs)
+def comes_trained(source: str, checkpoint: str | None) -> bool:
+    """The model arrives with trained weights (a checkpoint, or a kdkit folder), so a teacher member is not
+    trained (the config's `trained: true` says the same of other sources)."""
+    return bool(checkpoint) or lookup(MODEL_SOURCES, source, "model.source").folder
 
 
 def load_weights(model: nn.Module, path: str | Path, where: str) -> None:
@@ -157,7 +231,8 @@ def load_model_folder(path: str | Path | None, where: str = "model.path") -> nn.
     folder = Path(path or "")
     spec_path = folder / "model.json"
     spec = read_model_json(folder, where)
-    if spec.get("source") == "kdkit":
+    recorded = MODEL_SOURCES.get(spec.get("source"))  # an unknown source fails in build_model, with suggestions
+    if recorded is not None and recorded.folder:
         raise ConfigError(f"{where}: {spec_path} points to another folder; expected a concrete model spec")
     if spec.get("format") == "hf":
         from kdkit.models.hf import HFClassifier
@@ -185,7 +260,7 @@ def model_spec(
     where: str = "model.path",
 ) -> dict:
     """What save_model_folder records; for a model loaded from a kdkit folder, the folder's own spec."""
-    if source == "kdkit":
+    if lookup(MODEL_SOURCES, source, "model.source").folder:
         return read_model_json(path, where)
     return {
         "source": source,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import warnings
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -11,28 +13,41 @@ from torch import nn
 from kdkit.errors import CompatibilityError
 from kdkit.types import ModelOutputs
 
+Log = Callable[[str], None]
+
+# Folding BatchNorm is exact in real arithmetic; in float32 the outputs move by rounding only (~1e-7 of their size on
+# a ResNet-110). A larger difference means the fold (or the traced graph) is wrong, and the teacher is kept unfolded.
+FOLD_RTOL = 1e-4
+FOLD_ATOL = 1e-6
+
 
 class Teacher(nn.Module):
     """Wraps a trained network so that it can only be used for inference.
 
     precision: "fp32" or "bf16" autocast for the forward pass (outputs are returned in fp32).
     channels_last: store conv weights and run inputs in channels-last memory format (faster convolutions on CPU).
-    fuse_bn: fold each BatchNorm into the convolution before it (torch.fx), which a frozen teacher allows: the same
-    outputs to float rounding, one pass over the activations less. A model that cannot be traced is kept as it
-    is (`self.fused` says which); feature taps then address the fused graph's module paths.
+    fuse_bn: fold each BatchNorm into the convolution or linear layer before it (torch.fx), which a frozen teacher
+    allows: the same outputs to float rounding, one pass over the activations less. The folded teacher is checked
+    on `example` (a few inputs of the data, e.g. DataBundle.example(8)): its outputs must match the unfolded
+    teacher's within FOLD_RTOL of their largest magnitude, or the teacher is kept unfolded. Whenever folding is
+    asked for and does not happen in full (no example, nothing to fold, a model torch.fx cannot trace, outputs that
+    differ, layers left unfolded) the reason is told through `log`, or `warnings.warn` without one. `self.fused`
+    says whether the folded model is the one in use; feature taps then address the fused graph's module paths.
     """
 
-    def __init__(self, model: nn.Module, precision: str = "fp32", channels_last: bool = False, fuse_bn: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        precision: str = "fp32",
+        channels_last: bool = False,
+        fuse_bn: bool = False,
+        example: torch.Tensor | None = None,
+        log: Log | None = None,
+    ):
         super().__init__()
         self.fused = False
-        if fuse_bn and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-            from torch.fx.experimental.optimization import fuse
-
-            try:
-                model = fuse(model.eval())
-                self.fused = True
-            except Exception:  # not symbolically traceable (data-dependent control flow): keep the model as is
-                pass
+        if fuse_bn:
+            model, self.fused = fold_batchnorm(model, example, log)
         self.model = model
         self.taps = None
         self.precision = precision
@@ -41,7 +56,29 @@ class Teacher(nn.Module):
             self.model = self.model.to(memory_format=torch.channels_last)
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.model.eval()
+        self.eval()
+
+    @classmethod
+    def from_settings(
+        cls,
+        model: nn.Module,
+        *,
+        precision: str = "fp32",
+        channels_last: bool = False,
+        fuse_bn: bool = False,
+        example: torch.Tensor | None = None,
+        device: str | torch.device | None = None,
+        log: Log | None = None,
+    ) -> Teacher:
+        """One member as a run uses it, from the run's settings: distill.teacher_precision, distill.channels_last
+        and distill.teacher_fuse_bn. Moves the model (and the example) to `device` first. `example`: a few inputs
+        of the data, needed to check a BatchNorm fold (without one, fuse_bn leaves the model unfolded and says so).
+        Training, evaluation, export and serving all build their teacher members here, so that they run the same
+        teacher."""
+        if device is not None:
+            model = model.to(device)
+            example = example.to(device) if example is not None else None
+        return cls(model, precision, channels_last, fuse_bn, example=example, log=log)
 
     def train(self, mode: bool = True) -> Teacher:
         # A teacher stays in eval mode (BatchNorm statistics and dropout frozen), whatever the caller asks.
@@ -93,3 +130,98 @@ class Teacher(nn.Module):
         got = out.logits.shape[-1]
         if got != num_classes:
             raise CompatibilityError(f"{where}: outputs {got} classes; the data has {num_classes}")
+
+
+def fold_batchnorm(model: nn.Module, example: torch.Tensor | None, log: Log | None = None) -> tuple[nn.Module, bool]:
+    """(model with BatchNorm folded, True), or (the model as it is, False) with the reason told through `log`
+    (warnings.warn without one). The model passed in is never modified: folding works on a copy, which is used
+    only if its outputs on `example` match the model's (FOLD_RTOL relative to the largest output)."""
+    from torch import fx
+    from torch.fx.experimental import optimization
+
+    say = log if log is not None else _warn
+    where = "distill.teacher_fuse_bn"
+    kind = type(model).__name__
+    present = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not present:
+        say(f"{where}: the teacher ({kind}) has no BatchNorm layer; nothing to fold")
+        return model, False
+    if example is None:
+        say(
+            f"{where}: no example inputs to check the folded teacher ({kind}) against; "
+            f"its {len(present)} BatchNorm layers are left unfolded"
+        )
+        return model, False
+    model.eval()
+    try:
+        traced = fx.symbolic_trace(model)
+    except Exception as exc:  # data-dependent control flow and other untraceable code
+        say(f"{where}: torch.fx cannot trace the teacher ({kind}): {_first_line(exc)}; BatchNorm left unfolded")
+        return model, False
+    called = _batchnorm_calls(traced)
+    try:
+        fused = optimization.fuse(traced, no_trace=True)  # works on a deep copy
+    except Exception as exc:
+        say(f"{where}: folding BatchNorm into the teacher ({kind}) failed: {_first_line(exc)}; left unfolded")
+        return model, False
+    left = _batchnorm_calls(fused)
+    folded = [name for name in called if name not in left]
+    if not folded:
+        say(
+            f"{where}: no BatchNorm layer of the teacher ({kind}) directly follows a convolution or linear layer "
+            f"that can absorb it ({_names(called or present)}); nothing folded"
+        )
+        return model, False
+    difference = _outputs_differ(model, fused, example)
+    if difference:
+        say(f"{where}: the folded teacher ({kind}) does not give the teacher's outputs ({difference}); left unfolded")
+        return model, False
+    if left:
+        say(
+            f"{where}: folded {len(folded)} of {len(called)} BatchNorm layers of the teacher ({kind}); left as they "
+            f"are: {_names(left)} (not directly after a convolution or linear layer whose output only they read, or "
+            "without running statistics)"
+        )
+    elif log is not None:
+        log(f"teacher: folded {len(folded)} BatchNorm layers into the layers before them (outputs checked)")
+    return fused.eval(), True
+
+
+def _batchnorm_calls(graph_module: nn.Module) -> list[str]:
+    """Module paths of the BatchNorm layers a traced graph calls, in call order."""
+    modules = dict(graph_module.named_modules())
+    return [
+        str(node.target)
+        for node in graph_module.graph.nodes
+        if node.op == "call_module" and isinstance(modules.get(str(node.target)), nn.modules.batchnorm._BatchNorm)
+    ]
+
+
+def _outputs_differ(model: nn.Module, fused: nn.Module, example: torch.Tensor) -> str:
+    """'' when the folded model's outputs on `example` match the model's; otherwise what differs."""
+    try:
+        with torch.inference_mode():
+            ref, got = model(example), fused(example)
+        ref, got = getattr(ref, "logits", ref), getattr(got, "logits", got)
+    except Exception as exc:
+        return f"it fails on the example inputs: {_first_line(exc)}"
+    ref, got = ref.float(), got.float()
+    if ref.shape != got.shape:
+        return f"output shape {tuple(got.shape)} instead of {tuple(ref.shape)}"
+    error, scale = (got - ref).abs().max().item(), ref.abs().max().item()
+    if not error <= FOLD_RTOL * scale + FOLD_ATOL:  # `not <=` is also true for NaN
+        return f"max abs difference {error:.3g} for outputs up to {scale:.3g}; tolerance {FOLD_RTOL:g} relative"
+    return ""
+
+
+def _names(paths: list[str], n: int = 5) -> str:
+    return ", ".join(paths[:n]) + (f", ... ({len(paths)} in all)" if len(paths) > n else "")
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, stacklevel=4)

@@ -137,6 +137,17 @@ def test_image_only_augmentation_on_a_table_is_refused(tmp_path, monkeypatch):
         distill(cfg, out=tmp_path / "run", log=lambda m: None)
 
 
+def _crash_at_step(n: int):
+    """A transform (called before every micro-batch's forward) that crashes once `n` optimizer steps are done."""
+
+    def transform(batch, student, step):
+        if step == n:
+            raise RuntimeError(f"simulated crash after step {n}")
+        return batch
+
+    return transform
+
+
 def test_resume_with_augmentation_equals_uninterrupted(tmp_path):
     data, teacher = _images(n=40), _teacher()
     aug = Augment(crop_padding=1, noise_std=0.05, mixup_alpha=0.4)
@@ -151,7 +162,11 @@ def test_resume_with_augmentation_equals_uninterrupted(tmp_path):
     kw = dict(teacher=lambda b: teacher(b.inputs), device="cpu", progress=False, augment=aug, seed=2)
     train(full, loss, data, opts, ckpt_dir=tmp_path / "a", **kw)
     part = student()
-    train(part, loss, data, opts, ckpt_dir=tmp_path / "b", interrupt_after=7, **kw)
+    with pytest.raises(RuntimeError, match="simulated crash"):  # after step 7; the last checkpoint is step 6
+        train(part, loss, data, opts, ckpt_dir=tmp_path / "b", transform=_crash_at_step(7), **kw)
+    from kdkit.engine.checkpoint import latest_checkpoint
+
+    assert latest_checkpoint(tmp_path / "b").name == "step_00000006"
     resumed = student()
     train(resumed, loss, data, opts, ckpt_dir=tmp_path / "b", resume=True, **kw)
     for p, q in zip(full.state_dict().values(), resumed.state_dict().values()):

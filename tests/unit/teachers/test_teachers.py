@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -84,9 +86,13 @@ def test_fused_batchnorm_teacher_gives_the_same_outputs():
     net.train()
     net(torch.randn(16, 3, 16, 16))  # give BatchNorm non-trivial running statistics
     x = torch.randn(4, 3, 16, 16)
-    plain, fused = Teacher(net.eval()), Teacher(net, fuse_bn=True, channels_last=True)
+    plain = Teacher(net.eval())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a full fold is not a problem to warn about
+        fused = Teacher(net, fuse_bn=True, channels_last=True, example=x)
     assert fused.fused and not any(isinstance(m, nn.BatchNorm2d) for m in fused.model.modules())
     torch.testing.assert_close(fused(x).logits, plain(x).logits, atol=1e-5, rtol=1e-5)
     assert fused.fingerprint() != plain.fingerprint()
-    mlp = Teacher(nn.Sequential(nn.Linear(4, 3)), fuse_bn=True)  # nothing to fold: left as is
+    with pytest.warns(UserWarning, match="no BatchNorm layer; nothing to fold"):
+        mlp = Teacher(nn.Sequential(nn.Linear(4, 3)), fuse_bn=True, example=torch.randn(2, 4))  # left as is
     assert not mlp.fused
