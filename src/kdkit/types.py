@@ -21,7 +21,8 @@ class Batch:
     shift them: logits at t predict labels at t + 1), -100 where a position must not be predicted (padding,
     prompts); attention_mask (B, T). num_real_tokens: () the global count of predicted tokens of the whole
     optimizer step (every micro-batch of the accumulation, every process), set by the engine; token losses divide
-    by it so that the micro-batch losses of a step add up to the loss of the whole step.
+    by it so that the micro-batch losses of a step add up to the loss of the whole step. num_labelled_tokens: the
+    same count without the shift (every label ≠ -100), for token losses with shift: false.
     """
 
     inputs: torch.Tensor
@@ -32,6 +33,7 @@ class Batch:
     mixed_labels: torch.Tensor | None = None
     mix_lambda: float = 1.0
     num_real_tokens: torch.Tensor | None = None
+    num_labelled_tokens: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         def move(t):
@@ -46,6 +48,7 @@ class Batch:
             move(self.mixed_labels),
             self.mix_lambda,
             move(self.num_real_tokens),
+            move(self.num_labelled_tokens),
         )
 
     def __len__(self) -> int:

@@ -3,15 +3,19 @@
 Layout: CKPT_DIR/step_00000123/{student.safetensors, loss_modules.safetensors, best.safetensors, trainer.pt,
 state.json, manifest.json} and CKPT_DIR/latest.json naming the newest complete one. Student and
 distillation-only modules are kept apart so that an export never carries projectors. trainer.pt (optimizer,
-scheduler, RNG) is read with weights_only=True: nothing is unpickled. manifest.json holds the SHA-256 and size of
-every file, checked before anything is loaded: a truncated, edited or foreign file is named and refused.
+scheduler, the CPU, CUDA and data-loader generators) is read with weights_only=True: nothing is unpickled.
+manifest.json holds the SHA-256 and size of every file, checked before anything is loaded: a truncated, edited or
+foreign file is named and refused.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -115,19 +119,45 @@ def verify_checkpoint(path: Path) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint's parts, after `verify_checkpoint`. A file that fails to load although its hash matches says
+    why: refused by torch.load(weights_only=True) (it holds pickled objects: not written by this kdkit),
+    out of memory, or damaged (unreadable)."""
     from safetensors.torch import load_file
 
     verify_checkpoint(path)
+
+    def tensors(name: str) -> dict[str, torch.Tensor]:
+        return _load(path / name, lambda f: load_file(str(f)))
+
+    return {
+        "student": tensors("student.safetensors"),
+        "loss_modules": tensors("loss_modules.safetensors"),
+        "best": tensors("best.safetensors") if (path / "best.safetensors").is_file() else None,
+        "trainer": _load(path / "trainer.pt", lambda f: torch.load(f, map_location="cpu", weights_only=True)),
+        "state": _load(path / "state.json", lambda f: json.loads(f.read_text())),
+    }
+
+
+def _load(f: Path, read: Callable[[Path], Any]) -> Any:
+    folder = f.parent
     try:
-        out = {
-            "student": load_file(str(path / "student.safetensors")),
-            "loss_modules": load_file(str(path / "loss_modules.safetensors")),
-            "best": load_file(str(path / "best.safetensors")) if (path / "best.safetensors").is_file() else None,
-            "trainer": torch.load(path / "trainer.pt", map_location="cpu", weights_only=True),
-            "state": json.loads((path / "state.json").read_text()),
-        }
-    except Exception as exc:
+        return read(f)
+    except pickle.UnpicklingError as exc:  # torch.load(weights_only=True) met a global it does not allow
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        holds = f"a pickled {found.group(1)} object" if found else "pickled Python objects"
         raise TrainingError(
-            f"checkpoint: {path} is damaged ({str(exc).splitlines()[0]}); delete it to start over"
+            f"checkpoint: {f} holds {holds}, which torch.load(weights_only=True) refuses to unpickle; kdkit "
+            f"checkpoints hold only tensors and plain values, so it was not written by this kdkit version; "
+            f"resume from a checkpoint this version wrote, or move {folder} away to start from an earlier one"
         ) from None
-    return out
+    except (MemoryError, torch.OutOfMemoryError):
+        raise TrainingError(
+            f"checkpoint: out of memory while loading {f} ({f.stat().st_size / 2**20:.1f} MiB); the checkpoint is "
+            "intact (its hashes match the manifest): free memory (close other processes) and resume again"
+        ) from None
+    except Exception as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise TrainingError(
+            f"checkpoint: {f} is damaged: it cannot be read ({type(exc).__name__}: {first}) although its hash "
+            f"matches the manifest (it was written incomplete); delete {folder} to resume from an earlier one"
+        ) from None

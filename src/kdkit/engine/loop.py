@@ -1,25 +1,39 @@
-"""The training loop: one readable function. The step's forward is `distill_step`; evaluation comes in as a
-callable (`on_eval`) so the engine never imports evaluation; the teacher comes in as a callable too (a frozen
-Teacher/TeacherEnsemble, or a TeacherCache that looks outputs up by example index)."""
+"""The training loop, read top to bottom (nanoGPT's train.py, litgpt's fit()): `set_up` builds what a run needs,
+`TrainState` (state.py) is where the run stands and goes to and from a checkpoint, `optimizer_step` does one step
+over a group of micro-batches, `evaluate_and_keep_best` runs after an epoch, and `_fit` is the loop that calls them.
+
+The step's forward is `distill_step`; evaluation comes in as a callable (`on_eval`) so the engine never imports
+evaluation; the teacher comes in as a callable too (a frozen Teacher/TeacherEnsemble, or a TeacherCache that looks
+outputs up by example index).
+
+Sharded (FSDP under `accelerate launch`): a copy of the student is sharded and trained, so that the caller's student
+stays a plain module; at the end it receives the whole trained (or best) weights on every process, on the device it
+came in on. Checkpoints and the best state hold whole state dicts (gathered collectively, written by the main
+process) and load into an unwrapped model. on_eval and transform get the sharded model and run on every process
+(each process must run the same forwards). Loss modules with parameters (projectors) are not supported sharded.
+"""
 
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kdkit.data import collate
 from kdkit.data.augment import Augment
 from kdkit.data.lm import predicted_positions
-from kdkit.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from kdkit.engine.checkpoint import latest_checkpoint, load_checkpoint
+from kdkit.engine.monitor import Monitor, StopOnSignal
 from kdkit.engine.optim import build_optimizer, build_scheduler
 from kdkit.engine.runtime import (
     average_gradients,
@@ -32,10 +46,11 @@ from kdkit.engine.runtime import (
     shards_model,
 )
 from kdkit.engine.schedules import ScheduledValue, apply_schedules
+from kdkit.engine.state import TrainState
 from kdkit.engine.step import distill_step
 from kdkit.errors import TrainingError, TrainingInterrupted
 from kdkit.losses import WeightedLoss
-from kdkit.types import Batch, ModelOutputs
+from kdkit.types import Batch, ModelOutputs, StepOutput
 
 
 @dataclass(frozen=True)
@@ -76,7 +91,7 @@ class TrainResult:
     best_epoch: int | None = None
     best_value: float | None = None
     stopped_early: bool = False
-    interrupted: bool = False
+    interrupted: bool = False  # always False: an interrupted run raises TrainingInterrupted (kept for callers)
     seconds: float = 0.0
 
 
@@ -97,12 +112,6 @@ class EpochShuffle(Sampler[int]):
         return iter(torch.randperm(self.n, generator=g).tolist())
 
 
-def _better(value: float, best: float | None, metric: str) -> bool:
-    if best is None:
-        return True
-    return value < best if metric == "loss" else value > best
-
-
 def train(
     student: nn.Module,
     loss: WeightedLoss,
@@ -119,7 +128,6 @@ def train(
     progress: bool = True,
     desc: str = "train",
     log: Callable[[str], None] = print,
-    interrupt_after: int | None = None,
     student_taps=None,
     schedules: list[ScheduledValue] | tuple = (),
     augment: Augment | None = None,
@@ -131,23 +139,144 @@ def train(
     metrics ({"accuracy", "f1_macro", "loss", ...}) every `opts.eval_every_epochs`; the best state by
     `opts.keep_best` is restored at the end. With ckpt_dir, a checkpoint is written every
     `opts.checkpoint_every_steps` optimizer steps (or each epoch) and `resume=True` continues from the newest
-    one exactly. interrupt_after stops after that many optimizer steps in this call, as a crash would (tests).
+    one exactly; SIGTERM / Ctrl-C writes one at the next step boundary and raises TrainingInterrupted.
     student_taps (kdkit.models.taps.FeatureTaps on the student) feeds feature losses. schedules set loss weights
     and loss parameters (the KD temperature) for every step. augment transforms each training batch before
     the teacher and the student see it; with a teacher cache of stored views it replays those views.
     transform(batch, student, step) replaces a batch after augmentation and before the teacher sees it (on-policy
     distillation: the student's own continuations). Token-level batches (labels (B, T)) get
     batch.num_real_tokens: the optimizer step's global count of predicted tokens over grad_accum × processes, so
-    that token losses, averaged over micro-batches and processes as usual, equal Σ / (global count).
-
-    Sharded (FSDP under `accelerate launch`): a copy of `student` is sharded and trained, so that `student` itself
-    stays a plain module; at the end it receives the whole trained (or best) weights on every process, on the
-    device it came in on (the CPU, as the pipelines build it). Checkpoints and the best state hold whole state dicts
-    (gathered collectively, written by the main process) and load into an unwrapped model. on_eval and transform
-    get the sharded model and run on every process (each process must run the same forwards). Loss modules with
-    parameters (projectors) are not supported sharded.
+    that token losses, averaged over micro-batches and processes as usual, equal Σ / (global count). Other losses
+    are means over examples: a step's micro-batches are weighted by their example counts, so that the step's
+    gradient is the gradient of its whole batch (also for the short last step of an epoch). Sharded runs: see the
+    module docstring.
     """
     started = time.perf_counter()
+    run = set_up(student, loss, train_data, opts, teacher=teacher, taps=student_taps, schedules=schedules,
+                 augment=augment, transform=transform, seed=seed, device=device, desc=desc)  # fmt: skip
+    state = TrainState(loader_rng=run.generator.get_state())
+    if resume and ckpt_dir is not None and (path := latest_checkpoint(ckpt_dir)) is not None:
+        state = restore(run, path)
+        log(f"{desc}: resumed from {path.name} (epoch {state.epoch + 1}, step {state.step})")
+    main = run.accelerator.is_main_process
+    monitor = Monitor(run.total_steps, desc, progress=progress and main, tb_dir=tb_dir if main else None, log=log)
+    stop = StopOnSignal()
+    try:
+        stopped_early = _fit(run, state, opts, on_eval, ckpt_dir, monitor, stop)
+    finally:
+        stop.restore()
+        monitor.close()
+    _hand_back(run, student, state.best_state)
+    return TrainResult(
+        history=state.history,
+        steps=state.step,
+        epochs_run=state.epoch,
+        best_epoch=state.best_epoch,
+        best_value=state.best_value,
+        stopped_early=stopped_early,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _fit(
+    run: Setup,
+    state: TrainState,
+    opts: TrainOptions,
+    on_eval: Callable[[nn.Module], dict[str, float]] | None,
+    ckpt_dir: Path | None,
+    monitor: Monitor,
+    stop: StopOnSignal,
+) -> bool:
+    """The loop: epochs of optimizer steps, a history record every few steps, checkpoints every
+    `opts.checkpoint_every_steps` steps (or each epoch), evaluation after an epoch. Returns True on an early stop."""
+    every = opts.checkpoint_every_steps
+    log_every = max(1, min(50, run.steps_per_epoch // 4))
+    monitor.advance(state.step)
+    while state.epoch < opts.epochs:
+        run.model.train()
+        for group in _step_groups(_epoch_batches(run, state), opts.grad_accum):
+            scheduled = optimizer_step(run, group, state, ckpt_dir)
+            monitor.advance(1)
+            end_of_epoch = state.batch_in_epoch == run.micro_per_epoch
+            if state.step % log_every == 0 or end_of_epoch:
+                monitor.record(state.take_record(run.micro_per_epoch, run.scheduler.get_last_lr()[0], scheduled))
+            if every and state.step % every == 0 and not end_of_epoch:
+                save(run, state, ckpt_dir, opts.keep_checkpoints)
+            if stop.signal is not None:  # SIGTERM / Ctrl-C: save at this step boundary, then leave
+                save(run, state, ckpt_dir, opts.keep_checkpoints)
+                where = f"; checkpoint saved in {ckpt_dir}" if ckpt_dir is not None else ""
+                raise TrainingInterrupted(
+                    f"{monitor.desc}: stopped by signal {stop.signal} at step {state.step}{where}; "
+                    "continue with --resume",
+                    stop.signal,
+                )
+        state.end_epoch(run.generator)
+        if on_eval is not None and (state.epoch % opts.eval_every_epochs == 0 or state.epoch == opts.epochs):
+            evaluate_and_keep_best(run, state, on_eval, opts.keep_best, monitor)
+        if not every or state.step % every == 0 or state.epoch == opts.epochs:
+            save(run, state, ckpt_dir, opts.keep_checkpoints)
+        if opts.early_stopping_patience and state.bad_evals >= opts.early_stopping_patience:
+            monitor.log(
+                f"{monitor.desc}: early stop after epoch {state.epoch} "
+                f"({state.bad_evals} evaluations without a better {opts.keep_best})"
+            )
+            return True
+    return False
+
+
+@dataclass
+class Setup:
+    """What `set_up` builds for a run: the prepared model, optimizer, scheduler and loader, what one step needs
+    (the loss, the teacher when the loss needs one, taps, schedules, augmentation, transform) and the counts."""
+
+    accelerator: Accelerator
+    model: nn.Module  # prepared (wrapped, or sharded: a copy of the caller's student)
+    optimizer: Any
+    scheduler: Any
+    loader: DataLoader
+    sampler: EpochShuffle
+    generator: torch.Generator  # the loader's: each epoch's iterator draws the workers' base seed from it
+    loss: WeightedLoss
+    teacher: Callable[[Batch], ModelOutputs] | None  # None when no loss (now or scheduled) needs it
+    views: int  # stored augmented views of a teacher cache
+    taps: Any
+    schedules: list[ScheduledValue] | tuple
+    augment: Augment | None
+    transform: Callable[[Batch, nn.Module, int], Batch] | None
+    seed: int
+    desc: str
+    grad_accum: int
+    grad_clip: float | None
+    clip_params: list[nn.Parameter]
+    loss_params: list[nn.Parameter]
+    sharded: bool
+    replay_skipped: bool  # with loading workers a resumed epoch loads its done batches again (see _epoch_batches)
+    micro_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+
+    def live(self) -> nn.Module:
+        """The model that evaluates and generates: FSDP1 wraps the module (its inner module cannot run alone);
+        FSDP2 shards it in place. Either way, sharded, that is the prepared one."""
+        return self.model if self.sharded else self.accelerator.unwrap_model(self.model)
+
+
+def set_up(
+    student: nn.Module,
+    loss: WeightedLoss,
+    train_data: Dataset,
+    opts: TrainOptions,
+    *,
+    teacher: Callable[[Batch], ModelOutputs] | None,
+    taps,
+    schedules: list[ScheduledValue] | tuple,
+    augment: Augment | None,
+    transform: Callable[[Batch, nn.Module, int], Batch] | None,
+    seed: int,
+    device: str,
+    desc: str,
+) -> Setup:
+    """The accelerator, the seeded data loader, the optimizer and scheduler, all prepared; the inputs checked."""
     if len(train_data) == 0:
         raise TrainingError("data: the training split is empty; expected at least one example")
     accelerator = make_accelerator(device, opts.precision, opts.grad_accum)
@@ -155,16 +284,17 @@ def train(
     sampler = EpochShuffle(len(train_data), seed)
     # The loader gets its own generator: creating an iterator would otherwise draw from the global RNG, which
     # also drives dropout, and a resumed run creates its iterators at other moments than an uninterrupted one.
+    generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(
         train_data,
         batch_size=opts.batch_size,
         sampler=sampler,
         collate_fn=getattr(train_data, "collate", collate),  # text data pads per batch
         num_workers=opts.num_workers,
-        generator=torch.Generator().manual_seed(seed),
+        generator=generator,
     )
     sharded = shards_model(accelerator)
-    if sharded and (student_taps is not None or any(True for _ in loss.parameters())):
+    if sharded and (taps is not None or any(True for _ in loss.parameters())):
         # Projector gradients would not be reduced across processes, and taps hook the module that is not trained.
         raise TrainingError(
             "distill.losses: feature losses (student taps or projectors) under FSDP; expected token-level losses "
@@ -178,228 +308,190 @@ def train(
         params, opts.optimizer, opts.lr, opts.weight_decay, opts.momentum, accelerator.device.type
     )
     model, optimizer, loader = accelerator.prepare(trained, optimizer, loader)
-    # Sharded, the prepared model has new (sharded) parameters: clip those, as Accelerate matches them by identity.
-    clip_params = list(model.parameters()) if sharded else params
-    # FSDP1 wraps the module (its inner module cannot run alone); FSDP2 shards it in place. Either way the model
-    # that evaluates and generates is the prepared one.
-    live = (lambda: model) if sharded else (lambda: accelerator.unwrap_model(model))
     micro_per_epoch = len(loader)  # per process: with N processes each takes every N-th batch
     steps_per_epoch = math.ceil(micro_per_epoch / opts.grad_accum)
     total_steps = steps_per_epoch * opts.epochs
     scheduler = build_scheduler(
-        optimizer,
-        total_steps,
-        opts.schedule,
-        opts.warmup_steps,
-        steps_per_epoch,
-        opts.step_every_epochs,
+        optimizer, total_steps, opts.schedule, opts.warmup_steps, steps_per_epoch, opts.step_every_epochs,
         opts.step_gamma,
-    )
+    )  # fmt: skip
     loss = loss.to(accelerator.device)
-    loss_params = [p for p in loss.parameters() if p.requires_grad]
     # A loss whose weight starts at 0 but is scheduled to grow needs the teacher too.
     needs_teacher = loss.needs_teacher or any(
         loss.parts[sv.term].needs_teacher for sv in schedules if sv.what == "weight"
     )
     if needs_teacher and teacher is None:
         raise TrainingError("distill.losses: a loss needs the teacher's outputs, but no teacher was given")
-
-    result = TrainResult()
-    step, epoch, skip = 0, 0, 0
-    best_state: dict | None = None
-    bad_evals = 0
-    if resume and ckpt_dir is not None and (path := latest_checkpoint(ckpt_dir)) is not None:
-        ck = load_checkpoint(path)  # every process reads the same whole checkpoint
-        load_full_state_dict(accelerator, model, ck["student"])
-        if ck["loss_modules"]:
-            loss.load_state_dict(ck["loss_modules"])
-        load_full_optimizer_state(accelerator, model, optimizer, ck["trainer"]["optimizer"])
-        scheduler.load_state_dict(ck["trainer"]["scheduler"])
-        torch.set_rng_state(ck["trainer"]["rng"])
-        st = ck["state"]
-        step, epoch, skip = st["step"], st["epoch"], st["batch_in_epoch"]
-        result.history, result.best_value, result.best_epoch = st["history"], st["best_value"], st["best_epoch"]
-        bad_evals = st["bad_evals"]
-        best_state = ck["best"]
-        log(f"{desc}: resumed from {path.name} (epoch {epoch + 1}, step {step})")
-
-    def checkpoint(batch_in_epoch: int, at_epoch: int) -> None:
-        # Sharded, gathering the whole state is a collective: every process takes part, the main one writes.
-        if ckpt_dir is None or not (sharded or accelerator.is_main_process):
-            return
-        student_state = full_state_dict(accelerator, model)
-        optimizer_state = full_optimizer_state(accelerator, model, optimizer)
-        if not accelerator.is_main_process:
-            return
-        save_checkpoint(
-            ckpt_dir,
-            step,
-            student=student_state,
-            loss_modules=loss.state_dict(),
-            best=best_state,
-            trainer={
-                "optimizer": optimizer_state,
-                "scheduler": scheduler.state_dict(),
-                "rng": torch.get_rng_state(),
-            },
-            state={
-                "step": step,
-                "epoch": at_epoch,
-                "batch_in_epoch": batch_in_epoch,
-                "history": result.history,
-                "best_value": result.best_value,
-                "best_epoch": result.best_epoch,
-                "bad_evals": bad_evals,
-            },
-            keep=opts.keep_checkpoints,
-        )
-
-    writer = None
-    if tb_dir is not None and accelerator.is_main_process:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(tb_dir))
-    bar = _Progress(total_steps, desc, enabled=progress and accelerator.is_main_process)
-    bar.advance(step)
-    steps_this_call = 0
-    stop = _StopOnSignal()
-    sums: dict[str, torch.Tensor] = {}
-    n_sums = 0
-    log_every = max(1, min(50, steps_per_epoch // 4))
-    try:
-        while epoch < opts.epochs:
-            model.train()
-            batches = accelerator.skip_first_batches(loader, skip) if skip else loader
-            # Accelerate's loaders set the sampler's epoch from their own counter when iterated; a loader made by
-            # skip_first_batches starts that counter at 0, so the epoch is set on the loader, not on the sampler.
-            # With several processes the loader's batch sampler is a shard that does not pass the epoch on.
-            if hasattr(batches, "set_epoch"):
-                batches.set_epoch(epoch)
-            sampler.set_epoch(epoch)
-            micro = skip
-            skip = 0
-            for group in _step_groups(batches, opts.grad_accum):
-                for i, batch in enumerate(group):
-                    if augment is not None and augment.active:
-                        batch = augment.apply(batch, seed, epoch, views=getattr(teacher, "views", 0))
-                    if transform is not None:  # e.g. on-policy distillation: the student writes the continuation
-                        batch = transform(batch, live(), step)
-                    group[i] = batch
-                if group[0].labels.dim() == 2:  # token-level: every micro-batch divides by the step's global count
-                    count = sum(predicted_positions(b.labels) for b in group).to(accelerator.device)
-                    share = accelerator.reduce(count.float(), "sum") / (opts.grad_accum * accelerator.num_processes)
-                    for b in group:
-                        b.num_real_tokens = share
-                for i, batch in enumerate(group):
-                    if schedules:
-                        scheduled_now = apply_schedules(loss, schedules, step, total_steps, steps_per_epoch)
-                    with micro_batch(accelerator, model, last=i == len(group) - 1):
-                        t_out = teacher(batch) if needs_teacher else None
-                        out = distill_step(model, loss, batch, t_out, student_taps)
-                        if not torch.isfinite(out.loss):
-                            parts = ", ".join(f"{k}={v.item():.4g}" for k, v in out.parts.items())
-                            last = latest_checkpoint(ckpt_dir) if ckpt_dir is not None else None
-                            kept = f"; last good checkpoint: {last}" if last else "; no checkpoint was written yet"
-                            raise TrainingError(
-                                f"{desc}: the loss became {out.loss.item()} at step {step + 1} (epoch {epoch + 1}; "
-                                f"parts: {parts}); training stopped{kept}. Lower train.lr or set train.grad_clip"
-                            )
-                        accelerator.backward(out.loss)
-                        if accelerator.sync_gradients and loss_params:  # adapters live outside the DDP model
-                            average_gradients(accelerator, loss_params)
-                        if accelerator.sync_gradients and opts.grad_clip:
-                            accelerator.clip_grad_norm_(clip_params, opts.grad_clip)
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                    micro += 1
-                    for k, v in {"total": out.loss.detach(), **out.parts}.items():
-                        sums[k] = sums.get(k, 0.0) + v.float()
-                    n_sums += 1
-                    if not accelerator.sync_gradients:
-                        continue
-                    scheduler.step()
-                    step += 1
-                    steps_this_call += 1
-                    bar.advance(1)
-                    if step % log_every == 0 or micro == micro_per_epoch:
-                        record = {
-                            "step": step,
-                            "epoch": epoch + micro / micro_per_epoch,
-                            **{f"train/{k}": (v / n_sums).item() for k, v in sums.items()},
-                            "lr": scheduler.get_last_lr()[0],
-                            **(scheduled_now if schedules else {}),
-                        }
-                        result.history.append(record)
-                        bar.show(record)
-                        if writer:
-                            for k, v in record.items():
-                                if k not in ("step", "epoch"):
-                                    writer.add_scalar(k, v, step)
-                        sums, n_sums = {}, 0
-                    every = opts.checkpoint_every_steps
-                    if every and step % every == 0 and micro < micro_per_epoch:
-                        checkpoint(micro, epoch)
-                    if interrupt_after is not None and steps_this_call >= interrupt_after:
-                        result.interrupted = True
-                        return result
-                    if stop.signal is not None:  # SIGTERM / Ctrl-C: save at this step boundary, then leave
-                        checkpoint(micro, epoch)
-                        where = f"; checkpoint saved in {ckpt_dir}" if ckpt_dir is not None else ""
-                        raise TrainingInterrupted(
-                            f"{desc}: stopped by signal {stop.signal} at step {step}{where}; continue with --resume",
-                            stop.signal,
-                        )
-            epoch += 1
-            if on_eval is not None and (epoch % opts.eval_every_epochs == 0 or epoch == opts.epochs):
-                metrics = on_eval(live())
-                model.train()
-                result.history.append(
-                    {"step": step, "epoch": float(epoch), **{f"val/{k}": v for k, v in metrics.items()}}
-                )
-                if writer:
-                    for k, v in metrics.items():
-                        writer.add_scalar(f"val/{k}", v, step)
-                if opts.keep_best != "none" and opts.keep_best in metrics:
-                    better = _better(metrics[opts.keep_best], result.best_value, opts.keep_best)
-                    if sharded:  # gathering the best state is a collective: all processes must agree to take it
-                        from accelerate.utils import broadcast_object_list
-
-                        better = broadcast_object_list([better])[0]
-                    if better:
-                        result.best_value, result.best_epoch, bad_evals = metrics[opts.keep_best], epoch, 0
-                        best_state = {
-                            k: v.detach().cpu().clone()
-                            for k, v in full_state_dict(accelerator, model, everywhere=True).items()
-                        }
-                    else:
-                        bad_evals += 1
-                bar.note(f"epoch {epoch}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-            if not opts.checkpoint_every_steps or step % opts.checkpoint_every_steps == 0 or epoch == opts.epochs:
-                checkpoint(0, epoch)
-            if opts.early_stopping_patience and bad_evals >= opts.early_stopping_patience:
-                result.stopped_early = True
-                log(
-                    f"{desc}: early stop after epoch {epoch} "
-                    f"({bad_evals} evaluations without a better {opts.keep_best})"
-                )
-                break
-    finally:
-        stop.restore()
-        bar.close()
-        if writer:
-            writer.close()
-    if sharded:  # the whole trained (or best) weights into the caller's plain module, on every process
-        student.load_state_dict(best_state if best_state is not None else full_state_dict(accelerator, model, True))
-    else:
-        final = accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # no autocast left on forward
-        if best_state is not None:
-            final.load_state_dict(best_state)
-    result.steps, result.epochs_run = step, epoch
-    result.seconds = time.perf_counter() - started
-    return result
+    return Setup(
+        accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader,
+        sampler=sampler, generator=generator, loss=loss, teacher=teacher if needs_teacher else None,
+        views=getattr(teacher, "views", 0), taps=taps, schedules=schedules, augment=augment, transform=transform,
+        seed=seed, desc=desc, grad_accum=opts.grad_accum, grad_clip=opts.grad_clip,
+        # Sharded, the prepared model has new (sharded) parameters: clip those, as Accelerate matches them by identity.
+        clip_params=list(model.parameters()) if sharded else params,
+        loss_params=[p for p in loss.parameters() if p.requires_grad], sharded=sharded,
+        replay_skipped=opts.num_workers > 0, micro_per_epoch=micro_per_epoch, steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+    )  # fmt: skip
 
 
-def _step_groups(batches, n: int):
+def optimizer_step(run: Setup, group: list[Batch], state: TrainState, ckpt_dir: Path | None) -> dict[str, float]:
+    """One optimizer step over a group of micro-batches (gradient accumulation; the last group of an epoch may be
+    shorter). Advances `state` (step, batch_in_epoch, the loss sums); returns the scheduled values of the step."""
+    acc = run.accelerator
+    weights = _prepare_group(run, group, state)
+    scheduled: dict[str, float] = {}
+    for i, (batch, weight) in enumerate(zip(group, weights)):
+        run.loss.set_epoch(state.epoch + state.batch_in_epoch / run.micro_per_epoch)
+        if run.schedules:
+            scheduled = apply_schedules(run.loss, run.schedules, state.step, run.total_steps, run.steps_per_epoch)
+        with micro_batch(acc, run.model, last=i == len(group) - 1):
+            t_out = run.teacher(batch) if run.teacher is not None else None
+            out = distill_step(run.model, run.loss, batch, t_out, run.taps)
+            if not torch.isfinite(out.loss):
+                raise _non_finite(run, out, state, ckpt_dir)
+            acc.backward(out.loss if weight == 1.0 else out.loss * weight)  # backward divides by grad_accum
+            if acc.sync_gradients and run.loss_params:  # adapters live outside the DDP model
+                average_gradients(acc, run.loss_params)
+            if acc.sync_gradients and run.grad_clip:
+                acc.clip_grad_norm_(run.clip_params, run.grad_clip)
+            run.optimizer.step()  # Accelerate steps and zeroes only on the last micro-batch
+            run.optimizer.zero_grad(set_to_none=True)
+        state.batch_in_epoch += 1
+        state.add_losses(out)
+    run.scheduler.step()
+    state.step += 1
+    return scheduled
+
+
+def _prepare_group(run: Setup, group: list[Batch], state: TrainState) -> list[float]:
+    """Augment and transform the step's micro-batches in place; return each one's loss weight.
+
+    accelerator.backward divides every loss by grad_accum, which makes a full group of equal micro-batches the
+    mean over the step's examples. Token-level losses divide by the step's global count of predicted tokens
+    (batch.num_real_tokens), which is exact for any group. Example-mean losses are weighted grad_accum × (its
+    examples) / (the step's examples): 1 for a full group of equal micro-batches, and for a short last group (or
+    a smaller last micro-batch) exactly the whole-batch mean."""
+    for i, batch in enumerate(group):
+        if run.augment is not None and run.augment.active:
+            batch = run.augment.apply(batch, run.seed, state.epoch, views=run.views)
+        if run.transform is not None:  # e.g. on-policy distillation: the student writes the continuation
+            batch = run.transform(batch, run.live(), state.step)
+        group[i] = batch
+    acc = run.accelerator
+    if group[0].labels.dim() == 2:  # token-level: every micro-batch divides by the step's global count
+        # Both counts in one reduce: shifted (next-token losses) and unshifted (shift: false).
+        counts = sum(torch.stack([predicted_positions(b.labels), predicted_positions(b.labels, shift=False)])
+                     for b in group).to(acc.device)
+        share = acc.reduce(counts.float(), "sum") / (run.grad_accum * acc.num_processes)
+        for b in group:
+            b.num_real_tokens, b.num_labelled_tokens = share[0], share[1]
+        return [1.0] * len(group)
+    sizes = [b.labels.shape[0] for b in group]
+    return [run.grad_accum * n / sum(sizes) for n in sizes]
+
+
+def _non_finite(run: Setup, out: StepOutput, state: TrainState, ckpt_dir: Path | None) -> TrainingError:
+    parts = ", ".join(f"{k}={v.item():.4g}" for k, v in out.parts.items())
+    last = latest_checkpoint(ckpt_dir) if ckpt_dir is not None else None
+    kept = f"; last good checkpoint: {last}" if last else "; no checkpoint was written yet"
+    return TrainingError(
+        f"{run.desc}: the loss became {out.loss.item()} at step {state.step + 1} (epoch {state.epoch + 1}; "
+        f"parts: {parts}); training stopped{kept}. Lower train.lr or set train.grad_clip"
+    )
+
+
+def evaluate_and_keep_best(
+    run: Setup,
+    state: TrainState,
+    on_eval: Callable[[nn.Module], dict[str, float]],
+    keep_best: str,
+    monitor: Monitor,
+) -> None:
+    """Evaluate after an epoch, record the metrics, and keep a copy of the weights when `keep_best` improved
+    (lower for "loss", higher otherwise); count the evaluations without improvement for early stopping."""
+    metrics = on_eval(run.live())
+    run.model.train()
+    values = {f"val/{k}": v for k, v in metrics.items()}
+    state.history.append({"step": state.step, "epoch": float(state.epoch), **values})
+    monitor.scalars(values, state.step)
+    if keep_best != "none" and keep_best in metrics:
+        value = metrics[keep_best]
+        better = _better(value, state.best_value, keep_best)
+        if run.sharded:  # gathering the best state is a collective: all processes must agree to take it
+            from accelerate.utils import broadcast_object_list
+
+            better = broadcast_object_list([better])[0]
+        if better:
+            state.best_value, state.best_epoch, state.bad_evals = value, state.epoch, 0
+            whole = full_state_dict(run.accelerator, run.model, everywhere=True)
+            state.best_state = {k: v.detach().cpu().clone() for k, v in whole.items()}
+        else:
+            state.bad_evals += 1
+    monitor.note(f"epoch {state.epoch}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+
+def _better(value: float, best: float | None, metric: str) -> bool:
+    if best is None:
+        return True
+    return value < best if metric == "loss" else value > best
+
+
+def save(run: Setup, state: TrainState, ckpt_dir: Path | None, keep: int) -> None:
+    """Write a checkpoint. Sharded, gathering the whole state is a collective: every process takes part, the main
+    one writes."""
+    acc = run.accelerator
+    if ckpt_dir is None or not (run.sharded or acc.is_main_process):
+        return
+    student_state = full_state_dict(acc, run.model)
+    optimizer_state = full_optimizer_state(acc, run.model, run.optimizer)
+    if not acc.is_main_process:
+        return
+    state.to_checkpoint(
+        ckpt_dir,
+        student=student_state,
+        loss_modules=run.loss.state_dict(),
+        optimizer=optimizer_state,
+        scheduler=run.scheduler.state_dict(),
+        device=acc.device,
+        keep=keep,
+    )
+
+
+def restore(run: Setup, path: Path) -> TrainState:
+    """Load a checkpoint into the prepared run (every process reads the same whole checkpoint); its state."""
+    ck = load_checkpoint(path)
+    load_full_state_dict(run.accelerator, run.model, ck["student"])
+    if ck["loss_modules"]:
+        run.loss.load_state_dict(ck["loss_modules"])
+    load_full_optimizer_state(run.accelerator, run.model, run.optimizer, ck["trainer"]["optimizer"])
+    run.scheduler.load_state_dict(ck["trainer"]["scheduler"])
+    state = TrainState.from_checkpoint(ck)
+    state.restore_rng(ck["trainer"], run.accelerator.device, run.generator)
+    return state
+
+
+def _epoch_batches(run: Setup, state: TrainState) -> Iterator[Batch]:
+    """The micro-batches of epoch `state.epoch` after the first `state.batch_in_epoch` (a resumed run).
+
+    Without loading workers the done batches are skipped unread. With workers they are loaded again and dropped:
+    worker k loads every k-th batch with its own random generator (seeded from the loader's generator), so a
+    dataset that draws random numbers gives the same examples only if every worker loads the same batches."""
+    skip = state.batch_in_epoch
+    loader = run.loader
+    if skip and not run.replay_skipped:
+        loader = run.accelerator.skip_first_batches(loader, skip)
+    # Accelerate's loaders set the sampler's epoch from their own counter when iterated; a loader made by
+    # skip_first_batches starts that counter at 0, so the epoch is set on the loader, not on the sampler.
+    # With several processes the loader's batch sampler is a shard that does not pass the epoch on.
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(state.epoch)
+    run.sampler.set_epoch(state.epoch)
+    batches = iter(loader)
+    return itertools.islice(batches, skip, None) if skip and run.replay_skipped else batches
+
+
+def _step_groups(batches: Iterator[Batch], n: int) -> Iterator[list[Batch]]:
     """The micro-batches of each optimizer step, as lists of n (the last of an epoch may be shorter, as
     Accelerate's accumulation ends the step at the end of the loader)."""
     group = []
@@ -412,74 +504,13 @@ def _step_groups(batches, n: int):
         yield group
 
 
-class _StopOnSignal:
-    """Turns SIGTERM and SIGINT into a flag the loop checks after each optimizer step, so that a checkpoint is
-    written at a consistent point (never between backward and the optimizer step). Only in the main thread."""
-
-    def __init__(self):
-        import signal
-        import threading
-
-        self.signal: int | None = None
-        self._old = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._old[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        if self.signal is not None:  # a second Ctrl-C: stop at once
-            raise KeyboardInterrupt
-        self.signal = signum
-
-    def restore(self) -> None:
-        import signal
-
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-
-
-class _Progress:
-    """A rich progress bar with ETA and the latest loss parts; silent when disabled."""
-
-    def __init__(self, total: int, desc: str, enabled: bool):
-        self.enabled = enabled
-        if not enabled:
-            return
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
+def _hand_back(run: Setup, student: nn.Module, best_state: dict | None) -> None:
+    """The trained (or best) weights into the caller's module."""
+    if run.sharded:  # the whole weights into the caller's plain module, on every process
+        student.load_state_dict(
+            best_state if best_state is not None else full_state_dict(run.accelerator, run.model, True)
         )
-
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[info]}"),
-            transient=False,
-        )
-        self.progress.start()
-        self.task = self.progress.add_task(desc, total=total, info="")
-
-    def advance(self, n: int) -> None:
-        if self.enabled and n:
-            self.progress.advance(self.task, n)
-
-    def show(self, record: dict) -> None:
-        if self.enabled:
-            info = " ".join(f"{k.split('/', 1)[1]}={v:.4f}" for k, v in record.items() if k.startswith("train/"))
-            self.progress.update(self.task, info=info)
-
-    def note(self, text: str) -> None:
-        if self.enabled:
-            self.progress.console.print(f"  {text}", highlight=False)
-
-    def close(self) -> None:
-        if self.enabled:
-            self.progress.stop()
+    else:
+        final = run.accelerator.unwrap_model(run.model, keep_fp32_wrapper=False)  # no autocast left on forward
+        if best_state is not None:
+            final.load_state_dict(best_state)

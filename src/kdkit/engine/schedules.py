@@ -76,5 +76,5 @@ def apply_schedules(
             loss.weights[sv.term] = v
         else:
             setattr(part, sv.what, v)
-        now[f"sched/{part.name}.{sv.what}"] = v
+        now[f"sched/{loss.part_names[sv.term]}.{sv.what}"] = v  # a loss named twice is logged twice
     return now

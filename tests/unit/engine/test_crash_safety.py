@@ -201,3 +201,138 @@ def test_a_damaged_teacher_cache_is_named_and_rebuilt(tmp_path):
     again = TeacherCache.build_or_load(data, teacher.logits, teacher.fingerprint(), tmp_path, log=logs.append)
     assert "is damaged" in logs[1] and "rebuilding" in logs[1]
     torch.testing.assert_close(torch.tensor(again.logits[:]), teacher(data.x).logits)
+
+
+def _rewrite(path, name: str, payload: bytes) -> None:
+    """Replace a checkpoint file and update its manifest entry, so that the hash check passes."""
+    from kdkit.atomic import sha256_file
+
+    (path / name).write_bytes(payload)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest[name] = {"sha256": sha256_file(path / name), "bytes": len(payload)}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+class Foreign:  # a pickled object, as another trainer's checkpoint might hold
+    pass
+
+
+def test_a_checkpoint_weights_only_refuses_says_so_not_damaged(tmp_path):
+    import io
+
+    _run(tmp_path / "a")
+    path = latest_checkpoint(tmp_path / "a")
+    buffer = io.BytesIO()
+    torch.save({"optimizer": {}, "scheduler": {}, "rng": torch.get_rng_state(), "extra": Foreign()}, buffer)
+    _rewrite(path, "trainer.pt", buffer.getvalue())
+    with pytest.raises(TrainingError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert "trainer.pt holds a pickled" in message and "Foreign" in message
+    assert "weights_only=True" in message and "not written by this kdkit version" in message
+    assert "damaged" not in message
+
+
+def test_out_of_memory_while_loading_a_checkpoint_says_out_of_memory(tmp_path, monkeypatch):
+    _run(tmp_path / "a")
+    path = latest_checkpoint(tmp_path / "a")
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(torch, "load", no_memory)
+    with pytest.raises(TrainingError, match=r"out of memory while loading .*trainer\.pt") as info:
+        load_checkpoint(path)
+    assert "damaged" not in str(info.value)
+
+    def no_cpu_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(torch, "load", no_cpu_memory)
+    with pytest.raises(TrainingError, match=r"out of memory while loading .*trainer\.pt"):
+        load_checkpoint(path)
+
+
+def test_a_truncated_file_whose_manifest_matches_is_damaged(tmp_path):
+    _run(tmp_path / "a")
+    path = latest_checkpoint(tmp_path / "a")
+    _rewrite(path, "trainer.pt", (path / "trainer.pt").read_bytes()[:100])
+    with pytest.raises(TrainingError, match=r"trainer\.pt is damaged: it cannot be read"):
+        load_checkpoint(path)
+    _rewrite(path, "student.safetensors", (path / "student.safetensors").read_bytes()[:50])
+    with pytest.raises(TrainingError, match=r"student\.safetensors is damaged: it cannot be read"):
+        load_checkpoint(path)
+
+
+class NoisyData(TensorData):
+    """Each example gets fresh noise from torch's global generator: in a loading worker, the worker's generator,
+    seeded from the loader's generator when an epoch's iterator starts (so the worker seeds matter)."""
+
+    def __getitem__(self, i: int):
+        x, y, i = super().__getitem__(i)
+        return x + 0.5 * torch.randn(x.shape), y, i
+
+
+def test_resume_with_loading_workers_equals_uninterrupted(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    data = NoisyData(torch.randn(96, 6, generator=g), torch.randint(0, 3, (96,), generator=g))
+    # 12 steps an epoch, a history record every 3 steps; checkpoints at steps 7 and 14 fall inside a record's window
+    opts = TrainOptions(
+        epochs=3, batch_size=8, keep_best="loss", checkpoint_every_steps=7, num_workers=2, schedule="cosine"
+    )
+    loss = build_loss([("ce", 1.0, {})])
+
+    def on_eval(model):
+        with torch.no_grad():
+            return {"loss": torch.nn.functional.cross_entropy(model(data.x), data.labels).item()}
+
+    def model():
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
+
+    def crash_in_step_17(batch, student, step):
+        if step == 16:
+            raise RuntimeError("simulated crash")
+        return batch
+
+    kw = dict(on_eval=on_eval, seed=5, device="cpu", progress=False, log=lambda _: None)
+    full = model()
+    r_full = train(full, loss, data, opts, ckpt_dir=tmp_path / "a", **kw)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(model(), loss, data, opts, ckpt_dir=tmp_path / "b", transform=crash_in_step_17, **kw)
+    assert json.loads((tmp_path / "b" / "latest.json").read_text())["step"] == 14  # epoch 2, 2 batches in
+    resumed = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
+    r2 = train(resumed, loss, data, opts, ckpt_dir=tmp_path / "b", resume=True, **kw)
+    assert r2.steps == r_full.steps == 36
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    assert r2.history == r_full.history
+    assert r2.best_epoch == r_full.best_epoch
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_resume_on_cuda_restores_the_cuda_generator(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    data = TensorData(torch.randn(64, 6, generator=g), torch.randint(0, 3, (64,), generator=g))
+    opts = TrainOptions(epochs=2, batch_size=8, keep_best="none", checkpoint_every_steps=3)
+    loss = build_loss([("ce", 1.0, {})])
+
+    def model():
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Linear(6, 64), nn.ReLU(), nn.Dropout(0.5), nn.Linear(64, 3))
+
+    def crash_in_step_6(batch, student, step):
+        if step == 5:
+            raise RuntimeError("simulated crash")
+        return batch
+
+    kw = dict(seed=2, device="cuda", progress=False, log=lambda _: None)
+    full = model()
+    train(full, loss, data, opts, ckpt_dir=tmp_path / "a", **kw)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(model(), loss, data, opts, ckpt_dir=tmp_path / "b", transform=crash_in_step_6, **kw)
+    torch.cuda.manual_seed_all(99)  # whatever the CUDA generator holds now, the checkpoint's state must win
+    resumed = model()
+    train(resumed, loss, data, opts, ckpt_dir=tmp_path / "b", resume=True, **kw)
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)

@@ -124,11 +124,22 @@ def _force_fsdp2_on_cpu() -> None:
     loop.make_accelerator = fsdp_accelerator
 
 
+def _crash_at_step(n: int):
+    """A transform (called before every micro-batch's forward) that crashes once `n` optimizer steps are done."""
+
+    def transform(batch, student, step):
+        if step == n:
+            raise RuntimeError(f"simulated crash after step {n}")
+        return batch
+
+    return transform
+
+
 def worker(out: Path) -> None:
     """Under torchrun: an FSDP run with checkpoints, and a crash after 3 steps + resume."""
     from safetensors.torch import save_file
 
-    from kdkit.engine.runtime import init_processes, shards_model
+    from kdkit.engine.runtime import init_processes, shards_model, wait_for_everyone
 
     world = init_processes("cpu")
     _force_fsdp2_on_cpu()
@@ -147,7 +158,15 @@ def worker(out: Path) -> None:
     model, result = run(PER_PROCESS_BATCH, out / "ckpt")
     student_type = type(model).__name__
     save_file(model.state_dict(), str(out / f"final_rank{rank}.safetensors"))
-    run(PER_PROCESS_BATCH, out / "crash", interrupt_after=3, opts={"checkpoint_every_steps": 1})
+    try:  # a crash after 3 steps (on every process alike), then a resume from the step-3 checkpoint
+        run(PER_PROCESS_BATCH, out / "crash", transform=_crash_at_step(3), opts={"checkpoint_every_steps": 1})
+    except RuntimeError as exc:
+        assert "simulated crash" in str(exc)
+    else:
+        raise AssertionError("the simulated crash did not happen")
+    # As a relaunch after a crash would: every process starts the resumed run once the main one has finished
+    # writing the step-3 checkpoint (else another process may read the step-2 one and the collectives mismatch).
+    wait_for_everyone()
     resumed, _ = run(PER_PROCESS_BATCH, out / "crash", resume=True, opts={"checkpoint_every_steps": 1})
     save_file(resumed.state_dict(), str(out / f"resumed_rank{rank}.safetensors"))
     if rank == 0:

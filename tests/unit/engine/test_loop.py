@@ -11,6 +11,7 @@ from torch import nn
 
 from kdkit.data import TensorData
 from kdkit.engine import EpochShuffle, TrainOptions, train
+from kdkit.engine.checkpoint import latest_checkpoint
 from kdkit.errors import TrainingError
 from kdkit.losses import Loss, WeightedLoss, build_loss
 from kdkit.teachers import Teacher
@@ -35,6 +36,17 @@ def _mlp(d=6, c=3, dropout=0.0, seed=1):
 def _teacher(d=6, c=3):
     torch.manual_seed(7)
     return Teacher(nn.Sequential(nn.Linear(d, 32), nn.Tanh(), nn.Linear(32, c)))
+
+
+def crash_at_step(n: int):
+    """A transform (called before every micro-batch's forward) that crashes once `n` optimizer steps are done."""
+
+    def transform(batch, student, step):
+        if step == n:
+            raise RuntimeError(f"simulated crash after step {n}")
+        return batch
+
+    return transform
 
 
 OPTS = dict(epochs=2, batch_size=16, optimizer="adamw", lr=1e-2, schedule="constant", keep_best="none")
@@ -95,19 +107,20 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path):
     )
 
     part = _mlp(dropout=0.3)
-    r1 = train(
-        part,
-        loss,
-        data,
-        opts,
-        on_eval=on_eval,
-        seed=3,
-        device="cpu",
-        ckpt_dir=tmp_path / "b",
-        progress=False,
-        interrupt_after=7,
-    )  # 5 steps/epoch: stops mid-epoch 2, last checkpoint at step 6
-    assert r1.interrupted and r1.steps == 0
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(
+            part,
+            loss,
+            data,
+            opts,
+            on_eval=on_eval,
+            seed=3,
+            device="cpu",
+            ckpt_dir=tmp_path / "b",
+            progress=False,
+            transform=crash_at_step(7),
+        )  # 5 steps/epoch: crashes in step 8 (mid-epoch 2), last checkpoint at step 6
+    assert latest_checkpoint(tmp_path / "b").name == "step_00000006"
     resumed = _mlp(dropout=0.3, seed=99)  # different init: everything must come from the checkpoint
     r2 = train(
         resumed,
@@ -218,3 +231,60 @@ def test_bf16_training_runs_and_leaves_a_plain_fp32_model():
     )
     assert r.steps == 8 and all(p.dtype == torch.float32 for p in model.parameters())
     assert model(torch.randn(2, 6)).dtype == torch.float32
+
+
+def _plain_sgd_steps(model: nn.Module, data: TensorData, steps: list[list[int]], lr: float) -> None:
+    """The reference: one SGD step per list of example positions, on the mean cross-entropy of those examples."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for idx in steps:
+        opt.zero_grad()
+        F.cross_entropy(model(data.x[idx]), data.labels[idx]).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "grad_accum", "step_sizes"),
+    [
+        (2, 4, [8, 2]),  # 5 micro-batches of 2: a full group of 4, then a short group of 1
+        (4, 3, [10]),  # micro-batches of 4, 4 and 2 in one group: the smaller one counts for its 2 examples
+        (3, 2, [6, 4]),  # micro-batches 3+3, then 3+1: the short group's smaller last micro-batch too
+    ],
+)
+def test_accumulated_gradient_equals_the_whole_batch_gradient(batch_size, grad_accum, step_sizes):
+    data = _data(n=10)
+    engine, reference = _mlp(), _mlp()
+    opts = TrainOptions(
+        epochs=1, batch_size=batch_size, grad_accum=grad_accum, optimizer="sgd", lr=0.5, momentum=0.0,
+        schedule="constant", keep_best="none",
+    )  # fmt: skip
+    r = train(engine, build_loss([("ce", 1.0, {})]), data, opts, seed=4, device="cpu", progress=False)
+    assert r.steps == len(step_sizes)
+    order, steps = list(EpochShuffle(10, seed=4)), []
+    for n in step_sizes:
+        steps.append(order[:n])
+        order = order[n:]
+    _plain_sgd_steps(reference, data, steps, lr=0.5)
+    for p, q in zip(engine.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+
+
+class _EpochRecorder(Loss):
+    name = "epoch_recorder"
+    needs_teacher = False
+
+    def __init__(self):
+        super().__init__()
+        self.epochs: list[float] = []
+
+    def set_epoch(self, epoch: float) -> None:
+        self.epochs.append(epoch)
+
+    def forward(self, student: ModelOutputs, teacher, batch):
+        return F.cross_entropy(student.logits, batch.labels)
+
+
+def test_the_loss_is_told_the_fractional_epoch_before_every_micro_batch():
+    recorder = _EpochRecorder()
+    opts = TrainOptions(**{**OPTS, "epochs": 2, "batch_size": 16, "grad_accum": 3})  # 4 micro-batches per epoch
+    train(_mlp(), WeightedLoss([(1.0, recorder)]), _data(), opts, device="cpu", progress=False)
+    assert recorder.epochs == [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75]

@@ -95,3 +95,60 @@ def test_token_kl_with_a_teacher_is_also_split_invariant():
     whole, split = run(4, 1), run(1, 4)
     for p, q in zip(whole.parameters(), split.parameters()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+
+
+def test_a_short_last_group_divides_by_its_own_token_count():
+    """8 blocks, micro-batches of 2, 3 per step: steps of 6 and 2 blocks, each divided by its own real tokens."""
+    from kdkit.engine.loop import EpochShuffle
+
+    data = _data()
+    model = TinyLM()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    order = list(EpochShuffle(len(data), 3))
+    for idx in (order[:6], order[6:]):
+        batch = data.collate([data[i] for i in idx])
+        logits = model(batch.inputs)
+        keep = batch.labels[:, 1:] != -100
+        loss = F.cross_entropy(logits[:, :-1][keep], batch.labels[:, 1:][keep], reduction="sum") / keep.sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    engine = TinyLM()
+    opts = TrainOptions(
+        epochs=1, batch_size=2, grad_accum=3, optimizer="sgd", lr=0.5, momentum=0.0, schedule="constant"
+    )
+    r = train(engine, build_loss([("token_ce", 1.0, {})]), data, opts, seed=3, device="cpu", progress=False)
+    assert r.steps == 2
+    for p, q in zip(model.parameters(), engine.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+
+
+def test_unshifted_token_losses_divide_by_the_unshifted_count_across_micro_batches():
+    """shift: false predicts every labelled position: the engine's count for it must be the unshifted one, and
+    split into micro-batches the step must still equal the whole batch (and a plain loop dividing by labels ≠ -100)."""
+    from kdkit.engine.loop import EpochShuffle
+
+    def run(batch_size, accum):
+        model = TinyLM()
+        opts = TrainOptions(
+            epochs=1, batch_size=batch_size, grad_accum=accum, optimizer="sgd", lr=0.5, momentum=0.0,
+            schedule="constant",
+        )  # fmt: skip
+        train(model, build_loss([("token_ce", 1.0, {"shift": False})]), _data(), opts, seed=3, device="cpu",
+              progress=False)  # fmt: skip
+        return model
+
+    data = _data()
+    model = TinyLM()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    order = list(EpochShuffle(len(data), 3))
+    for start in range(0, len(order), 4):
+        batch = data.collate([data[i] for i in order[start : start + 4]])
+        keep = batch.labels != -100
+        loss = F.cross_entropy(model(batch.inputs)[keep], batch.labels[keep], reduction="sum") / keep.sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for engine in (run(4, 1), run(1, 4), run(2, 2)):
+        for p, q in zip(model.parameters(), engine.parameters()):
+            torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
