@@ -55,12 +55,13 @@ def throughput(forward: Callable[[torch.Tensor], Any], batch: torch.Tensor, repe
 
 
 def _call_times(forward: Callable[[torch.Tensor], Any], inputs: torch.Tensor, repeats: int, warmup: int) -> list[float]:
-    """Seconds of each of `repeats` timed calls, after `warmup` untimed ones."""
+    """Seconds of each of `repeats` timed calls, after `warmup` untimed ones. inputs: a tensor, or any batch that
+    forward takes (a numpy array)."""
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
 
     def synchronize() -> None:
-        if inputs.is_cuda:
+        if getattr(inputs, "is_cuda", False):  # a numpy array (a scikit-learn model's inputs) runs on the CPU
             torch.cuda.synchronize(inputs.device)
 
     times = []

@@ -7,8 +7,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from kdkit.evaluate.schema import n_seeds
 from kdkit.export.parity import Parity
-from kdkit.report.table import gain_line, summary_headers, summary_rows
+from kdkit.report.markdown import speedup_note
+from kdkit.report.table import Column, gain_line, summary_headers, summary_rows
 
 LOADERS = {
     "safetensors": """```python
@@ -53,7 +55,10 @@ def model_card(
     parity_source: str,
     files: list[str],
     provenance: dict,
+    columns: list[Column] | None = None,
 ) -> str:
+    """README.md of an export. metrics: the run's metrics.json (docs/metrics.md), or {}; columns: the summary's
+    columns (None: the classification columns)."""
     arch = spec.get("name") or spec.get("source")
     shape = "(batch, " + ", ".join(str(d) for d in spec.get("in_shape", [])) + ")"
     kwargs = ", ".join(f"{k}={v}" for k, v in (spec.get("kwargs") or {}).items())
@@ -72,20 +77,25 @@ def model_card(
         "",
     ]
     if metrics:
-        lines += [_table(summary_headers(), summary_rows(metrics)), ""]
-        gain = gain_line(metrics)
+        lines += [_table(summary_headers(columns), summary_rows(metrics, columns)), ""]
+        gain = gain_line(metrics, columns)
         if gain:
             lines += [gain[0].upper() + gain[1:] + ".", ""]
         lines += [
             "Accuracy, macro F1 and agreement (top-1 agreement with the teacher) in %; ECE: expected calibration "
-            "error; speed-up: teacher latency ÷ student latency (batch 1). Figures from the run's metrics.json.",
+            f"error; {speedup_note(metrics)} Figures from the run's metrics.json.",
             "",
         ]
-        seeds = (metrics.get("student") or {}).get("n_seeds", 1)
+        seeds = n_seeds(metrics)
         if seeds > 1:
+            best = metrics.get("best_seed") or {}
+            chosen = "the best validation score"
+            if best:
+                value = best.get("value")
+                chosen = f"seed {best['seed']}" + (f", {best['by']} {value:.4g}" if value is not None else "")
             lines += [
-                f"Student rows are mean ± std over {seeds} seeds; this export is the run's chosen seed (the best "
-                "validation score), the one in RUN_DIR/student.",
+                f"Student rows are mean ± std over {seeds} seeds; this export is the run's chosen seed ({chosen}), "
+                "the one in RUN_DIR/student.",
                 "",
             ]
     else:

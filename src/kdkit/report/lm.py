@@ -1,69 +1,32 @@
 """report.md of a language-model run: perplexities, agreement with the teacher, cost, the teacher cache, and
-greedy continuations side by side; plots of the training losses, validation curves and perplexities."""
+greedy continuations side by side; plots of the training losses, validation curves and perplexities.
+
+Read from metrics.json's schema (docs/metrics.md); the summary table is table.summary_rows with LM_COLUMNS, the one
+the terminal prints.
+"""
 
 from __future__ import annotations
 
-import math
 import pathlib
 
 import matplotlib.pyplot as plt
 
 from kdkit.atomic import write_text
+from kdkit.evaluate.schema import mean_of, std_of
 from kdkit.report import plots
-from kdkit.report.markdown import _code_block, _table
+from kdkit.report.markdown import _code_block, _table, speedup_note
+from kdkit.report.table import LM_COLUMNS, ROWS, summary_headers
+from kdkit.report.table import summary_rows as _summary_rows
 
-KEYS = (("teacher", "teacher"), ("baseline_student", "baseline student"), ("student", "distilled student"))
-
-
-def _num(value, fmt: str) -> str:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return "—"
-    return "—" if math.isnan(v) else format(v, fmt)
-
-
-def _mean_std(entry: dict, key: str, fmt: str, scale: float = 1.0) -> str:
-    mean, std = entry.get(key), (entry.get("std") or {}).get(key)
-    if mean is None:
-        return "—"
-    text = _num(mean * scale, fmt)
-    return text + (f" ± {_num(std * scale, fmt)}" if std else "")
+KEYS = tuple(ROWS)
 
 
 def summary_rows(metrics: dict) -> list[list[str]]:
-    rows = []
-    for key, label in KEYS:
-        m = metrics.get(key)
-        if not m:
-            continue
-        rows.append(
-            [
-                label,
-                _mean_std(m, "perplexity", ".2f"),
-                _mean_std(m, "nll", ".4f"),
-                _mean_std(m, "accuracy", ".2f", 100),
-                _mean_std(m, "agreement", ".2f", 100),
-                _mean_std(m, "kl", ".4f"),
-                f"{m.get('params', 0) / 1e6:.1f} M",
-                _num(m.get("tokens_per_s"), ".0f"),
-                _num(m.get("speedup"), ".2f") + "×",
-            ]
-        )
-    return rows
+    """The rows of the LM summary (table.summary_rows with LM_COLUMNS); models that were not trained are left out."""
+    return [row for row, (key, _) in zip(_summary_rows(metrics, LM_COLUMNS), ROWS) if metrics.get(key)]
 
 
-HEADERS = [
-    "model",
-    "perplexity",
-    "nll / token",
-    "next-token acc. %",
-    "top-1 agreement %",
-    "KL(teacher‖model)",
-    "params",
-    "tokens/s",
-    "speed-up (tokens/s)",
-]
+HEADERS = summary_headers(LM_COLUMNS)
 
 
 def summary_table(metrics: dict) -> str:
@@ -71,15 +34,20 @@ def summary_table(metrics: dict) -> str:
 
 
 def gain_line(metrics: dict) -> str:
-    """One sentence: the distilled student's perplexity against the baseline's ("" without a baseline)."""
+    """One sentence: the distilled student's perplexity against the baseline's ("" without a baseline).
+
+    The perplexities are each student's mean over seeds; the nll difference is paired seed by seed (gain.nll).
+    """
     gain = metrics.get("gain")
-    if not gain:
+    if not gain or "nll" not in gain:
         return ""
+    student, baseline = mean_of(metrics["student"]["perplexity"]), mean_of(metrics["baseline_student"]["perplexity"])
+    change = 100.0 * (student - baseline) / baseline
+    nll = gain["nll"]
     return (
         f"Distillation vs the same student trained on the text alone: perplexity "
-        f"{gain['baseline_perplexity']:.2f} → {gain['student_perplexity']:.2f} "
-        f"({gain['perplexity_change_pct']:+.1f}%), nll {gain['nll_diff']:+.4f} ± {gain['nll_diff_std']:.4f} "
-        f"per token (paired over {gain['seeds']} seed(s))."
+        f"{baseline:.2f} → {student:.2f} ({change:+.1f}%), nll {nll['mean']:+.4f} ± {nll['std']:.4f} "
+        f"per token (paired over {nll['n']} seed(s))."
     )
 
 
@@ -91,8 +59,8 @@ def plot_perplexity(metrics: dict, path: pathlib.Path) -> pathlib.Path | None:
     try:
         colours = ["tab:purple", "tab:gray", "tab:blue"][-len(entries) :] if len(entries) < 3 else None
         xs = range(len(entries))
-        values = [e["perplexity"] for _, e in entries]
-        errors = [(e.get("std") or {}).get("perplexity", 0.0) for _, e in entries]
+        values = [mean_of(e["perplexity"]) for _, e in entries]
+        errors = [std_of(e["perplexity"]) for _, e in entries]
         ax.bar(xs, values, yerr=errors, color=colours or ["tab:purple", "tab:gray", "tab:blue"], capsize=4)
         ax.set_xticks(list(xs), [label for label, _ in entries])
         ax.set_ylabel("test perplexity (lower is better)")
@@ -135,8 +103,8 @@ def write_lm_report(
 ) -> pathlib.Path:
     """RUN_DIR/report.md and RUN_DIR/plots/*.png for a causal_lm run.
 
-    metrics: metrics.json (teacher / baseline_student / student entries with perplexity, nll, accuracy, agreement,
-    kl, params, tokens_per_s, speedup; optional "gain", "teacher_cache", "data"). samples: [{"prompt", "teacher",
+    metrics: metrics.json in the schema of docs/metrics.md (model entries with perplexity, nll, accuracy, agreement,
+    kl; cost with tokens_per_s; optional "gain" with nll, "teacher_cache", "data"). samples: [{"prompt", "teacher",
     "baseline_student", "student"}] greedy continuations of held-out prompts.
     """
     run_dir = pathlib.Path(run_dir)
@@ -148,7 +116,7 @@ def write_lm_report(
         plots.plot_schedules(histories, plot_dir / "schedules.png"),
     ]
     sections = [f"# kdkit report: {run_dir.name} (language model)", f"**Loss:** `{formula}`"]
-    sections.append("## Test text\n\n" + summary_table(metrics))
+    sections.append("## Test text\n\n" + summary_table(metrics) + "\n\n" + speedup_note(metrics))
     if gain_line(metrics):
         sections.append(gain_line(metrics))
     data = metrics.get("data")

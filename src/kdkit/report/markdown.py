@@ -1,7 +1,7 @@
 """report.md: what was trained, how well it did, what it costs, and how it was made.
 
 The summary table shares its rows and number formats with the terminal table (table.summary_rows), so the two
-never disagree.
+never disagree. Everything is read from metrics.json's schema (docs/metrics.md) through evaluate.schema's accessors.
 """
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ import pathlib
 import numpy as np
 
 from kdkit.atomic import write_text
+from kdkit.evaluate.schema import cost_of, n_seeds, per_seed_of
 from kdkit.report import plots
 from kdkit.report.table import (
     MISSING,
     ROWS,
+    Column,
     gain_numbers,
     percent,
     summary_headers,
@@ -49,16 +51,18 @@ def write_report(
     reliability_curves: dict[str, dict],
     env: dict,
     robustness: dict | None = None,
+    columns: list[Column] | None = None,
 ) -> pathlib.Path:
     """Write RUN_DIR/report.md and its PNGs under RUN_DIR/plots/; return the path of report.md.
 
-    metrics: the content of metrics.json ({"teacher", "student", optional "baseline_student", optional "gain"}).
+    metrics: the content of metrics.json in the schema of docs/metrics.md (evaluate.schema.assemble).
     histories: phase name ("student-s0", "baseline-s0", "teacher-0") → records in time order.
     formula: the loss as printed at the start of the run, e.g. "total = 0.1*ce + 0.9*soft_kl(T=4)".
     confusion_matrix: the distilled student's (C, C) matrix; plotted only when given and C ≤ 20.
     reliability_curves: model key ("teacher", "student", "baseline_student") → output of evaluate.reliability.
     env: versions, seed, device, ... shown as a two-column table.
     robustness: the output of evaluate.robustness, or None when it was not measured (no plot, no section).
+    columns: the summary table's columns (None: table.CLASSIFICATION_COLUMNS).
 
     Plots without data (no history for a phase, no curves) are not drawn and not linked. A plot from an earlier
     report in the same run directory that this report does not draw is removed, so plots/ matches report.md.
@@ -84,7 +88,7 @@ def write_report(
     sections = [
         f"# kdkit report: {run_dir.name}",
         f"**Loss:** `{formula}`",
-        _summary_section(metrics),
+        _summary_section(metrics, columns),
         _per_seed_section(metrics),
         _robustness_section(robustness),
         _plots_section(drawn_names, class_names, confusion_matrix),
@@ -95,15 +99,15 @@ def write_report(
     return write_text(run_dir / "report.md", text)
 
 
-def _summary_section(metrics: dict) -> str:
-    lines = ["## Summary", "", _table(summary_headers(), summary_rows(metrics))]
+def _summary_section(metrics: dict, columns: list[Column] | None) -> str:
+    lines = ["## Summary", "", _table(summary_headers(columns), summary_rows(metrics, columns))]
     lines += ["", "Accuracy, macro F1 and agreement (top-1 agreement with the teacher) in %; ECE: expected calibration"]
-    lines += ["error (lower is better); speed-up: teacher latency ÷ this model's latency (batch 1)."]
-    student = metrics.get("student") or {}
-    if student.get("n_seeds", 1) > 1:
-        lines += [f"Students: mean ± std (population) over {student['n_seeds']} seeds."]
-    if metrics.get("teacher", {}).get("members", 1) > 1:
-        lines += [f"The teacher is an ensemble of {metrics['teacher']['members']} members."]
+    lines += ["error (lower is better); " + speedup_note(metrics)]
+    if n_seeds(metrics) > 1:
+        lines += [f"Students: mean ± std (population) over {n_seeds(metrics)} seeds."]
+    members = cost_of(metrics, "teacher", "members") or 1
+    if members > 1:
+        lines += [f"The teacher is an ensemble of {members:.0f} members."]
     cache = metrics.get("teacher_cache")
     if cache:
         views = f", {cache['views']} augmented views per example" if cache.get("views") else ""
@@ -116,6 +120,16 @@ def _summary_section(metrics: dict) -> str:
     elif not metrics.get("baseline_student"):
         lines += ["", "No baseline student was trained, so the gain of distillation is not measured."]
     return "\n".join(lines)
+
+
+def speedup_note(metrics: dict) -> str:
+    """What the two speed-ups mean, with the batch size of the throughput when the run recorded it."""
+    batch = cost_of(metrics, "teacher", "batch_size")
+    at = f"at batch {batch:.0f}" if batch else "at the evaluation batch size"
+    return (
+        "speed-up (latency): teacher latency ÷ this model's latency (batch 1); speed-up (throughput): this model's "
+        f"throughput ÷ the teacher's, {at}. Every model is timed the same way."
+    )
 
 
 def _gain_lines(metrics: dict) -> list[str]:
@@ -141,16 +155,17 @@ _LABELS = {"accuracy": "accuracy", "f1_macro": "macro F1", "agreement": "agreeme
 
 def _per_seed_section(metrics: dict) -> str:
     """One row per seed: the distilled student's and, when trained, the baseline's scores and the paired difference."""
-    student_seeds = (metrics.get("student") or {}).get("per_seed") or []
+    student_seeds = _by_seed(metrics, "student")
     if not student_seeds:
         return ""
-    baseline_seeds = (metrics.get("baseline_student") or {}).get("per_seed") or []
+    baseline_seeds = _by_seed(metrics, "baseline_student")
     headers = ["seed", "student accuracy", "student macro F1", "student ECE", "student agreement"]
     if baseline_seeds:
         headers += ["baseline accuracy", "baseline macro F1", "baseline ECE", "Δ accuracy (pts)"]
+    seeds = metrics.get("seeds") or list(range(len(student_seeds)))
     rows = []
     for i, student in enumerate(student_seeds):
-        row = [str(student.get("seed", i))]
+        row = [str(seeds[i] if i < len(seeds) else i)]
         row += [percent(student.get("accuracy")), percent(student.get("f1_macro")), three_decimals(student.get("ece"))]
         row += [percent(student.get("agreement"))]
         if baseline_seeds:
@@ -159,6 +174,14 @@ def _per_seed_section(metrics: dict) -> str:
             row += [three_decimals(baseline.get("ece")), _difference(student, baseline, "accuracy")]
         rows.append(row)
     return "## Per seed\n\n" + _table(headers, rows)
+
+
+def _by_seed(metrics: dict, model: str) -> list[dict]:
+    """[{metric: value of seed i}, ...] in seeds order, from a model entry of either form; [] without the model."""
+    entry = metrics.get(model) or {}
+    columns = {key: per_seed_of(value) for key, value in entry.items()}
+    length = max((len(v) for v in columns.values()), default=0)
+    return [{key: v[i] for key, v in columns.items() if i < len(v)} for i in range(length)]
 
 
 _STRENGTH_UNITS = {

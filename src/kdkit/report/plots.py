@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from kdkit.atomic import write_with  # noqa: E402
+from kdkit.evaluate.schema import mean_of, per_seed_of, std_of  # noqa: E402
 
 DPI = 110
 # One colour per kind of phase, so that seeds of the same kind read as one family.
@@ -168,7 +169,7 @@ def plot_confusion(matrix: np.ndarray, class_names: list[str], path: Path) -> Pa
 def plot_comparison(metrics: dict, path: Path) -> Path | None:
     """Bars of accuracy and macro F1 (%) for teacher, baseline student and distilled student.
 
-    Students with more than one seed carry their std as error bars.
+    metrics: metrics.json (docs/metrics.md). Models with more than one seed carry their std as error bars.
     """
     models = [m for m in ("teacher", "baseline_student", "student") if metrics.get(m)]
     if not models:
@@ -180,10 +181,10 @@ def plot_comparison(metrics: dict, path: Path) -> Path | None:
         x = np.arange(len(keys))
         for i, model in enumerate(models):
             entry = metrics[model]
-            heights = [100 * _number(entry.get(key)) for key, _ in keys]
+            heights = [100 * _number(mean_of(entry.get(key))) for key, _ in keys]
             errors = None
-            if entry.get("n_seeds", 1) > 1:
-                errors = [100 * _number(entry.get("std", {}).get(key), default=0.0) for key, _ in keys]
+            if any(len(per_seed_of(entry.get(key))) > 1 for key, _ in keys):
+                errors = [100 * _number(std_of(entry.get(key)), default=0.0) for key, _ in keys]
             offset = (i - (len(models) - 1) / 2) * width
             bars = ax.bar(
                 x + offset,
@@ -196,7 +197,7 @@ def plot_comparison(metrics: dict, path: Path) -> Path | None:
             )
             ax.bar_label(bars, fmt="%.2f", fontsize="x-small", padding=2)
         # Zoom in on the range the bars occupy: distillation gains are often a point or less, invisible from 0.
-        finite = [100 * _number(metrics[m].get(k)) for m in models for k, _ in keys]
+        finite = [100 * _number(mean_of(metrics[m].get(k))) for m in models for k, _ in keys]
         finite = [h for h in finite if np.isfinite(h)]
         low = max(0.0, min(finite) - 10) if finite else 0.0
         ax.set_ylim(low, 101)

@@ -1,4 +1,5 @@
-"""report.md, its plots and the terminal table, from fabricated metrics and histories."""
+"""report.md, its plots and the terminal table, from fabricated metrics (built with evaluate.schema, so in the
+schema of docs/metrics.md) and histories."""
 
 from __future__ import annotations
 
@@ -11,14 +12,17 @@ import matplotlib.pyplot as plt
 import numpy as np
 from rich.console import Console
 
-from kdkit.report import gain_line, summary_table, write_report
-from kdkit.report.table import summary_rows
+from kdkit.evaluate.schema import assemble, check_metrics
+from kdkit.report import CLASSIFICATION_COLUMNS, LM_COLUMNS, gain_line, summary_table, write_lm_report, write_report
+from kdkit.report.table import summary_headers, summary_rows
 
 ALWAYS_DRAWN = ["loss_parts.png", "val_accuracy.png", "reliability.png", "comparison.png"]
 FORMULA = "total = 0.1*ce + 0.9*soft_kl(T=4)"
+GAIN_KEYS = ["accuracy", "f1_macro", "ece"]
 
 
-def model_entry(accuracy: float, latency: float, params: int = 50_890) -> dict:
+def seed_metrics(accuracy: float) -> dict:
+    """One classifier's quality on one seed."""
     return {
         "accuracy": accuracy,
         "precision_macro": accuracy - 0.01,
@@ -26,40 +30,35 @@ def model_entry(accuracy: float, latency: float, params: int = 50_890) -> dict:
         "f1_macro": accuracy - 0.02,
         "agreement": accuracy + 0.01,
         "ece": 0.031,
+    }
+
+
+def model_cost(latency: float, params: int = 50_890) -> dict:
+    return {
         "params": params,
         "size_mb": params * 4 / 1e6,
         "latency_ms": latency,
         "throughput": 1000 / latency,
-        "speedup": 2.0 / latency,
+        "batch_size": 256,
     }
 
 
-def summarize(per_seed: list[dict]) -> dict:
-    """The layout of evaluate.summarize_seeds, built here so that this test does not pay for importing evaluate."""
-    keys = [k for k, v in per_seed[0].items() if isinstance(v, (int, float))]
-    summary = {k: statistics.mean(s[k] for s in per_seed) for k in keys}
-    summary["std"] = {k: statistics.pstdev(s[k] for s in per_seed) for k in keys}
-    return {**summary, "per_seed": per_seed, "n_seeds": len(per_seed)}
-
-
-def paired_gain(student: list[dict], baseline: list[dict]) -> dict:
-    """The layout of evaluate.gain: per key, mean and population std of the paired differences."""
-    result = {}
-    for key in ("accuracy", "f1_macro", "ece"):
-        differences = [s[key] - b[key] for s, b in zip(student, baseline, strict=True)]
-        result[key] = {"mean": statistics.mean(differences), "std": statistics.pstdev(differences), "n": len(student)}
-    return result
+def classification(
+    seeds: list[int], teacher: dict, students: list[dict], baselines: list[dict] | None, costs: dict
+) -> dict:
+    metrics = assemble("classification", seeds, teacher, students, baselines, costs, GAIN_KEYS, None)
+    check_metrics(metrics)
+    return metrics
 
 
 def fabricated_metrics(with_baseline: bool = True) -> dict:
-    students = [model_entry(a, 0.2) for a in (0.941, 0.945, 0.938)]
-    metrics = {"teacher": {**model_entry(0.975, 2.0, 1_200_000), "agreement": 1.0, "members": 2}}
-    metrics["student"] = summarize(students)
+    students = [seed_metrics(a) for a in (0.941, 0.945, 0.938)]
+    baselines = [seed_metrics(a) for a in (0.932, 0.940, 0.931)] if with_baseline else None
+    costs = {"teacher": {**model_cost(2.0, 1_200_000), "members": 2}, "student": model_cost(0.2)}
     if with_baseline:
-        baselines = [model_entry(a, 0.2) for a in (0.932, 0.940, 0.931)]
-        metrics["baseline_student"] = summarize(baselines)
-        metrics["gain"] = paired_gain(students, baselines)
-    return metrics
+        costs["baseline_student"] = model_cost(0.2)
+    teacher = {**seed_metrics(0.975), "agreement": 1.0}
+    return classification([0, 1, 2], teacher, students, baselines, costs)
 
 
 def fabricated_histories(with_baseline: bool = True) -> dict:
@@ -120,7 +119,10 @@ def test_report_has_the_summary_and_every_plot(tmp_path):
     for row in ("| teacher |", "| baseline student |", "| distilled student |"):
         assert row in text
     assert "94.13 ± 0.29" in text  # student accuracy: mean ± population std over 3 seeds, in %
-    assert "50,890" in text and "10.0×" in text
+    assert "50,890" in text and "10.0×" in text  # speed-ups from metrics["cost"]: 2.0 ms / 0.2 ms, 5,000 / 500
+    assert "The teacher is an ensemble of 2 members." in text
+    assert "Students: mean ± std (population) over 3 seeds." in text
+    assert "| 1 | 94.50 | 92.50 | 0.031 | 95.50 | 94.00 | 92.00 | 0.031 | +0.50 |" in text  # per seed: seed 1
     assert "Distillation gain (accuracy): +0.70 ± 0.16 points over 3 seeds" in text
     assert "```yaml\ntask: classification" in text
     assert "| device | cpu |" in text
@@ -155,7 +157,8 @@ def test_report_without_a_baseline(tmp_path):
 
 
 def test_plots_without_data_are_skipped(tmp_path):
-    metrics = {"teacher": model_entry(0.9, 1.0), "student": model_entry(0.8, 0.5)}
+    costs = {"teacher": model_cost(1.0), "student": model_cost(0.5)}
+    metrics = classification([0], seed_metrics(0.9), [seed_metrics(0.8)], None, costs)
     text = write_report(
         tmp_path,
         metrics=metrics,
@@ -172,12 +175,24 @@ def test_plots_without_data_are_skipped(tmp_path):
 
 
 def test_summary_rows_formats_and_missing_values():
-    metrics = {"teacher": {**model_entry(0.9435, 1.0), "agreement": math.nan}, "student": model_entry(0.9, 0.5)}
+    teacher = {**seed_metrics(0.9435), "agreement": math.nan}
+    costs = {"teacher": model_cost(1.0), "student": model_cost(0.5)}
+    metrics = classification([0], teacher, [seed_metrics(0.9)], None, costs)
     teacher, baseline, student = summary_rows(metrics)
+    assert summary_headers()[5:] == [
+        "params",
+        "size MB",
+        "latency ms",
+        "examples/s",
+        "speed-up (latency)",
+        "speed-up (throughput)",
+    ]
     assert teacher[:5] == ["teacher", "94.35", "92.35", "—", "0.031"]
-    assert teacher[5:] == ["50,890", "0.204", "1.000", "2.0×"]
-    assert baseline == ["baseline student"] + ["—"] * 8
+    assert teacher[5:] == ["50,890", "0.204", "1.000", "1,000", "1.0×", "1.0×"]
+    assert student[5:] == ["50,890", "0.204", "0.500", "2,000", "2.0×", "2.0×"]
+    assert baseline == ["baseline student"] + ["—"] * 10
     assert "±" not in " ".join(student)  # a single run has no spread
+    assert summary_rows(metrics, CLASSIFICATION_COLUMNS) == summary_rows(metrics)  # the default columns
 
 
 def test_terminal_table_and_gain_line():
@@ -191,8 +206,8 @@ def test_terminal_table_and_gain_line():
 
 
 def test_gain_line_with_one_seed_has_no_spread():
-    students, baselines = [model_entry(0.95, 0.2)], [model_entry(0.94, 0.2)]
-    metrics = {"student": summarize(students), "gain": paired_gain(students, baselines)}
+    costs = {"teacher": model_cost(1.0), "student": model_cost(0.2), "baseline_student": model_cost(0.2)}
+    metrics = classification([0], seed_metrics(0.99), [seed_metrics(0.95)], [seed_metrics(0.94)], costs)
     assert gain_line(metrics) == "distillation gain: accuracy +1.00 pts (1 seed)"
 
 
@@ -281,3 +296,99 @@ def test_robustness_plot_without_corruptions_draws_nothing(tmp_path):
     assert not (tmp_path / "r.png").exists()
     one_model = {**clean_only, "occlusion": {"0.1": {"teacher": {"mean": 0.8, "std": 0.0, "per_seed": [0.8]}}}}
     assert_png(plot_robustness(one_model, tmp_path / "r.png"))
+
+
+def lm_metrics(seeds: list[int], with_baseline: bool = True) -> dict:
+    """A causal_lm run in the schema: perplexities per seed, costs with tokens/s (blocks of 128 tokens)."""
+
+    def scores(perplexity: float, kl: float) -> dict:
+        return {
+            "nll": math.log(perplexity),
+            "perplexity": perplexity,
+            "accuracy": 0.4,
+            "agreement": 0.6,
+            "kl": kl,
+            "tokens": 4096,
+        }
+
+    def lm_cost(latency: float, params: int) -> dict:
+        return {**model_cost(latency, params), "tokens_per_s": 128 * 1000 / latency, "batch_size": 8}
+
+    students = [scores(p, 0.5) for p in (20.0, 22.0, 21.0)][: len(seeds)]
+    baselines = [scores(p, 0.9) for p in (24.0, 25.0, 26.0)][: len(seeds)] if with_baseline else None
+    costs = {"teacher": lm_cost(8.0, 134_515_008), "student": lm_cost(2.0, 30_000_000)}
+    if with_baseline:
+        costs["baseline_student"] = costs["student"]
+    teacher = {**scores(12.0, 0.0), "agreement": 1.0}
+    best = {"phase": f"student-s{seeds[0]}", "seed": seeds[0], "by": "val/loss", "value": 3.0}
+    metrics = assemble("causal_lm", seeds, teacher, students, baselines, costs, ["nll", "perplexity"], best)
+    check_metrics(metrics)
+    return metrics
+
+
+def test_lm_summary_table_reads_the_schema():
+    metrics = lm_metrics([0, 1, 2])
+    assert summary_headers(LM_COLUMNS) == [
+        "model",
+        "perplexity",
+        "nll / token",
+        "next-token acc. %",
+        "top-1 agreement %",
+        "KL(teacher‖model)",
+        "params",
+        "size MB",
+        "latency ms",
+        "tokens/s",
+        "speed-up (latency)",
+        "speed-up (throughput)",
+    ]
+    teacher, baseline, student = summary_rows(metrics, LM_COLUMNS)
+    assert teacher == [
+        "teacher",
+        "12.00",
+        f"{math.log(12.0):.4f}",
+        "40.00",
+        "100.00",
+        "0.0000",
+        "134,515,008",
+        "538.06",
+        "8.000",
+        "16,000",
+        "1.0×",
+        "1.0×",
+    ]
+    assert student[1] == "21.00 ± 0.82"  # mean ± population std of 20, 22, 21
+    assert student[6:] == ["30,000,000", "120.00", "2.000", "64,000", "4.0×", "4.0×"]
+    assert baseline[1] == "25.00 ± 0.82"
+    console = Console(record=True, width=250)
+    console.print(summary_table(metrics, LM_COLUMNS))
+    assert "21.00 ± 0.82" in console.export_text()
+    # The generic gain line on the LM's headline column: paired perplexity differences -4, -3, -5.
+    assert gain_line(metrics, LM_COLUMNS) == "distillation gain: perplexity -4.00 ± 0.82 (3 seeds)"
+    assert gain_line(lm_metrics([0], with_baseline=False), LM_COLUMNS) == ""
+
+
+def test_lm_report_keeps_its_sections_and_gain_sentence(tmp_path):
+    from kdkit.report.lm import gain_line as lm_gain_line
+    from kdkit.report.lm import summary_rows as lm_summary_rows
+
+    metrics = lm_metrics([0, 1, 2])
+    nll = [math.log(20 / 24), math.log(22 / 25), math.log(21 / 26)]
+    expected = (
+        "Distillation vs the same student trained on the text alone: perplexity 25.00 → 21.00 (-16.0%), nll "
+        f"{statistics.mean(nll):+.4f} ± {statistics.pstdev(nll):.4f} per token (paired over 3 seed(s))."
+    )
+    assert lm_gain_line(metrics) == expected
+    assert [row[0] for row in lm_summary_rows(lm_metrics([0], with_baseline=False))] == ["teacher", "distilled student"]
+    samples = [{"prompt": "To be", "teacher": " or not", "baseline_student": " and", "student": " or"}]
+    histories = {"student-s0": [{"step": 1, "epoch": 1.0, "train/total": 2.0, "val/loss": 3.1}]}
+    path = write_lm_report(
+        tmp_path, metrics=metrics, histories=histories, formula=FORMULA, config_yaml="", env={}, samples=samples
+    )
+    text = path.read_text(encoding="utf-8")
+    assert "## Test text" in text and "| distilled student | 21.00 ± 0.82 |" in text
+    assert expected in text
+    assert "speed-up (throughput): this model's throughput ÷ the teacher's, at batch 8" in text
+    assert "Greedy continuations" in text and "](plots/perplexity.png)" in text
+    assert_png(tmp_path / "plots" / "perplexity.png")
+    assert plt.get_fignums() == []
