@@ -50,8 +50,9 @@ def main() -> None:
         torch.randn(steps * batch, 3, 32, 32, generator=g), torch.randint(0, 10, (steps * batch,), generator=g)
     )
     torch.manual_seed(0)
-    teacher = Teacher(
-        build_model("builtin", "resnet", {"depth": depth_t}, (3, 32, 32), 10).eval(), channels_last=True, fuse_bn=True
+    teacher = Teacher.from_settings(
+        build_model("builtin", "resnet", {"depth": depth_t}, (3, 32, 32), 10).eval(), channels_last=True,
+        fuse_bn=True, example=data.x[:8], log=lambda message: None,
     )
     aug = Augment(crop_padding=4, hflip=True)
     load_before = loadavg()

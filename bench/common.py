@@ -181,3 +181,25 @@ def append_section(path: Path, section: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     existing = path.read_text() if path.is_file() else DOCS_HEADER
     path.write_text(existing.rstrip("\n") + "\n\n" + section.strip("\n") + "\n")
+
+
+def open_bench_run(out, cfg, resume: bool, log):
+    """A run directory for a bench script that trains through kdkit's own parts (kdkit.run), on the CPU."""
+    from kdkit.config import dump_config
+    from kdkit.run import RunDir, open_run_dir
+
+    if resume:
+        return RunDir(Path(out), True, "cpu", log)
+    return open_run_dir(Path(out), dump_config(cfg), False, "cpu", None, log, list(cfg.run.seeds), cfg.data.split_seed)
+
+
+def train_variant(cfg, data, teacher, folder, kinds):
+    """The students of one variant through kdkit's phase runner: ({kind: [PhaseResult per seed]}, the recipe)."""
+    from dataclasses import replace
+
+    from kdkit.run import RunDir, run_phases
+    from kdkit.tasks.classification import student_recipe
+
+    run = RunDir(Path(folder), False, "cpu", lambda message: None)
+    recipe = replace(student_recipe(cfg, data, teacher, run, None), kinds=list(kinds))
+    return run_phases(run, list(cfg.run.seeds), recipe), recipe

@@ -11,14 +11,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import append_section, loadavg, log, machine_info, machine_line, markdown_table  # noqa: E402
+from common import (  # noqa: E402
+    append_section,
+    loadavg,
+    log,
+    machine_info,
+    machine_line,
+    markdown_table,
+    open_bench_run,
+    train_variant,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
@@ -51,7 +59,8 @@ def main() -> None:
     from kdkit.data import build_data
     from kdkit.evaluate import classification_metrics
     from kdkit.evaluate.predict import predict
-    from kdkit.pipeline import build_teacher, prepare_run_dir, train_students
+    from kdkit.evaluate.schema import spread
+    from kdkit.tasks.classification import build_teacher
 
     base = load_config(ROOT / "configs" / "features_hint.yaml").model_dump(mode="json")
     base["run"].update(progress=False, tensorboard=False, seeds=args.seeds)
@@ -66,9 +75,9 @@ def main() -> None:
     started = time.time()
     out = Path(args.out)
     cfg0 = load_config({**base, "distill": {**base["distill"], "losses": kd_terms}})
-    prepare_run_dir(out, cfg0, False, "cpu")
+    run = open_bench_run(out, cfg0, False, log)
     data = build_data(**cfg0.data.model_dump())
-    teacher, _ = build_teacher(cfg0, data, out, False, "cpu", log)
+    teacher = build_teacher(cfg0, data, run)
     t_logits, labels = predict(teacher, data.test, 256)
     results = {"teacher": classification_metrics(t_logits, labels)["accuracy"], "variants": {}}
     for i, (name, extra) in enumerate(VARIANTS.items()):
@@ -76,18 +85,16 @@ def main() -> None:
         raw = {**base, "distill": {**base["distill"], "losses": kd_terms + extra}}
         cfg = load_config(raw)
         kinds = ["baseline", "student"] if i == 0 else ["student"]
-        runs, loss, _ = train_students(cfg, data, teacher, out / f"v{i}", kinds, False, "cpu", lambda m: None)
+        runs, recipe = train_variant(cfg, data, teacher, out / f"v{i}", kinds)
         for kind in kinds:
             accs = []
             for r in runs[kind]:
-                logits, _ = predict(r["model"].eval(), data.test, 256)
+                logits, _ = predict(r.model.eval(), data.test, 256)
                 accs.append(classification_metrics(logits, labels)["accuracy"])
             key = "labels only (baseline)" if kind == "baseline" else name
             results["variants"][key] = {
-                "formula": loss.formula() if kind == "student" else "total = 1*ce",
-                "per_seed": accs,
-                "mean": statistics.mean(accs),
-                "std": statistics.pstdev(accs),
+                "formula": recipe.formula if kind == "student" else "total = 1*ce",
+                **spread(accs),  # mean, population std, per_seed: as in metrics.json
             }
         torch.manual_seed(0)
     results.update(

@@ -50,6 +50,7 @@ from common import (
 )
 from kdkit.data import TeacherCache, TensorData, build_data
 from kdkit.engine import TrainOptions, train
+from kdkit.evaluate.schema import spread
 from kdkit.losses import build_loss
 from kdkit.models.small import MLP, CifarResNet
 from kdkit.teachers import Teacher
@@ -261,11 +262,16 @@ def synthetic_data(s: Settings, steps: int, seed: int) -> tuple[torch.Tensor, to
     return x, y
 
 
-def make_teachers(teacher_model: nn.Module) -> dict[str, Teacher]:
-    """kdkit Teachers for every mode in TEACHER_MODES, then the what-if modes."""
+def make_teachers(teacher_model: nn.Module, image_shape=(3, 32, 32)) -> dict[str, Teacher]:
+    """kdkit Teachers for every mode in TEACHER_MODES, then the what-if modes; a BN fold is checked on a few
+    example inputs, as a run checks it."""
     # Teacher(channels_last=True) converts its model in place, so each mode gets its own copy.
+    example = torch.randn(8, *image_shape, generator=torch.Generator().manual_seed(0))
     return {
-        name: Teacher(copy.deepcopy(teacher_model), precision=precision, channels_last=cl, fuse_bn=fuse_bn)
+        name: Teacher.from_settings(
+            copy.deepcopy(teacher_model), precision=precision, channels_last=cl, fuse_bn=fuse_bn, example=example,
+            log=lambda message: None,
+        )
         for name, (precision, cl, fuse_bn) in TEACHER_MODES.items()
     }
 
@@ -450,7 +456,7 @@ def check_bf16_accuracy(s: Settings):
     )
     log(f"bf16 check: training a ResNet-{s.accuracy_teacher_depth} teacher on {s.accuracy_data}")
     train(net, build_loss([("ce", 1.0, {})]), data.train, teacher_opts, seed=s.seed, device="cpu", progress=False)
-    teachers = make_teachers(net)
+    teachers = make_teachers(net, tuple(data.test.x.shape[1:]))
     test_logits = {name: t.logits(data.test.x) for name, t in teachers.items()}
     test_labels = data.test.labels
     agreement = {
@@ -480,8 +486,8 @@ def check_bf16_accuracy(s: Settings):
             students[name]["last"].append(last)
 
     def mean_std(v: list[float]) -> dict:
-        t = torch.tensor(v, dtype=torch.float64)
-        return {"mean": round(float(t.mean()), 4), "std": round(float(t.std()) if len(v) > 1 else 0.0, 4)}
+        s = spread(v)  # metrics.json's definition: population std over seeds (ddof=0)
+        return {"mean": round(s["mean"], 4), "std": round(s["std"], 4)}
 
     student_summary = {}
     unchanged = {}
@@ -572,7 +578,7 @@ def _run(s: Settings, load_wait: dict | None, command: str, quick: bool) -> dict
     started = time.perf_counter()
     machine = machine_info() | {"loadavg_before": loadavg(), "load_wait": load_wait}
     teacher_model, student_init = build_models(s)
-    teachers = make_teachers(teacher_model)
+    teachers = make_teachers(teacher_model, s.image_shape)
     t_params, s_params = param_count(teacher_model), param_count(student_init)
     log(f"teacher ResNet-{s.teacher_depth} {t_params} params, student ResNet-{s.student_depth} {s_params} params")
 

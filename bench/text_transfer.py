@@ -28,7 +28,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import CpuWatch, loadavg, log, machine_info, machine_line, markdown_table  # noqa: E402
+from common import (  # noqa: E402
+    CpuWatch,
+    loadavg,
+    log,
+    machine_info,
+    machine_line,
+    markdown_table,
+    open_bench_run,
+    train_variant,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Text: few labels + an unlabelled transfer set (`bench/text_transfer.py`)"
@@ -109,7 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
     from kdkit.data import build_data
     from kdkit.evaluate import classification_metrics
     from kdkit.evaluate.predict import predict
-    from kdkit.pipeline import build_teacher, prepare_run_dir, train_students
+    from kdkit.evaluate.schema import spread
+    from kdkit.tasks.classification import build_teacher
 
     raw = base_config(args)
     labelled_epochs = max(1, round(args.epochs / args.label_fraction))  # the same example passes as with transfer
@@ -118,14 +128,13 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.time()
     cfg = load_config(raw)
     reuse = args.reuse_teacher and (out / "config.yaml").is_file()
-    if not reuse:
-        prepare_run_dir(out, cfg, False, "cpu")
+    run = open_bench_run(out, cfg, reuse, log)
     data = build_data(**cfg.data.model_dump())
     labelled = data.labelled()
     log(f"data: {len(labelled.train)} labelled + {data.transfer} unlabelled train / {len(data.test)} test")
     with CpuWatch() as watch_teacher:
         t0 = time.time()
-        teacher, _ = build_teacher(cfg, data, out, reuse, "cpu", log)
+        teacher = build_teacher(cfg, data, run)
         teacher_seconds = time.time() - t0
     t_logits, labels = predict(teacher, data.test, 64)
     results: dict = {
@@ -149,19 +158,17 @@ def main(argv: list[str] | None = None) -> dict:
         log(f"variant: {name}")
         with CpuWatch() as watch:
             t0 = time.time()
-            runs, loss, _ = train_students(vcfg, vdata, teacher, out / f"v{i}", [kind], False, "cpu", lambda m: None)
+            runs, recipe = train_variant(vcfg, vdata, teacher, out / f"v{i}", [kind])
             seconds = time.time() - t0
         accs = []
         for r in runs[kind]:
-            logits, _ = predict(r["model"].eval(), data.test, 64)
+            logits, _ = predict(r.model.eval(), data.test, 64)
             accs.append(classification_metrics(logits, labels)["accuracy"])
         results["variants"][name] = {
-            "formula": "total = 1*ce" if kind == "baseline" else loss.formula(),
+            "formula": "total = 1*ce" if kind == "baseline" else recipe.formula,
             "train_examples": len(vdata.train),
             "epochs": vcfg.train.epochs,
-            "per_seed": accs,
-            "mean": statistics.mean(accs),
-            "std": statistics.pstdev(accs),
+            **spread(accs),  # mean, population std, per_seed: as in metrics.json
             "seconds": round(seconds, 1),
             "others_cpu_fraction": watch.others_fraction,
         }

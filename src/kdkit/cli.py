@@ -32,31 +32,26 @@ def _console():
 
 
 def _show(metrics: dict) -> None:
+    """The summary table of any task's metrics.json, and the gain line."""
     if not metrics:  # a process other than the main one of a multi-process run: the main one reports
         return
-    console = _console()
-    if "perplexity" in metrics.get("teacher", {}):  # a language-model run
-        from rich.table import Table
-
-        from kdkit.report.lm import HEADERS, summary_rows
-        from kdkit.report.lm import gain_line as lm_gain_line
-
-        table = Table(*HEADERS)
-        for row in summary_rows(metrics):
-            table.add_row(*row)
-        console.print(table)
-        if lm_gain_line(metrics):
-            console.print(lm_gain_line(metrics))
-        return
     from kdkit.report.table import gain_line, summary_table
+    from kdkit.tasks import TASKS
 
-    console.print(summary_table(metrics))
-    line = gain_line(metrics)
+    columns = TASKS[metrics.get("task", "classification")].columns
+    console = _console()
+    console.print(summary_table(metrics, columns))
+    line = gain_line(metrics, columns)
     if line:
         console.print(line)
 
 
-DEMOS = {"main": "demo.yaml", "text": "text_demo.yaml", "llm": "llm_demo.yaml", "tabular": None}
+DEMOS = {
+    "main": "demo.yaml",
+    "text": "text_demo.yaml",
+    "llm": "llm_demo.yaml",
+    "tabular": "interpret/tabular_demo.yaml",
+}
 
 
 @app.command()
@@ -84,26 +79,16 @@ def demo(
         raise ConfigError(
             f"demo: unknown demo {which!r}{suggest(which, list(DEMOS))}; expected one of: {', '.join(DEMOS)}"
         )
-    if which == "tabular":
-        _interpret(Path(str(files("kdkit") / "configs" / "interpret" / "tabular_demo.yaml")), out, set_)
-        return
+    _train(Path(str(files("kdkit") / "configs" / DEMOS[which])), out, set_, False)
 
+
+def _train(config: Path, out: Optional[Path], set_: Optional[list[str]], resume: bool) -> None:
     from kdkit.pipeline import distill
 
-    config = Path(str(files("kdkit") / "configs" / DEMOS[which]))
-    result = distill(config, out=out, overrides=tuple(set_ or ()), log=_console().print)
+    result = distill(config, out=out, overrides=tuple(set_ or ()), resume=resume, log=_console().print)
     _show(result.metrics)
-    _console().print(f"run directory: {result.run_dir}  (report: {result.run_dir / 'report.md'})")
-
-
-def _interpret(config: Path, out: Optional[Path], set_: Optional[list[str]]) -> None:
-    from kdkit.interpret import interpret_run
-    from kdkit.interpret.report import gain_line, summary_table
-
-    console = _console()
-    metrics = interpret_run(config, out=out, overrides=tuple(set_ or ()), log=console.print)
-    console.print(summary_table(metrics))
-    console.print(gain_line(metrics))
+    if result.metrics:
+        _console().print(f"run directory: {result.run_dir}  (report: {result.run_dir / 'report.md'})")
 
 
 @app.command("interpret")
@@ -113,8 +98,9 @@ def interpret_cmd(
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """Distil a teacher on a table (scikit-learn model, ensemble or MLP) into a decision tree or sparse logistic
-    regression; report its fidelity to the teacher, its rules and its accuracy against the same model fit on labels."""
-    _interpret(config, out, set_)
+    regression; report its fidelity to the teacher, its rules and its accuracy against the same model fit on labels.
+    The same as `kdkit train` on that config."""
+    _train(config, out, set_, False)
 
 
 @app.command("train")
@@ -124,23 +110,19 @@ def train_cmd(
     set_: Optional[list[str]] = SetOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoints."),
 ) -> None:
-    """Train the teacher (if needed), the baseline and the distilled student from a config."""
-    from kdkit.pipeline import distill
-
-    result = distill(config, out=out, overrides=tuple(set_ or ()), resume=resume, log=_console().print)
-    _show(result.metrics)
-    if result.metrics:
-        _console().print(f"run directory: {result.run_dir}")
+    """Train the teacher (if needed), the baseline and the distilled student from a config (any task)."""
+    _train(config, out, set_, resume)
 
 
 @app.command("cache-teacher")
 def cache_teacher_cmd(
-    config: Path = typer.Argument(..., help="YAML config of a causal_lm run with distill.cache_teacher: true."),
+    config: Path = typer.Argument(..., help="YAML config with distill.cache_teacher: true."),
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
-    """Run a language-model teacher once over the training text and store its top-k log-probabilities per token
-    (llm.top_k, sharded, memory-mapped, hashed); `kdkit train` then reads them without loading the teacher."""
-    from kdkit.pipeline_lm import cache_teacher
+    """Run the teacher once over the training data and store its outputs on disk as `kdkit train` reads them: a
+    language model's top-k log-probabilities per token (llm.top_k, sharded, memory-mapped, hashed), a
+    classifier's logits (with distill.cache_views augmented views)."""
+    from kdkit.pipeline import cache_teacher
 
     info = cache_teacher(config, overrides=tuple(set_ or ()), log=_console().print)
     _console().print(" ".join(f"{k}={v}" for k, v in info.items()))
@@ -149,26 +131,16 @@ def cache_teacher_cmd(
 @app.command()
 def validate(config: Path = typer.Argument(..., help="YAML config."), set_: Optional[list[str]] = SetOpt) -> None:
     """Check a config (keys, types, loss and model names, their parameters) without training."""
-    from kdkit.config import load_config, read_yaml
-    from kdkit.interpret.config import is_interpret_config
+    from kdkit.tasks import load_task
 
-    if is_interpret_config(read_yaml(config)):
-        from kdkit.interpret.config import load_interpret_config
-        from kdkit.interpret.teachers import check_teacher
-
-        check_teacher(load_interpret_config(config, tuple(set_ or ())).teacher)
-        typer.echo(f"{config}: ok")
-        return
-    cfg = load_config(config, tuple(set_ or ()))
-    from kdkit.validate import check_names
-
-    check_names(cfg)
+    task, cfg = load_task(config, tuple(set_ or ()))
+    task.check(cfg)
     typer.echo(f"{config}: ok")
 
 
 @app.command("eval")
 def eval_cmd(run_dir: Path = typer.Argument(..., help="A run directory written by kdkit train/demo.")) -> None:
-    """Re-evaluate a finished run's teacher and student on its test split (writes RUN_DIR/eval.json)."""
+    """Re-evaluate a finished run's teacher and student on its test split, any task (writes RUN_DIR/eval.json)."""
     from kdkit.pipeline import evaluate_run
 
     _show(evaluate_run(run_dir, log=_console().print))
@@ -184,7 +156,7 @@ def search_cmd(
     """Tune temperature, KD weight, LR, student width... with Optuna; run it again to resume a stopped search."""
     from rich.table import Table
 
-    from kdkit.pipeline import search
+    from kdkit.search import search
 
     summary = search(config, out=out, overrides=tuple(set_ or ()), trials=trials, log=_console().print)
     best = summary["best"]
@@ -207,9 +179,9 @@ def search_cmd(
 @app.command("config-docs")
 def config_docs() -> None:
     """Print the configuration reference (docs/config.md) generated from the config models."""
-    from kdkit.config import config_markdown
+    from kdkit.validate import config_docs
 
-    typer.echo(config_markdown(), nl=False)
+    typer.echo(config_docs(), nl=False)
 
 
 @app.command("export")

@@ -18,18 +18,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 VERBS = ["demo", "train", "validate", "eval", "config-docs"]
 SECTIONS = ["run", "data", "teacher", "student", "distill", "train", "eval"]
-MODEL_KEYS = [
-    "accuracy",
-    "precision_macro",
-    "recall_macro",
-    "f1_macro",
-    "agreement",
-    "ece",
-    "params",
-    "size_mb",
-    "latency_ms",
-    "throughput",
-]
+MODEL_KEYS = ["accuracy", "precision_macro", "recall_macro", "f1_macro", "agreement", "ece"]
+COST_KEYS = ["params", "size_mb", "latency_ms", "throughput", "speedup_latency", "speedup_throughput"]
 PLOTS = ["comparison.png", "loss_parts.png", "val_accuracy.png", "reliability.png", "confusion.png"]
 FORMULA = "total = 0.1*ce + 0.9*soft_kl(T=4)"  # the default distill.losses of the tiny config
 
@@ -85,9 +75,12 @@ def test_train_writes_the_run_directory_contract(finished_run):
     metrics = json.loads((run / "metrics.json").read_text())
     for key in ("teacher", "student", "baseline_student", "gain"):
         assert key in metrics, f"metrics.json lacks {key!r}: {sorted(metrics)}"
+    for key in ("teacher", "student", "baseline_student"):
+        assert key in metrics["cost"], f"metrics.json's cost lacks {key!r}"
     for model in ("teacher", "student", "baseline_student"):
-        for key in MODEL_KEYS:
-            value = metrics[model].get(key)
+        for key, value in [(k, metrics[model].get(k)) for k in MODEL_KEYS] + [
+            (k, metrics["cost"][model].get(k)) for k in COST_KEYS
+        ]:
             assert isinstance(value, (int, float)) and not isinstance(value, bool), f"{model}.{key} = {value!r}"
             assert math.isfinite(value), f"{model}.{key} = {value!r}"
         assert 0.0 <= metrics[model]["accuracy"] <= 1.0

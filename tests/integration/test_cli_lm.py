@@ -40,7 +40,11 @@ def test_cache_teacher_then_train_reads_it(cli_process, lm_world, tmp_path):
 def test_bad_language_model_input_is_one_line(cli, cli_process, make_config, lm_world, tmp_path):
     corpus, teacher, other = lm_world
     # One real process (what a user sees); the other cases run in this process through the same error mapping.
-    assert_user_error(cli_process("cache-teacher", make_config()), "distill.cache_teacher", "causal_lm")
+    # Every verb works for every task: a classifier's teacher cache is built too; with the cache off it is refused.
+    off = make_config(lambda c: c["distill"].update(cache_teacher=False), name="off.yaml")
+    assert_user_error(cli_process("cache-teacher", off), "distill.cache_teacher", "causal_lm")
+    built = cli("cache-teacher", make_config())
+    assert built.returncode == 0 and "bytes_per_example=" in built.stdout, built.describe()
     bad = _config(tmp_path, corpus, teacher)
     bad["teacher"]["members"].append({"model": {"source": "hf", "path": str(other)}})
     cfg = tmp_path / "two.yaml"

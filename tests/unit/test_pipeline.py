@@ -11,6 +11,7 @@ import torch
 
 from kdkit.config import load_config
 from kdkit.errors import TrainingError
+from kdkit.evaluate.schema import check_metrics
 from kdkit.models import load_model_folder
 from kdkit.pipeline import distill
 
@@ -40,25 +41,20 @@ def cfg(tmp_path, monkeypatch):
 def test_metrics_contract_and_saved_student(cfg, tmp_path):
     r = distill(cfg, out=tmp_path / "run", log=lambda m: None)
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    keys = {
-        "accuracy",
-        "precision_macro",
-        "recall_macro",
-        "f1_macro",
-        "agreement",
-        "ece",
-        "params",
-        "size_mb",
-        "latency_ms",
-        "throughput",
-    }
+    check_metrics(m)
+    keys = {"accuracy", "precision_macro", "recall_macro", "f1_macro", "agreement", "ece"}
+    cost_keys = {"params", "size_mb", "latency_ms", "throughput", "speedup_latency", "speedup_throughput"}
     for model in ("teacher", "student", "baseline_student"):
         assert keys <= set(m[model]), model
-    assert m["teacher"]["members"] == 2 and m["student"]["n_seeds"] == 2
+        assert cost_keys <= set(m["cost"][model]), model
+    assert m["cost"]["teacher"]["members"] == 2 and m["seeds"] == [0, 1]
+    assert len(m["student"]["accuracy"]["per_seed"]) == 2
     cache = m["teacher_cache"]  # the disk cost of the cached teacher outputs: float32 logits per example
     assert cache["bytes"] == cache["examples"] * 10 * 4 and cache["views"] == 0
     assert "Teacher outputs were cached once on disk" in (tmp_path / "run" / "report.md").read_text()
-    assert m["gain"]["accuracy"]["mean"] == pytest.approx(m["student"]["accuracy"] - m["baseline_student"]["accuracy"])
+    assert m["gain"]["accuracy"]["mean"] == pytest.approx(
+        m["student"]["accuracy"]["mean"] - m["baseline_student"]["accuracy"]["mean"]
+    )
     saved = load_model_folder(tmp_path / "run" / "student")
     x = torch.randn(3, 1, 8, 8)
     torch.testing.assert_close(saved(x), r.student.eval()(x))

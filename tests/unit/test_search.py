@@ -8,8 +8,7 @@ import optuna
 import pytest
 
 from kdkit.errors import ConfigError
-from kdkit.pipeline import search
-from kdkit.search import open_study, sample_overrides
+from kdkit.search import open_study, sample_overrides, search
 
 TINY = {
     "run": {"name": "s", "seeds": [0], "progress": False, "tensorboard": False},

@@ -1,7 +1,7 @@
 """A finished run directory, opened for shipping: its config, its student, its teacher and held-out inputs.
 
 Export and serve read a run through these functions only. They read the run directory and write nothing.
-What they need from it (see kdkit.pipeline): config.yaml, student/ (model.safetensors + model.json),
+What they need from it (see kdkit.tasks.classification): config.yaml, student/ (model.safetensors + model.json),
 teachers/member_<i>/ for members trained by the run, and metrics.json / report.md for the model card.
 """
 
@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kdkit.config import KDConfig, load_config
+from kdkit.config import KDConfig
 from kdkit.errors import ConfigError, KdkitError
-from kdkit.models import build_model, load_model_folder
+from kdkit.models import load_model_folder
 from kdkit.models.build import read_model_json
-from kdkit.teachers import Teacher, TeacherEnsemble
+from kdkit.tasks import load_task
+from kdkit.teachers import TeacherEnsemble
 
 
 @dataclass
@@ -65,13 +66,10 @@ def open_run(run_dir: str | Path) -> Run:
         raise ConfigError(f"RUN_DIR: {str(run_dir)!r} is not a folder; expected a run directory written by kdkit")
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"RUN_DIR: {str(run_dir)!r} is not a kdkit run directory (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml")
-    if cfg.data.task == "causal_lm":
-        raise ConfigError(
-            f"RUN_DIR: {str(run_dir)!r} is a language-model run; its student is already an HF folder "
-            f"({run_dir / 'student'}: AutoModelForCausalLM.from_pretrained and AutoTokenizer load it, with report.md "
-            "beside it); kdkit export and serve handle classifiers"
-        )
+    task, cfg = load_task(run_dir / "config.yaml")
+    if task.shipping:
+        raise ConfigError(f"RUN_DIR: {str(run_dir)!r} is a {task.name} run, and kdkit export and serve take "
+                          f"classifiers: {task.shipping}")
     if not (run_dir / "student" / "model.json").is_file():
         raise ConfigError(f"RUN_DIR: {str(run_dir)!r} has no trained student (student/model.json); did the run finish?")
     spec = read_model_json(run_dir / "student", "RUN_DIR/student")
@@ -83,28 +81,15 @@ def open_run(run_dir: str | Path) -> Run:
 
 
 def load_teacher(run: Run) -> TeacherEnsemble:
-    """The run's teacher: members trained by the run from teachers/member_<i>/, the others from the config
-    (their checkpoint or kdkit folder), combined as the config says. Frozen, on CPU."""
-    cfg = run.cfg
-    members = []
-    for i, member in enumerate(cfg.teacher.members):
-        folder = run.run_dir / "teachers" / f"member_{i}"
-        m = member.model
-        where = f"teacher.members.{i}.model"
-        if (folder / "model.json").is_file():
-            model = load_model_folder(folder, where=f"RUN_DIR/teachers/member_{i}")
-        elif m.checkpoint or m.source == "kdkit":
-            model = build_model(
-                m.source, m.name, m.kwargs, run.in_shape, run.num_classes, m.path, m.checkpoint, where=where
-            )
-        else:
-            raise ConfigError(
-                f"RUN_DIR: {str(folder)!r} is missing and {where} has no checkpoint; the teacher cannot be rebuilt"
-            )
-        members.append(Teacher(model, cfg.distill.teacher_precision, cfg.distill.channels_last))
-    return TeacherEnsemble(
-        members, [mb.weight for mb in cfg.teacher.members], cfg.teacher.combine, cfg.teacher.feature_member
-    )
+    """The run's teacher exactly as the run built it (kdkit.tasks.classification.build_teacher on the finished
+    run: members trained by the run from teachers/member_<i>/, the others from the config; the run's precision,
+    memory format and BN folding), frozen, on CPU. Needs the run's data (tokenizers, shapes)."""
+    from kdkit.data import build_data
+    from kdkit.run import RunDir
+    from kdkit.tasks.classification import build_teacher
+
+    data = build_data(**run.cfg.data.model_dump())
+    return build_teacher(run.cfg, data, RunDir.finished(run.run_dir, "cpu", lambda message: None))
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Generation for language-model distillation: teacher completions for sequence-level KD, student continuations for
 on-policy KD (GKD). Layer 5.5: may import losses, teachers, models, data, types, config and errors; never engine."""
 
-from kdkit.llm.generate import (
+from kdkit.generation.generate import (
     GenerationSettings,
     OnPolicy,
     generate,

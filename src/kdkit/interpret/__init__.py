@@ -1,12 +1,15 @@
-"""Interpretable students and tabular teachers: distil a model or an ensemble into one a person can read.
+"""Interpretable students and tabular teachers: the parts of the tabular task (kdkit.tasks.tabular), which runs
+through the one pipeline like every task:
 
-    from kdkit.interpret import interpret_run, predict_table
-    metrics = interpret_run("configs/interpret/tabular_wine.yaml")   # writes the run directory
-    probs = predict_table(metrics["run_dir"], new_rows_frame)
+    from kdkit.pipeline import distill
+    from kdkit.interpret import predict_table
+    result = distill("configs/interpret/tabular_wine.yaml")    # `kdkit interpret` / `kdkit train`: the run directory
+    probs = predict_table(result.run_dir, new_rows_frame)      # the kept student, from RUN_DIR/student
 
 config.py (InterpretConfig, no torch, no scikit-learn) → tabular.py (reading, the encoder) → teachers.py →
-neighbourhood.py (synthetic points) → students.py (STUDENTS) → fidelity.py → report.py → run.py; predict.py reads
-a run directory back. Names are resolved lazily, so validating a config imports neither scikit-learn nor plots.
+neighbourhood.py (synthetic points) → students.py (STUDENTS) → fidelity.py → predict.py (a fitted student with its
+encoder, its folder) → report.py. Names are resolved lazily, so validating a config imports neither scikit-learn
+nor plots.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import importlib
 _EXPORTS = {
     "InterpretConfig": "kdkit.interpret.config",
     "load_interpret_config": "kdkit.interpret.config",
-    "interpret_run": "kdkit.interpret.run",
+    "FittedStudent": "kdkit.interpret.predict",
     "load_run": "kdkit.interpret.predict",
     "predict_table": "kdkit.interpret.predict",
 }

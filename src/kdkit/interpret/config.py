@@ -1,20 +1,21 @@
-"""The config of `kdkit interpret`: a teacher on a table, distilled into a student a person can read.
+"""The config of the tabular task (`kdkit interpret`, `kdkit train`): a teacher on a table, distilled into a
+student a person can read.
 
-Small frozen sections, validated on load, every error reported at once with its field path, as in kdkit.config.
-Imports no torch and no scikit-learn, so `kdkit validate` stays instant on these configs too. A YAML file says
-`kind: interpret` at the top; that is how `kdkit validate` tells it from a main distillation config.
+Small frozen sections, validated on load, every error reported at once with its field path, as in kdkit.config
+(whose public loading functions it uses). Imports no torch and no scikit-learn, so `kdkit validate` stays instant on
+these configs too. A YAML file says `kind: interpret` at the top (or `data.task: tabular`); that is how
+kdkit.tasks.task_of tells it from a classification or language-model config.
 """
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from kdkit.config import Section, _set_dotted, parse_override, read_yaml, validate_root
+from kdkit.config import Section, apply_overrides, read_yaml, validate_root
 from kdkit.registry import suggest
 
 # The names kdkit.interpret.teachers.TEACHERS and kdkit.interpret.students.STUDENTS register (a test keeps them
@@ -37,14 +38,23 @@ class InterpretRunConfig(Section):
     )
     save_skops: bool = Field(
         True,
-        description="Also write student.skops and teacher/member_<i>.skops (scikit-learn objects, safe to load) when "
-        "skops is installed; student.json is written always. Importing skops costs a few seconds.",
+        description="Also write student/student.skops and teachers/member_<i>.skops (scikit-learn objects, safe to "
+        "load) when skops is installed; student/student.json is written always. Importing skops costs a few seconds.",
     )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "cpu",
+        description="Where an mlp teacher trains (the scikit-learn models always run on the CPU); auto: CUDA when "
+        "available.",
+    )
+    threads: int | None = Field(None, gt=0, description="torch CPU threads (an mlp teacher); default: torch's choice.")
 
 
 class TabularDataConfig(Section):
     """A table: where it comes from, which column is the target, how the other columns are encoded."""
 
+    task: Literal["tabular"] = Field(
+        "tabular", description="The task (kdkit.tasks.TASKS): a table distilled into an interpretable student."
+    )
     source: Literal["builtin", "csv", "parquet", "hf", "arrays"] = Field(
         "builtin",
         description="builtin: a scikit-learn table (`name`: breast_cancer, wine, iris, digits); csv/parquet: a file "
@@ -255,11 +265,19 @@ class InterpretReportConfig(Section):
     plot_depth: int = Field(5, gt=0, description="Levels of the tree drawn in tree.png (rules.txt has all).")
 
 
+class TabularEvalConfig(Section):
+    """How the cost of each model is measured (kdkit.evaluate.cost, as for every task)."""
+
+    batch_size: int = Field(256, gt=0, description="Rows per call of the throughput figure (test rows, repeated).")
+    latency_repeats: int = Field(50, gt=0, description="Timed one-row predictions per model (median reported).")
+    latency_warmup: int = Field(10, ge=0, description="Untimed one-row predictions before timing.")
+
+
 class InterpretConfig(Section):
     """Distil a teacher on a table into an interpretable student and measure how faithful it is."""
 
     kind: Literal["interpret"] = Field(
-        "interpret", description="Marks an interpret config (so `kdkit validate` knows which schema to use)."
+        "interpret", description="Marks a tabular config (kdkit.tasks.task_of reads it to pick the tabular task)."
     )
     run: InterpretRunConfig = Field(default_factory=InterpretRunConfig, description="The run as a whole.")
     data: TabularDataConfig = Field(default_factory=TabularDataConfig, description="The table.")
@@ -270,16 +288,12 @@ class InterpretConfig(Section):
     neighbourhood: NeighbourhoodConfig = Field(
         default_factory=NeighbourhoodConfig, description="Synthetic points labelled by the teacher."
     )
+    eval: TabularEvalConfig = Field(default_factory=TabularEvalConfig, description="Cost measurement.")
     report: InterpretReportConfig = Field(default_factory=InterpretReportConfig, description="The report.")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Loading (same contract as kdkit.config.load_config: YAML, dotted overrides, every problem in one ConfigError)
-
-
-def is_interpret_config(raw: Any) -> bool:
-    """Whether a YAML mapping is an interpret config (it says `kind: interpret`)."""
-    return isinstance(raw, dict) and raw.get("kind") == "interpret"
 
 
 def interpret_config_from_dict(raw: Any, source: str = "config") -> InterpretConfig:
@@ -288,19 +302,11 @@ def interpret_config_from_dict(raw: Any, source: str = "config") -> InterpretCon
 
 
 def load_interpret_config(path: str | Path | dict, overrides: list[str] | tuple[str, ...] = ()) -> InterpretConfig:
-    """Read a YAML file (or take a dict), apply `--set key=value` overrides, and validate."""
-    raw = copy.deepcopy(dict(path) if isinstance(path, dict) else read_yaml(path))
+    """Read a YAML file (or take a dict), apply `--set key=value` overrides (to the resolved config, so that
+    defaults not written in the YAML can be overridden too), and validate."""
+    raw = dict(path) if isinstance(path, dict) else read_yaml(path)
     source = "config" if isinstance(path, dict) else str(path)
-    if overrides:
-        # Overrides apply to the resolved config, so that defaults not written in the YAML can be overridden too.
-        try:
-            raw = InterpretConfig.model_validate(raw).model_dump(mode="json")
-        except ValidationError:
-            pass
-    for text in overrides:
-        key, value = parse_override(text)
-        _set_dotted(raw, key, value)
-    return interpret_config_from_dict(raw, source)
+    return interpret_config_from_dict(apply_overrides(raw, overrides, InterpretConfig), source)
 
 
 def dump_interpret_config(cfg: InterpretConfig) -> str:

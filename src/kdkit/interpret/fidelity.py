@@ -40,13 +40,3 @@ def quality(probs: np.ndarray, labels: np.ndarray) -> dict:
         "f1_macro": float(f1_score(labels, pred, labels=list(range(probs.shape[1])), average="macro", zero_division=0)),
         "nll": float(-np.log(picked).mean()),
     }
-
-
-def mean_std(per_seed: list[dict]) -> dict:
-    """{key: {"mean", "std" (ddof=0), "per_seed"}} for every numeric key present in all seeds."""
-    keys = [k for k, v in per_seed[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    out = {}
-    for k in keys:
-        values = np.array([float(s[k]) for s in per_seed])
-        out[k] = {"mean": float(values.mean()), "std": float(values.std()), "per_seed": values.tolist()}
-    return out

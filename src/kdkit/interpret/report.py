@@ -1,6 +1,8 @@
-"""The interpret run's report: report.md, its PNGs, and the summary table the CLI prints.
+"""The tabular task's report: report.md and its PNGs, read from metrics.json's schema (docs/metrics.md) through
+kdkit.evaluate.schema's accessors.
 
-The terminal table and report.md take their cells from `summary_rows`, so the two never disagree.
+The summary table takes its cells from kdkit.report.table.summary_rows with the task's columns, the same cells as
+the terminal table (`kdkit interpret`, `kdkit train`), so the two never disagree.
 """
 
 from __future__ import annotations
@@ -11,114 +13,102 @@ from pathlib import Path
 import numpy as np
 
 from kdkit.atomic import write_text
+from kdkit.evaluate.schema import mean_of, n_seeds, per_seed_of, std_of
+from kdkit.interpret.students import coefficients_text, tree_rules
+from kdkit.report.markdown import speedup_note
 from kdkit.report.plots import _save, plt
+from kdkit.report.table import MISSING, TABULAR_COLUMNS, gain_line, summary_headers, summary_rows
 
-MISSING = "—"
 MAX_RULES_IN_REPORT = 40
 
 
-def _pm(summary: dict, key: str, percent: bool = True) -> str:
-    entry = summary.get(key)
-    if entry is None or not math.isfinite(entry["mean"]):
+def _pm(value, percent: bool = True) -> str:
+    """A model entry's value as "mean ± std" (percent: × 100, 2 decimals); "—" when missing or NaN."""
+    mean = mean_of(value)
+    if mean is None or not math.isfinite(mean):
         return MISSING
-    if percent:
-        return f"{100 * entry['mean']:.2f} ± {100 * entry['std']:.2f}"
-    return f"{entry['mean']:.1f} ± {entry['std']:.1f}"
+    scale = 100 if percent else 1
+    text = f"{scale * mean:.2f}"
+    return text + (f" ± {scale * std_of(value):.2f}" if len(per_seed_of(value)) > 1 else "")
 
 
-def _size(summary: dict, prefix: str, kind: str) -> str:
+def size_text(entry: dict, kind: str) -> str:
     """Mean size over seeds (sizes hardly vary, so no spread): rules / leaves / depth, or non-zero coefficients."""
     if kind == "decision_tree":
-        rules, leaves = summary[prefix + "rules"]["mean"], summary[prefix + "leaves"]["mean"]
-        depth = max(summary[prefix + "depth"]["per_seed"])
-        return f"{rules:.1f} rules / {leaves:.1f} leaves / depth {depth:.0f}"
-    return f"{summary[prefix + 'nonzero']['mean']:.1f} of {summary[prefix + 'features']['mean']:.0f} features"
+        depth = max(per_seed_of(entry["depth"]))
+        return f"{mean_of(entry['rules']):.1f} rules / {mean_of(entry['leaves']):.1f} leaves / depth {depth:.0f}"
+    return f"{mean_of(entry['nonzero']):.1f} of {mean_of(entry['features']):.0f} features"
 
 
-def summary_headers() -> list[str]:
-    return ["model", "test accuracy %", "macro F1 %", "fidelity test %", "fidelity neighbourhood %", "size (mean)"]
-
-
-def summary_rows(metrics: dict) -> list[list[str]]:
-    """Teacher, distilled student, student on labels only: mean ± std over seeds."""
-    s, kind = metrics["summary"], metrics["student"]["kind"]
-    name = "tree" if kind == "decision_tree" else "L1 logistic"
-    teacher = "+".join(metrics["teacher"]["members"])
-    return [
-        [f"teacher ({teacher})", _pm(s, "teacher_accuracy"), _pm(s, "teacher_f1_macro"), MISSING, MISSING, MISSING],
-        [
-            f"distilled {name}",
-            _pm(s, "student_accuracy"),
-            _pm(s, "student_f1_macro"),
-            _pm(s, "fidelity_test"),
-            _pm(s, "fidelity_neighbourhood"),
-            _size(s, "student_", kind),
-        ],
-        [
-            f"{name} on labels only",
-            _pm(s, "label_student_accuracy"),
-            _pm(s, "label_student_f1_macro"),
-            _pm(s, "label_student_fidelity_test"),
-            _pm(s, "label_student_fidelity_neighbourhood"),
-            _size(s, "label_student_", kind),
-        ],
-    ]
-
-
-def gain_line(metrics: dict) -> str:
-    """The distilled student's accuracy minus the label-only student's, paired by seed."""
-    s = metrics["summary"]
-    diffs = np.array(s["student_accuracy"]["per_seed"]) - np.array(s["label_student_accuracy"]["per_seed"])
-    n = len(diffs)
-    return (
-        f"distilled − labels only: {100 * diffs.mean():+.2f} ± {100 * diffs.std():.2f} accuracy points "
-        f"(paired over {n} seed{'s' if n != 1 else ''}); fidelity on test {_pm(s, 'fidelity_test')} %"
-    )
-
-
-def summary_table(metrics: dict):
-    """The summary as a rich Table, for the terminal."""
-    from rich.table import Table
-
-    n = len(metrics["seeds"])
-    table = Table(title=f"kdkit interpret: mean ± std over {n} seed{'s' if n != 1 else ''}")
-    for i, header in enumerate(summary_headers()):
-        table.add_column(header, justify="left" if i == 0 else "right")
-    for row in summary_rows(metrics):
-        table.add_row(*row)
-    return table
+def fidelity_line(metrics: dict) -> str:
+    """The distilled student's fidelity and the labels-only model's, for the report and the log."""
+    s, b = metrics["student"], metrics.get("baseline_student") or {}
+    line = f"fidelity on test {_pm(s['fidelity_test'])} %, around the test rows {_pm(s['fidelity_neighbourhood'])} %"
+    if b:
+        line += f" (labels only: {_pm(b['fidelity_test'])} %, {_pm(b['fidelity_neighbourhood'])} %)"
+    return line
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # report.md
 
 
-def write_interpret_report(run_dir: Path, *, cfg, metrics: dict, saved: dict, rules: list[dict] | None, env: dict):
-    """Write RUN_DIR/report.md and RUN_DIR/plots/*.png; return the path of report.md."""
-    encoder, student = saved["encoder"], saved["student"]
+def write_interpret_report(run_dir: Path, *, cfg, metrics: dict, kept, x_train: np.ndarray, env: dict) -> Path:
+    """Write RUN_DIR/report.md and RUN_DIR/plots/*.png; return the path of report.md.
+
+    kept: the kept seed's FittedStudent (kdkit.interpret.predict); x_train: its seed's encoded training rows (the
+    rules count them). tree.png needs the fitted scikit-learn tree: a student read back from JSON (phases reused by
+    --resume) keeps the tree.png drawn when it was fit, if there is one.
+    """
+    encoder, student = kept.encoder, kept.student
+    kind = metrics["student_model"]["kind"]
+    name = "tree" if kind == "decision_tree" else "L1 logistic regression"
     plots_dir = run_dir / "plots"
     drawn = []
-    if student.kind == "decision_tree":
-        drawn.append(plot_tree_png(student, encoder, cfg.report.plot_depth, plots_dir / "tree.png"))
+    if kind == "decision_tree":
+        if student.model is not None:  # scikit-learn draws the fitted object
+            drawn.append(plot_tree_png(student, encoder, cfg.report.plot_depth, plots_dir / "tree.png"))
+        elif (plots_dir / "tree.png").is_file():  # --resume reused the phases: the same tree, drawn before
+            drawn.append(plots_dir / "tree.png")
     drawn.append(plot_importance(student, encoder.feature_names, cfg.report.top_features, plots_dir / "importance.png"))
     drawn.append(plot_fidelity(metrics["per_class"], plots_dir / "fidelity.png"))
     drawn.append(plot_accuracy(metrics, plots_dir / "accuracy.png"))
+    tree_drawn = any(p is not None and p.name == "tree.png" for p in drawn)
 
-    lines = [f"# kdkit interpret: {cfg.run.name}", ""]
+    data, seeds = metrics["data"], metrics["seeds"]
+    nb = cfg.neighbourhood
+    baseline = metrics.get("baseline_student")
+    lines = [f"# kdkit tabular: {cfg.run.name}", ""]
     lines += [
-        f"Teacher **{' + '.join(metrics['teacher']['members'])}** distilled into a **{student.kind}** "
-        f"({metrics['student']['settings']}) on {metrics['data']['rows']} rows "
-        f"({metrics['data']['train_rows']} train / {metrics['data']['test_rows']} test), with "
-        f"{cfg.neighbourhood.points} synthetic points ({cfg.neighbourhood.method}, scale {cfg.neighbourhood.scale}) "
-        f"labelled by the teacher. Seeds: {', '.join(map(str, metrics['seeds']))}.",
+        f"Teacher **{' + '.join(metrics['teacher_kinds'])}** distilled into a **{kind}** "
+        f"({metrics['student_model']['settings']}) on {data['rows']} rows "
+        f"({data['train_rows']} train / {data['test_rows']} test), with {nb.points} synthetic points ({nb.method}, "
+        f"scale {nb.scale}) labelled by the teacher. The baseline is the same {name} fit on the labels alone. "
+        f"Seeds: {', '.join(map(str, seeds))}"
+        + (" (each with its own train/test split)." if cfg.data.resplit_each_seed else "."),
         "",
         "## Summary",
         "",
-        _table(summary_headers(), summary_rows(metrics)),
+        _table(summary_headers(TABULAR_COLUMNS), summary_rows(metrics, TABULAR_COLUMNS)),
         "",
-        gain_line(metrics) + ".",
+        "Accuracy, macro F1 and fidelity in %" + (
+            f"; mean ± std (population) over {n_seeds(metrics)} seeds." if n_seeds(metrics) > 1 else "."
+        ) + " params: tree nodes, or non-zero coefficients and intercepts (a teacher's: the nodes of all its "
+        "trees, or its network's parameters); " + speedup_note(metrics) + " Each model is timed from the same rows "
+        "(as codes), its own encoding included.",
         "",
-        *_size_note(metrics),
+        _table(
+            ["model", "size (mean)"],
+            [[f"distilled {name}", size_text(metrics["student"], kind)]]
+            + ([[f"{name} on labels only", size_text(baseline, kind)]] if baseline else []),
+            numeric=False,
+        ),
+        "",
+        *([gain_line(metrics, TABULAR_COLUMNS) + ": the distilled model minus the one on labels, by seed.", ""]
+          if baseline else []),
+        fidelity_line(metrics) + ".",
+        "",
+        *_size_note(metrics, baseline, kind),
         "Fidelity is the share of points on which the student's top class equals the teacher's: on the test rows, "
         "and on synthetic points drawn around the test rows (never used for fitting).",
         "",
@@ -134,23 +124,24 @@ def write_interpret_report(run_dir: Path, *, cfg, metrics: dict, saved: dict, ru
     lines += [
         "## Fidelity per class",
         "",
-        "Per class of the teacher: how many points it put there (pooled over "
-        "seeds) and the share the student put there too.",
+        "Per class of the teacher: how many points it put there (pooled over seeds) and the share the student put "
+        "there too.",
         "",
     ]
     rows = []
-    for name in metrics["data"]["classes"]:
-        t, nb = metrics["per_class"]["test"][name], metrics["per_class"]["neighbourhood"][name]
-        rows.append([name, str(t["n"]), _percent(t["agreement"]), str(nb["n"]), _percent(nb["agreement"])])
+    for class_name in data["classes"]:
+        t, near = metrics["per_class"]["test"][class_name], metrics["per_class"]["neighbourhood"][class_name]
+        rows.append([class_name, str(t["n"]), _percent(t["agreement"]), str(near["n"]), _percent(near["agreement"])])
     lines += [_table(["class", "test points", "agreement %", "neighbourhood points", "agreement %"], rows), ""]
 
-    lines += [f"## The student (seed {metrics['student']['saved_seed']})", ""]
-    if rules is not None:
-        shown = rules[:MAX_RULES_IN_REPORT]
+    spec = student.to_json()
+    lines += [f"## The student (seed {kept.seed}, in `student/`)", ""]
+    if kind == "decision_tree":
+        rules = tree_rules(spec, encoder, encoder.class_names, x_train)
         lines += [
-            f"{len(rules)} rules, one per leaf or per subtree whose leaves all predict the same class (all of them, "
-            "and scikit-learn's outline, in `rules.txt`; the tree is drawn in `plots/tree.png`). p is the rule's "
-            "probability of its class; fitting points include the synthetic ones.",
+            f"{len(rules)} rules, one per leaf or per subtree whose leaves all predict the same class (all of them in "
+            "`student/rules.txt`" + ("; the tree is drawn in `plots/tree.png`" if tree_drawn else "")
+            + "). p is the rule's probability of its class; fitting points include the synthetic ones.",
             "",
             _table(
                 ["#", "IF", "THEN", "p", "fitting points", "training rows"],
@@ -163,23 +154,23 @@ def write_interpret_report(run_dir: Path, *, cfg, metrics: dict, saved: dict, ru
                         str(r["samples"]),
                         str(r["rows"]),
                     ]
-                    for i, r in enumerate(shown, 1)
+                    for i, r in enumerate(rules[:MAX_RULES_IN_REPORT], 1)
                 ],
             ),
             "",
         ]
     else:
         lines += [
-            "Non-zero coefficients per standard deviation of the feature, largest first (`rules.txt`):",
+            "Non-zero coefficients per standard deviation of the feature, largest first (`student/rules.txt`):",
             "",
             "```",
-            (run_dir / "rules.txt").read_text().strip(),
+            coefficients_text(spec, encoder.feature_names, encoder.class_names).strip(),
             "```",
             "",
         ]
     imp = student.importances()
     order = [j for j in np.argsort(-imp)[: cfg.report.top_features] if imp[j] > 0]
-    label = "importance" if student.kind == "decision_tree" else "max |coefficient|"
+    label = "importance" if kind == "decision_tree" else "max |coefficient|"
     lines += [
         f"Features by {label}:",
         "",
@@ -201,12 +192,13 @@ def write_interpret_report(run_dir: Path, *, cfg, metrics: dict, saved: dict, ru
             if encoder.unseen_category == "other"
             else " (an error naming the column)."
         ),
-        "- Everything above is in `encoder.json`; prediction repeats it (`kdkit.interpret.predict_table`).",
+        "- Everything above is in `student/encoder.json`; prediction repeats it (`kdkit.interpret.predict_table`).",
         "",
         "## Plots",
         "",
     ]
     lines += [f"![{p.stem}](plots/{p.name})" for p in drawn if p is not None] + [""]
+    skops = (run_dir / "student" / "student.skops").is_file()
     lines += [
         "## Use the student",
         "",
@@ -218,13 +210,13 @@ def write_interpret_report(run_dir: Path, *, cfg, metrics: dict, saved: dict, ru
         "",
         *(
             [
-                "`student.skops` and `teacher/member_<i>.skops` hold the scikit-learn objects; skops loads them "
-                "once you trust the types it lists (`skops.io.get_untrusted_types(file=...)`, e.g. "
-                "`sklearn.tree._tree.Tree`). A `teacher/member_<i>.skops` can be the teacher of a later run "
+                "`student/student.skops` and `teachers/member_<i>.skops` hold the scikit-learn objects; skops loads "
+                "them once you trust the types it lists (`skops.io.get_untrusted_types(file=...)`, e.g. "
+                "`sklearn.tree._tree.Tree`). A `teachers/member_<i>.skops` can be the teacher of a later run "
                 "(`kind: skops`, `trusted: [...]`).",
                 "",
             ]
-            if env.get("skops_files")
+            if skops
             else []
         ),
         "## Environment",
@@ -235,16 +227,15 @@ def write_interpret_report(run_dir: Path, *, cfg, metrics: dict, saved: dict, ru
     return write_text(run_dir / "report.md", "\n".join(lines))
 
 
-def _size_note(metrics: dict) -> list[str]:
-    """Say so when the two students, under the same limits, did not grow to the same size."""
-    s = metrics["summary"]
-    if metrics["student"]["kind"] != "decision_tree":
+def _size_note(metrics: dict, baseline: dict | None, kind: str) -> list[str]:
+    """Say so when the two trees, under the same limits, did not grow to the same size."""
+    if kind != "decision_tree" or not baseline:
         return []
-    distilled, labels = s["student_leaves"]["mean"], s["label_student_leaves"]["mean"]
+    distilled, labels = mean_of(metrics["student"]["leaves"]), mean_of(baseline["leaves"])
     if distilled <= labels * 1.2:
         return []
     return [
-        f"Both trees have the same limits ({metrics['student']['settings']}), but the tree on labels stopped at "
+        f"Both trees have the same limits ({metrics['student_model']['settings']}), but the tree on labels stopped at "
         f"{labels:.1f} leaves on average against {distilled:.1f}: its leaves became pure on the few real rows, "
         "while the teacher's soft labels on the synthetic points give the distilled tree more to split.",
         "",
@@ -342,16 +333,19 @@ def plot_fidelity(per_class: dict, path: Path) -> Path:
 
 def plot_accuracy(metrics: dict, path: Path) -> Path:
     """Test accuracy (mean ± std over seeds) of teacher, distilled student and label-only student."""
-    s = metrics["summary"]
     keys = [
-        ("teacher_accuracy", "teacher", "tab:purple"),
-        ("student_accuracy", "distilled", "tab:blue"),
-        ("label_student_accuracy", "labels only", "tab:gray"),
+        (model, label, colour)
+        for model, label, colour in (
+            ("teacher", "teacher", "tab:purple"),
+            ("student", "distilled", "tab:blue"),
+            ("baseline_student", "labels only", "tab:gray"),
+        )
+        if metrics.get(model)
     ]
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     try:
-        means = [100 * s[k]["mean"] for k, _, _ in keys]
-        stds = [100 * s[k]["std"] for k, _, _ in keys]
+        means = [100 * mean_of(metrics[k]["accuracy"]) for k, _, _ in keys]
+        stds = [100 * std_of(metrics[k]["accuracy"]) for k, _, _ in keys]
         ax.bar([n for _, n, _ in keys], means, yerr=stds, capsize=4, color=[c for _, _, c in keys])
         low = max(0.0, min(means) - 10)
         ax.set(ylabel="test accuracy %", ylim=(low, 100), title="Accuracy on the test rows")

@@ -33,7 +33,9 @@ from kdkit.errors import DataError
 
 
 class TreeStudent:
-    """A limited decision tree; see the module docstring for soft and hard targets."""
+    """A limited decision tree; see the module docstring for soft and hard targets. `model` is the fitted
+    scikit-learn tree, or None for a tree read back from student.json (`from_json`), which predicts, sizes and
+    ranks features the same way."""
 
     kind = "decision_tree"
 
@@ -50,6 +52,14 @@ class TreeStudent:
         self.limits = {"max_depth": max_depth, "max_leaf_nodes": max_leaf_nodes, "min_samples_leaf": min_samples_leaf}
         self.random_state = random_state
         self.model = None
+        self._spec: dict | None = None
+        self._arrays: dict | None = None  # compiled(spec), made at the first prediction
+
+    @classmethod
+    def from_json(cls, spec: dict) -> TreeStudent:
+        student = cls(int(spec["n_classes"]), targets=spec.get("targets", "soft"))
+        student._spec = spec
+        return student
 
     def fit_teacher(self, x: np.ndarray, probs: np.ndarray) -> TreeStudent:
         """Fit on points labelled by the teacher (probs: (N, C) class probabilities)."""
@@ -59,29 +69,61 @@ class TreeStudent:
             self.model = DecisionTreeClassifier(**self.limits, random_state=self.random_state).fit(
                 x, probs.argmax(axis=1)
             )
+        self._spec = self._arrays = None
         return self
 
     def fit_labels(self, x: np.ndarray, y: np.ndarray) -> TreeStudent:
         """The comparison: the same tree fit on the real labels alone."""
         self.model = DecisionTreeClassifier(**self.limits, random_state=self.random_state).fit(x, y)
+        self._spec = self._arrays = None
         return self
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
-        return predict_json(self.to_json(), x)
+        if self._arrays is None:
+            self._arrays = compiled(self.to_json())
+        return predict_json(self._arrays, x)
 
     def size(self) -> dict:
         """Leaves, depth, and rules (leaves after merging subtrees that predict one class; see tree_rules)."""
+        spec = self.to_json()
+        left, right = spec["children_left"], spec["children_right"]
+        depth = [0] * len(left)
+        for node in range(len(left)):  # scikit-learn numbers a node before its children
+            if left[node] != -1:
+                depth[left[node]] = depth[right[node]] = depth[node] + 1
         return {
-            "leaves": int(self.model.get_n_leaves()),
-            "depth": int(self.model.get_depth()),
-            "rules": len(tree_rules(self.to_json(), None, [str(k) for k in range(self.n_classes)])),
+            "leaves": sum(1 for child in left if child == -1),
+            "depth": max(depth),
+            "rules": len(tree_rules(spec, None, [str(k) for k in range(self.n_classes)])),
         }
 
+    def footprint(self) -> dict:
+        """{"params": nodes, "size_mb": the arrays that predict (children, feature, threshold, values; 8 bytes
+        each) / 1e6}: the same count as a teacher's trees (kdkit.interpret.teachers.estimator_footprint)."""
+        spec = self.to_json()
+        nodes = len(spec["children_left"])
+        return {"params": nodes, "size_mb": tree_bytes(nodes, nodes * int(spec["n_classes"])) / 1e6}
+
     def importances(self) -> np.ndarray:
-        """Impurity-based importance of each encoded feature (sums to 1)."""
-        return np.asarray(self.model.feature_importances_, dtype=np.float64)
+        """Impurity-based importance of each encoded feature (sums to 1; all 0 for a single leaf), as scikit-learn's
+        feature_importances_ computes it, from the saved tree."""
+        spec = self.to_json()
+        if "impurity" not in spec:  # a student.json written before impurities were saved
+            return np.asarray(self.model.feature_importances_, dtype=np.float64)
+        left, right, feature = spec["children_left"], spec["children_right"], spec["feature"]
+        impurity, samples = np.asarray(spec["impurity"]), np.asarray(spec["samples"], dtype=np.float64)
+        out = np.zeros(int(spec["n_features"]))
+        for node, (lo, hi) in enumerate(zip(left, right)):
+            if lo != -1:
+                out[feature[node]] += (
+                    samples[node] * impurity[node] - samples[lo] * impurity[lo] - samples[hi] * impurity[hi]
+                )
+        total = out.sum()
+        return out / total if total > 0 else out
 
     def to_json(self) -> dict:
+        if self._spec is not None:
+            return self._spec
         t = self.model.tree_
         value = np.asarray(t.value, dtype=np.float64)
         if isinstance(self.model, DecisionTreeRegressor):
@@ -91,26 +133,38 @@ class TreeStudent:
             probs[:, np.asarray(self.model.classes_, dtype=np.int64)] = value[:, 0, :]
         probs = np.clip(probs, 0.0, None)
         probs /= np.maximum(probs.sum(axis=1, keepdims=True), 1e-12)
-        return {
+        self._spec = {
             "format": "kdkit.interpret_student/1",
             "kind": self.kind,
             "targets": self.targets,
             "n_classes": self.n_classes,
+            "n_features": int(self.model.n_features_in_),
             "children_left": t.children_left.tolist(),
             "children_right": t.children_right.tolist(),
             "feature": t.feature.tolist(),
             "threshold": t.threshold.tolist(),
             "value": probs.round(6).tolist(),
             "samples": t.n_node_samples.tolist(),
+            "impurity": t.impurity.tolist(),
         }
+        return self._spec
 
-    def outline(self, feature_names: list[str]) -> str:
-        """scikit-learn's export_text of the fitted tree (values are class probabilities for targets: soft)."""
+    def outline(self, feature_names: list[str]) -> str | None:
+        """scikit-learn's export_text of the fitted tree (values are class probabilities for targets: soft); None
+        for a tree read back from JSON."""
+        if self.model is None:
+            return None
         return export_text(self.model, feature_names=list(feature_names), decimals=3, max_depth=50)
 
 
+def tree_bytes(nodes: int, values: int) -> int:
+    """Bytes of a tree's prediction arrays: per node two children, a feature and a threshold, plus its values."""
+    return 8 * (4 * nodes + values)
+
+
 class LogisticStudent:
-    """L1 logistic regression on standardised features; see the module docstring."""
+    """L1 logistic regression on standardised features; see the module docstring. `model` is None for a student
+    read back from student.json (`from_json`)."""
 
     kind = "logistic_l1"
 
@@ -120,6 +174,16 @@ class LogisticStudent:
         self.n_classes, self.C, self.max_iter, self.targets = n_classes, C, max_iter, targets
         self.random_state = random_state
         self.converged = True
+        self.model = None
+        self._spec: dict | None = None
+        self._arrays: dict | None = None  # compiled(spec), made at the first prediction
+
+    @classmethod
+    def from_json(cls, spec: dict) -> LogisticStudent:
+        student = cls(int(spec["n_classes"]), targets=spec.get("targets", "soft"))
+        student.converged = bool(spec.get("converged", True))
+        student._spec = spec
+        return student
 
     def fit_teacher(self, x: np.ndarray, probs: np.ndarray) -> LogisticStudent:
         if self.targets == "hard":
@@ -143,21 +207,34 @@ class LogisticStudent:
             warnings.simplefilter("always")
             self.model.fit((x - self.mean_) / self.scale_, y, sample_weight=weight)
         self.converged = not any("converge" in str(w.message).lower() for w in caught)
+        self._spec = self._arrays = None
         return self
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
-        return predict_json(self.to_json(), x)
+        if self._arrays is None:
+            self._arrays = compiled(self.to_json())
+        return predict_json(self._arrays, x)
 
     def size(self) -> dict:
-        coef = np.asarray(self.model.coef_)
+        coef = np.asarray(self.to_json()["coef"])
         return {"nonzero": int((np.abs(coef) > 0).any(axis=0).sum()), "features": int(coef.shape[1])}
+
+    def footprint(self) -> dict:
+        """{"params": non-zero coefficients + intercepts, "size_mb": the arrays that predict (coefficients,
+        intercepts, the standardisation's means and scales; 8 bytes each) / 1e6}."""
+        spec = self.to_json()
+        coef, intercept = np.asarray(spec["coef"]), np.asarray(spec["intercept"])
+        values = coef.size + intercept.size + len(spec["mean"]) + len(spec["scale"])
+        return {"params": int(np.count_nonzero(coef)) + int(intercept.size), "size_mb": 8 * values / 1e6}
 
     def importances(self) -> np.ndarray:
         """Largest |coefficient| of each feature over the classes (per standard deviation of the feature)."""
-        return np.abs(np.asarray(self.model.coef_)).max(axis=0)
+        return np.abs(np.asarray(self.to_json()["coef"])).max(axis=0)
 
     def to_json(self) -> dict:
-        return {
+        if self._spec is not None:
+            return self._spec
+        self._spec = {
             "format": "kdkit.interpret_student/1",
             "kind": self.kind,
             "targets": self.targets,
@@ -169,6 +246,10 @@ class LogisticStudent:
             "intercept": np.asarray(self.model.intercept_).tolist(),
             "converged": self.converged,
         }
+        return self._spec
+
+    def outline(self, feature_names: list[str]) -> str | None:
+        return None
 
 
 def _l1() -> dict:
@@ -190,12 +271,59 @@ def build_student(section, n_classes: int, seed: int):
     return LogisticStudent(n_classes, lg.C, lg.max_iter, lg.targets, seed)
 
 
+def student_from_json(spec: dict):
+    """A student read back from student.json (predicts, sizes and ranks features; `model` is None)."""
+    if not isinstance(spec, dict) or spec.get("format") != "kdkit.interpret_student/1":
+        raise DataError("student.json: not a kdkit interpretable student (format kdkit.interpret_student/1)")
+    cls = STUDENTS.get(spec.get("kind"))
+    if cls is None:
+        raise DataError(
+            f"student.json: unknown student kind {spec.get('kind')!r}; expected one of: {', '.join(STUDENTS)}"
+        )
+    return cls.from_json(spec)
+
+
+def student_settings(section) -> str:
+    """The student section in one line (report, metrics.json)."""
+    if section.kind == "decision_tree":
+        t = section.tree
+        return (
+            f"max_depth={t.max_depth}, max_leaf_nodes={t.max_leaf_nodes}, min_samples_leaf={t.min_samples_leaf}, "
+            f"targets={t.targets}"
+        )
+    return f"C={section.logistic.C}, targets={section.logistic.targets}"
+
+
+def coefficients_text(spec: dict, feature_names: list[str], class_names: list[str]) -> str:
+    """The non-zero coefficients of a logistic student, largest first, per class (one list for two classes)."""
+    coef = np.asarray(spec["coef"])
+    rows = [class_names[1]] if coef.shape[0] == 1 else [class_names[k] for k in spec["classes"]]
+    lines = [
+        "# Non-zero coefficients of the L1 logistic regression, per standard deviation of the feature.",
+        "# A positive coefficient raises the log-odds of the class named.",
+    ]
+    for r, name in enumerate(rows):
+        order = np.argsort(-np.abs(coef[r]))
+        lines.append(f"\n## {name} (intercept {spec['intercept'][r]:+.4f})")
+        lines += [f"{coef[r, j]:+.4f}  {feature_names[j]}" for j in order if coef[r, j] != 0]
+        if not np.any(coef[r] != 0):
+            lines.append("(no non-zero coefficient: the intercept alone)")
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Prediction from student.json (no scikit-learn object needed)
 
 
+def compiled(spec: dict) -> dict:
+    """The spec with its lists as numpy arrays: predict_json then converts nothing per call (what a fitted student
+    keeps, so that its latency is that of the prediction, not of reading JSON lists)."""
+    return {k: np.asarray(v) if isinstance(v, list) else v for k, v in spec.items()}
+
+
 def predict_json(spec: dict, x: np.ndarray) -> np.ndarray:
-    """Class probabilities (N, C) of a saved student for an encoded matrix x (N, D)."""
+    """Class probabilities (N, C) of a saved student (its spec, or `compiled(spec)`) for an encoded matrix x
+    (N, D)."""
     x = np.asarray(x, dtype=np.float64)
     if spec.get("kind") == "decision_tree":
         return np.asarray(spec["value"], dtype=np.float64)[_leaf_of(spec, x)]

@@ -49,18 +49,25 @@ def load_frame(data) -> Any:
 
 
 def _builtin_frame(name: str):
+    """A scikit-learn table as a DataFrame. digits comes from kdkit.data's built-in loader (the one definition of
+    that data set), as 64 pixel columns of 0..16 named as scikit-learn names them."""
+    import pandas as pd
     import sklearn.datasets as skd
 
-    loader = {
-        "breast_cancer": skd.load_breast_cancer,
-        "wine": skd.load_wine,
-        "iris": skd.load_iris,
-        "digits": skd.load_digits,
-    }[name]
+    if name == "digits":
+        from kdkit.data.builtin import BUILTIN_DATASETS
+
+        images, labels, _ = BUILTIN_DATASETS["digits"]()  # (N, 1, 8, 8) in [0, 1]: the 0..16 counts / 16, exact
+        height, width = images.shape[-2:]
+        pixels = np.round(images.reshape(len(images), -1).astype(np.float64) * 16.0)
+        frame = pd.DataFrame(pixels, columns=[f"pixel_{r}_{c}" for r in range(height) for c in range(width)])
+        frame["target"] = labels  # the digits' names are the digits already
+        return frame
+    loader = {"breast_cancer": skd.load_breast_cancer, "wine": skd.load_wine, "iris": skd.load_iris}[name]
     bunch = loader(as_frame=True)
     frame = bunch.frame.copy()
-    if name != "digits":  # class names read better in rules than 0/1/2; digits' names are the digits already
-        frame["target"] = np.asarray(bunch.target_names)[bunch.target.to_numpy()]
+    # class names read better in rules than 0/1/2
+    frame["target"] = np.asarray(bunch.target_names)[bunch.target.to_numpy()]
     return frame
 
 

@@ -41,9 +41,11 @@ class MLPTeacher:
         batch_size: int = 64,
         weight_decay: float = 1e-4,
         random_state: int = 0,
+        device: str = "cpu",
     ):
         self.hidden, self.dropout, self.epochs, self.lr = list(hidden), float(dropout), int(epochs), float(lr)
         self.batch_size, self.weight_decay, self.random_state = int(batch_size), float(weight_decay), random_state
+        self.device = device  # where it trains (run.device); it predicts on the CPU
 
     def fit(self, x: np.ndarray, y: np.ndarray) -> MLPTeacher:
         """y: class labels of any kind (ids or names); classes_ holds them sorted, as scikit-learn does."""
@@ -68,12 +70,12 @@ class MLPTeacher:
             data,
             opts,
             seed=self.random_state,
-            device="cpu",
+            device=self.device,
             progress=False,
             log=lambda _: None,
             desc="mlp teacher",
         )
-        self.model_.eval()
+        self.model_.cpu().eval()
         return self
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
@@ -105,7 +107,7 @@ class Member:
         self.columns: np.ndarray | None = None  # estimator's class → column of the probability matrix
 
     def fit(self, num: np.ndarray, cat: np.ndarray, y: np.ndarray) -> Member:
-        """Fit on class names rather than ids, so that a saved teacher (teacher/member_<i>.skops) says which class
+        """Fit on class names rather than ids, so that a saved teacher (teachers/member_<i>.skops) says which class
         each probability column is, and loads back into a later run through `align`."""
         self.estimator.fit(self._input(num, cat), np.asarray(self.encoder.class_names, dtype=object)[y])
         return self.align()
@@ -148,6 +150,51 @@ class TabularTeacher:
     def proba(self, num: np.ndarray, cat: np.ndarray) -> np.ndarray:
         return sum(w * m.proba(num, cat) for w, m in zip(self.weights, self.members))
 
+    def footprint(self) -> dict:
+        """{"params", "size_mb", "members"}: estimator_footprint summed over the members."""
+        sizes = [estimator_footprint(m.estimator) for m in self.members]
+        return {
+            "params": sum(p for p, _ in sizes),
+            "size_mb": sum(b for _, b in sizes) / 1e6,
+            "members": len(self.members),
+        }
+
+
+def estimator_footprint(estimator: Any) -> tuple[int, int]:
+    """(parameters, bytes) of a fitted model, counted as for the students (kdkit.interpret.students): a tree's
+    parameters are its nodes and its bytes those of its prediction arrays (students.tree_bytes); an ensemble sums
+    its trees; kdkit's MLP counts its torch parameters and buffers; a Pipeline sums its steps; any other model
+    counts the numbers in its fitted arrays (attributes ending in `_`)."""
+    from sklearn.pipeline import Pipeline
+
+    from kdkit.interpret.students import tree_bytes
+
+    if isinstance(estimator, MLPTeacher):
+        from kdkit.evaluate.latency import footprint
+
+        size = footprint(estimator.model_)
+        return size["params"], round(size["size_mb"] * 1e6)
+    if isinstance(estimator, Pipeline):
+        sizes = [estimator_footprint(step) for _, step in estimator.steps if step not in (None, "passthrough")]
+        return sum(p for p, _ in sizes), sum(b for _, b in sizes)
+    tree = getattr(estimator, "tree_", None)
+    if tree is not None:  # a decision tree
+        return int(tree.node_count), tree_bytes(int(tree.node_count), int(tree.value.size))
+    trees = getattr(estimator, "estimators_", None)
+    if trees is not None:  # forests (a list), gradient boosting (an array: stages × classes)
+        sizes = [estimator_footprint(t) for t in np.asarray(trees, dtype=object).ravel()]
+        return sum(p for p, _ in sizes), sum(b for _, b in sizes)
+    predictors = getattr(estimator, "_predictors", None)
+    if predictors is not None:  # histogram gradient boosting: its own compact node arrays
+        nodes = [p.nodes for stage in predictors for p in stage]
+        return sum(len(n) for n in nodes), sum(int(n.nbytes) for n in nodes)
+    arrays = [
+        v
+        for k, v in vars(estimator).items()
+        if k.endswith("_") and isinstance(v, np.ndarray) and np.issubdtype(v.dtype, np.number)
+    ]
+    return sum(int(a.size) for a in arrays), sum(int(a.nbytes) for a in arrays)
+
 
 def check_teacher(section) -> None:
     """Check every member's kind and parameters against the estimator's signature, without fitting anything."""
@@ -160,15 +207,19 @@ def check_teacher(section) -> None:
             raise ConfigError(f"{where}.params: a skops teacher is loaded fitted; it takes no params")
 
 
-def build_teacher(section, encoder: TabularEncoder, seed: int) -> tuple[TabularTeacher, list[bool]]:
-    """The (unfitted where trained here) teacher and, per member, whether it must be fit on the training rows."""
+def build_teacher(
+    section, encoder: TabularEncoder, seed: int, device: str = "cpu"
+) -> tuple[TabularTeacher, list[bool]]:
+    """The (unfitted where trained here) teacher and, per member, whether it must be fit on the training rows.
+    device: where a member trained with torch (mlp) trains."""
     check_teacher(section)
     members, trained = [], []
     for i, m in enumerate(section.members):
         where = f"teacher.members.{i}"
         if m.kind in TRAINED:
             cls = TRAINED[m.kind]
-            members.append(Member(cls(**m.params, **dict.fromkeys(_provided(cls), seed)), encoder, where=where))
+            given = {"random_state": seed, "device": device}
+            members.append(Member(cls(**m.params, **{k: given[k] for k in _provided(cls)}), encoder, where=where))
             trained.append(True)
         else:
             estimator = load_skops(m.path, m.trusted, where)
@@ -178,7 +229,9 @@ def build_teacher(section, encoder: TabularEncoder, seed: int) -> tuple[TabularT
 
 
 def _provided(cls: type) -> tuple[str, ...]:
-    return ("random_state",) if "random_state" in inspect.signature(cls.__init__).parameters else ()
+    """The constructor arguments kdkit sets itself (the seed; an mlp's device), never the config."""
+    parameters = inspect.signature(cls.__init__).parameters
+    return tuple(name for name in ("random_state", "device") if name in parameters)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from kdkit.errors import DataError
-from kdkit.llm import (
+from kdkit.generation import (
     GenerationSettings,
     OnPolicy,
     generate,

@@ -143,6 +143,23 @@ def test_builtin_table_and_csv_read_the_same(tmp_path):
     assert list(again.columns) == list(frame.columns) and np.allclose(again["alcohol"], frame["alcohol"])
 
 
+def test_builtin_digits_come_from_kdkit_data_as_scikit_learn_shows_them():
+    """digits is defined once (kdkit.data.builtin); the table is scikit-learn's frame, value for value."""
+    from sklearn.datasets import load_digits
+
+    frame = load_frame(TabularDataConfig(source="builtin", name="digits"))
+    expected = load_digits(as_frame=True).frame
+    assert list(frame.columns) == list(expected.columns)
+    assert np.array_equal(frame.to_numpy(), expected.to_numpy())
+
+
+def test_overrides_reach_defaults_not_written_in_the_yaml():
+    cfg = load_interpret_config({"kind": "interpret"}, ("neighbourhood.eval_points=7", "run.device=auto"))
+    assert cfg.neighbourhood.eval_points == 7 and cfg.run.device == "auto"
+    with pytest.raises(ConfigError, match=r"run\.device: got 'gpu'"):
+        load_interpret_config({}, ("run.device=gpu",))
+
+
 @pytest.mark.parametrize("method", ["perturb", "uniform"])
 def test_neighbourhood_stays_within_ranges_and_observed_categories(method):
     rng = np.random.default_rng(0)

@@ -54,6 +54,8 @@ def test_teacher_params_are_checked_against_the_signature():
         check_teacher(_teacher([{"kind": "gradient_boosting", "params": {"n_estimator": 5}}]))
     with pytest.raises(ConfigError, match="random_state: set by kdkit"):
         check_teacher(_teacher([{"kind": "random_forest", "params": {"random_state": 1}}]))
+    with pytest.raises(ConfigError, match="device: set by kdkit"):  # run.device says where an mlp trains
+        check_teacher(_teacher([{"kind": "mlp", "params": {"device": "cuda"}}]))
 
 
 def test_mlp_teacher_trains_with_kdkit_engine(wine):

@@ -10,6 +10,7 @@ import torch
 
 from kdkit.config import load_config
 from kdkit.errors import CompatibilityError, ConfigError
+from kdkit.evaluate.schema import check_metrics
 from kdkit.pipeline import distill
 
 
@@ -54,8 +55,9 @@ def test_cached_teacher_run_end_to_end(lm_world, tmp_path):
     assert (
         m["teacher_cache"]["k"] == 8 and m["teacher_cache"]["bytes_per_token"] <= 8 * (2 + 2) + 4 + 1
     )  # + .npy headers
-    assert m["gain"]["seeds"] == 1
-    assert m["student"]["params"] < m["teacher"]["params"]
+    assert m["gain"]["nll"]["n"] == 1 and m["seeds"] == [0]
+    assert m["cost"]["student"]["params"] < m["cost"]["teacher"]["params"]
+    check_metrics(m)
     run = tmp_path / "run"
     report = (run / "report.md").read_text()
     assert "perplexity" in report and "Greedy continuations" in report

@@ -124,7 +124,7 @@ def test_config_refuses_transforms_that_do_not_fit_the_inputs(text_corpus):
     from kdkit.config import AugmentConfig
     from kdkit.data import build_data
     from kdkit.errors import ConfigError
-    from kdkit.pipeline import make_augment
+    from kdkit.tasks.classification import make_augment
 
     texts, bert_a, _ = text_corpus
     text = build_data("text_folder", path=str(texts), tokenizer=str(bert_a), max_length=16)

@@ -41,12 +41,13 @@ def _config(texts, bert_a, bert_b, **extra):
 
 def test_members_with_different_tokenizers_average_like_each_member_run_by_hand(text_corpus, tmp_path):
     from kdkit.data.text import load_tokenizer, tokenize
-    from kdkit.pipeline import build_teacher
+    from kdkit.run import RunDir
+    from kdkit.tasks.classification import build_teacher
 
     texts, bert_a, bert_b = text_corpus
     cfg = _config(texts, bert_a, bert_b)
     data = build_data(**cfg.data.model_dump())
-    teacher, _ = build_teacher(cfg, data, tmp_path, False, "cpu", lambda m: None)
+    teacher = build_teacher(cfg, data, RunDir(tmp_path, False, "cpu", lambda m: None))
     assert teacher.inputs_for[0] is None and teacher.inputs_for[1] is not None
     tok_a, tok_b = load_tokenizer(str(bert_a)), load_tokenizer(str(bert_b))
     sample = data.test.texts[:6] + data.train.texts[:2]
@@ -72,7 +73,8 @@ def test_members_with_different_tokenizers_average_like_each_member_run_by_hand(
 
 
 def test_one_tokenizer_means_one_tokenisation(text_corpus, tmp_path):
-    from kdkit.pipeline import build_teacher
+    from kdkit.run import RunDir
+    from kdkit.tasks.classification import build_teacher
 
     texts, bert_a, bert_b = text_corpus
     cfg = _config(
@@ -86,7 +88,7 @@ def test_one_tokenizer_means_one_tokenisation(text_corpus, tmp_path):
         },
     )
     data = build_data(**cfg.data.model_dump())
-    teacher, _ = build_teacher(cfg, data, tmp_path, False, "cpu", lambda m: None)
+    teacher = build_teacher(cfg, data, RunDir(tmp_path, False, "cpu", lambda m: None))
     assert teacher.inputs_for == [None] and data.retokenizer(str(bert_a), "x") is None
 
 

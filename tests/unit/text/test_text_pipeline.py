@@ -122,7 +122,7 @@ def test_text_pipeline_end_to_end_and_reload(assets, tmp_path, monkeypatch):
     r = distill(_config(texts, encoder_dir), out=tmp_path / "run", log=lambda m: None)
     m = r.metrics
     assert m["teacher"]["accuracy"] > 0.6  # the words separate the classes
-    assert m["student"]["params"] < m["teacher"]["params"]
+    assert m["cost"]["student"]["params"] < m["cost"]["teacher"]["params"]
     assert m["data"]["truncated_texts"] > 0 and "token_dropout" in m["robustness"]
     saved = load_model_folder(tmp_path / "run" / "student")
     x = torch.tensor([[2, 10, 11, 12, 3, 0, 0]])

@@ -1,0 +1,382 @@
+"""Causal language models (data.task: causal_lm): a teacher's next-token distributions taught to a smaller LM.
+
+Data: corpus blocks (kdkit.data.lm). Teacher: AutoModelForCausalLM members sharing one vocabulary, frozen, or their
+top-k cache on disk. Students: the teacher's own layers, a smaller config of its family, or a folder. The baseline
+learns the text alone (token_ce); the distilled student the configured token losses, optionally with the teacher's
+continuations (sequence-level KD) and the student's own continuations (on-policy, GKD). Evaluation on held-out
+text: perplexity, agreement, KL to the teacher, cost; the student folder is an HF folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdkit.config import KDConfig, dump_config, load_config
+from kdkit.data.lm import LMBundle, LMData, build_lm_data, concat
+from kdkit.engine import TrainOptions, train
+from kdkit.engine.runtime import is_main_process, main_process_first
+from kdkit.errors import CompatibilityError, ConfigError
+from kdkit.evaluate import footprint
+from kdkit.evaluate.lm import lm_metrics
+from kdkit.losses import build_loss
+from kdkit.models.causal_lm import load_causal_lm, save_lm_folder, smaller_lm, student_from_teacher_lm
+from kdkit.models.vocab import check_tokenizers
+from kdkit.run import Phase, Recipe, RunDir
+from kdkit.run.features import wire_features
+from kdkit.run.losses import baseline_loss, loss_schedules, loss_terms
+from kdkit.run.phases import phase_summary
+from kdkit.run.teacher import LiveTeacher, frozen
+from kdkit.tasks import causal_lm_eval
+from kdkit.tasks.base import CACHE_OFF
+from kdkit.tasks.causal_lm_eval import context_length
+from kdkit.teachers import TeacherEnsemble
+
+
+class CausalLM:
+    name = "causal_lm"
+    columns = causal_lm_eval.COLUMNS
+    search_metrics = ("loss", "accuracy")
+    shipping = (
+        "a language-model run's student is already an HF folder (RUN_DIR/student: "
+        "AutoModelForCausalLM.from_pretrained and AutoTokenizer load it, with its report as README.md); serve it "
+        "with an LLM server such as vLLM or text-generation-inference"
+    )
+
+    def load_config(self, config, overrides: tuple[str, ...]) -> KDConfig:
+        return load_config(config, overrides)
+
+    def dump_config(self, cfg: KDConfig) -> str:
+        return dump_config(cfg)
+
+    def check(self, cfg: KDConfig) -> None:
+        from kdkit.validate import check_names
+
+        check_names(cfg)
+
+    def load_data(self, cfg: KDConfig, run: RunDir) -> LMBundle:
+        """The corpus in blocks, tokenised by data.tokenizer or the first teacher member's tokenizer."""
+        d = cfg.data
+        data = build_lm_data(d.source, d.name, d.path, d.data_files, d.text_column, lm_tokenizer(cfg), d.max_length,
+                             d.val_fraction, d.test_fraction, d.split_seed, d.limit)
+        run.log(
+            f"data: {data.documents} documents, {data.tokens:,} tokens → blocks of {data.block_size}: "
+            f"{len(data.train)} train / {len(data.val) if data.val else 0} val / {len(data.test)} test"
+        )
+        return data
+
+    def build_teacher(self, cfg: KDConfig, data: LMBundle, run: RunDir) -> TeacherEnsemble:
+        return build_lm_teacher(cfg, data.tokenizer, run)
+
+    def recipe(self, cfg, data, teacher, run, on_epoch=None) -> Recipe:
+        return lm_recipe(cfg, data, teacher, run, on_epoch)
+
+    def evaluate(self, cfg, data, teacher, results, run, best, recipe):
+        return causal_lm_eval.evaluate(cfg, data, teacher, results, run.device, best, recipe)
+
+    def save_student(self, model: nn.Module, folder: Path, data: LMBundle, cfg: KDConfig) -> None:
+        save_lm_folder(model, data.tokenizer, folder)
+
+    def load_student(self, folder: Path) -> nn.Module:
+        model, _ = load_causal_lm(str(folder), "RUN_DIR/student")
+        return model
+
+    def report(self, cfg, run, metrics, histories, recipe, extras) -> None:
+        causal_lm_eval.report(cfg, run, metrics, histories, recipe, extras)
+
+    def cache_teacher(self, cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, run: RunDir) -> dict:
+        """The top-k cache of the training data (with the sequence-level KD examples), as train reads it."""
+        if not cfg.distill.cache_teacher:
+            raise ConfigError(CACHE_OFF)
+        kd_data = with_sequence_kd(cfg, data, teacher, run)
+        loss = build_loss(loss_terms(cfg.distill.losses))
+        _, info = lm_teacher_source(cfg, kd_data, teacher, loss, run)
+        if not info:
+            raise ConfigError("distill.losses: no loss reads the teacher (add token_kl), so there is nothing to cache")
+        return info["teacher_cache"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Teacher
+
+
+def lm_tokenizer(cfg: KDConfig):
+    """data.tokenizer, or the first teacher member's tokenizer."""
+    if cfg.data.tokenizer:
+        from kdkit.data.text import load_tokenizer
+
+        return load_tokenizer(cfg.data.tokenizer)
+    from transformers import AutoTokenizer
+
+    from kdkit.data.text import from_pretrained
+    from kdkit.models.causal_lm import resolve_lm_path
+
+    where = "teacher.members.0.model.path"
+    return from_pretrained(AutoTokenizer, resolve_lm_path(cfg.teacher.members[0].model.path, where), where)
+
+
+def build_lm_teacher(cfg: KDConfig, tokenizer, run: RunDir) -> TeacherEnsemble:
+    """Each member from its folder / hub id / builtin name, frozen. Members must share the vocabulary of the
+    data's tokenizer (a padded output layer is fine)."""
+    members = []
+    for i, member in enumerate(cfg.teacher.members):
+        model, tok = load_causal_lm(member.model.path, f"teacher.members.{i}.model.path")
+        run.log(f"teacher member {i}: {type(model).__name__}, {footprint(model)['params'] / 1e6:.1f} M parameters")
+        if cfg.data.max_length > context_length(model):
+            raise ConfigError(
+                f"data.max_length: {cfg.data.max_length} tokens per block; teacher member {i} reads at most "
+                f"{context_length(model)} positions (its max_position_embeddings)"
+            )
+        check_tokenizers(tokenizer, tok, f"teacher.members.{i}: tokenizer vs data.tokenizer")
+        members.append(frozen(model, cfg.distill, tokenizer_example(tokenizer), run.device, run.log))
+    widths = {m.model.get_output_embeddings().weight.shape[0] for m in members}
+    if len(widths) > 1:
+        raise CompatibilityError(
+            f"teacher.members: output vocabularies of different sizes ({sorted(widths)}); an ensemble averages "
+            "distributions id by id, so the members need one output size"
+        )
+    return TeacherEnsemble(members, [m.weight for m in cfg.teacher.members], cfg.teacher.combine)
+
+
+def tokenizer_example(tokenizer) -> torch.Tensor:
+    """Two short rows of token ids, the example a member's settings are checked on."""
+    return torch.tensor([[tokenizer.eos_token_id or 0] * 4] * 2)
+
+
+def build_lm_student(cfg: KDConfig, teacher: TeacherEnsemble, seed: int) -> nn.Module:
+    """teacher_layers: a copy of member 0 with those decoder layers; pretrained false: a random-init config of the
+    teacher's family changed by kwargs; else the model at student.model.path."""
+    s = cfg.student.model
+    torch.manual_seed(seed)
+    base = teacher.members[0].model
+    if s.teacher_layers is not None:
+        model = student_from_teacher_lm(base, s.teacher_layers, "student.model.teacher_layers")
+    elif not s.pretrained:
+        model = smaller_lm(base, where="student.model.kwargs", **s.kwargs)
+    else:
+        model, _ = load_causal_lm(s.path, "student.model.path")
+    for p in model.parameters():  # a copy of the frozen teacher's layers must learn
+        p.requires_grad_(True)
+    return model.train()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Students
+
+
+def lm_recipe(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, run: RunDir, on_epoch) -> Recipe:
+    """Per seed: a baseline on the text alone (token_ce) and the distilled student, same initialisation and order."""
+    kd_data = with_sequence_kd(cfg, data, teacher, run)
+    losses = cfg.distill.losses
+    loss, schedules, base_loss = build_loss(loss_terms(losses)), loss_schedules(losses), baseline_loss("token_ce", ())
+    run.log(f"loss: {loss.formula()}   (baseline: {base_loss.formula()})")
+    teacher_outputs, info = lm_teacher_source(cfg, kd_data, teacher, loss, run)
+    on_policy = make_on_policy(cfg, data.tokenizer, teacher)
+    info["data"] = data_info(cfg, data, kd_data)
+
+    def fit(phase: Phase):
+        model = build_lm_student(cfg, teacher, phase.seed)
+        if phase.kind == "baseline":
+            return train_lm(cfg, data, data.train, run, phase, model, base_loss, on_epoch=on_epoch)
+        return train_lm(cfg, data, kd_data, run, phase, model, build_loss(loss_terms(losses)), teacher,
+                        teacher_outputs, schedules, on_policy, on_epoch)
+
+    def load(folder: Path) -> nn.Module:
+        return load_causal_lm(str(folder), f"phases/{folder.name}")[0]
+
+    keep = cfg.train.keep_best
+    selection = ("loss", "min", "last") if keep == "none" else (keep, "min" if keep == "loss" else "max", "best")
+    return Recipe(["baseline"] * cfg.student.baseline + ["student"], fit,
+                  lambda model, folder: save_lm_folder(model, data.tokenizer, folder), load, loss.formula(),
+                  selection, info)
+
+
+def train_lm(cfg: KDConfig, data: LMBundle, train_data: LMData, run: RunDir, phase: Phase, model: nn.Module, loss,
+             teacher=None, teacher_outputs=None, schedules=(), transform=None, on_epoch=None) -> tuple[nn.Module, dict]:
+    """Train one language-model student with the engine; returns (model on CPU, the phase summary)."""
+    width = model.get_output_embeddings().weight.shape[0]
+    if width < len(data.tokenizer):
+        raise CompatibilityError(
+            f"student.model: {width} output logits; the tokenizer has {len(data.tokenizer)} tokens (expected at "
+            "least that)"
+        )
+    # Feature losses (hidden_state on decoder layers) tap both models; they need the live teacher.
+    taps = None
+    if teacher is not None:
+        taps = wire_features(loss, model, teacher, data.train.ids[:2].to(run.device), run.device,
+                             cfg.distill.cache_teacher)
+    evaluations = []
+
+    def on_eval(m: nn.Module) -> dict[str, float]:
+        was = m.training
+        m.eval()
+        r = lm_metrics({"m": m}, data.val, cfg.eval.batch_size, run.device)["m"]
+        m.train(was)
+        metrics = {"loss": r["nll"], "perplexity": r["perplexity"], "accuracy": r["accuracy"]}
+        evaluations.append(metrics)
+        if on_epoch is not None:
+            on_epoch(phase.name, len(evaluations), metrics)
+        return metrics
+
+    try:
+        result = train(
+            model, loss, train_data, TrainOptions.from_dict(cfg.train.model_dump()), teacher=teacher_outputs,
+            on_eval=on_eval if data.val is not None else None, seed=phase.seed, device=run.device,
+            ckpt_dir=run.checkpoints(phase.name), resume=run.resume,
+            tb_dir=(run.path / "tb" / phase.name) if cfg.run.tensorboard else None, progress=cfg.run.progress,
+            desc=phase.name, log=run.log, schedules=schedules, transform=transform, student_taps=taps,
+        )
+    finally:
+        if taps is not None:
+            taps.remove()
+            teacher.tap([])
+    summary = phase_summary(result)
+    summary["tokens_seen"] = int(sum(int(x) for x in train_data.lengths)) * result.epochs_run
+    return model.cpu(), summary
+
+
+def data_info(cfg: KDConfig, data: LMBundle, kd_data: LMData) -> dict:
+    d = cfg.data
+    return {
+        "corpus": d.path or d.name,
+        "documents": data.documents,
+        "tokens": data.tokens,
+        "block_size": data.block_size,
+        "train_blocks": len(data.train),
+        "sequence_kd_examples": len(kd_data) - len(data.train),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sequence-level and on-policy distillation
+
+
+def with_sequence_kd(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, run: RunDir):
+    """The distilled student's training data: the training blocks, plus (llm.sequence_level > 0) the teacher's
+    continuations of that many training prompts, kept in RUN_DIR/generations.jsonl and reused on --resume."""
+    n = cfg.llm.sequence_level
+    if n == 0:
+        return data.train
+    from kdkit.generation.generate import sequence_kd_examples
+
+    p = cfg.llm.prompt_tokens
+    rng = np.random.default_rng(cfg.data.split_seed)
+    rows = np.sort(rng.permutation(len(data.train))[: min(n, len(data.train))])
+    prompts = [data.train.ids[i, :p].tolist() for i in rows]
+    completions = teacher_continuations(cfg, data, teacher, run, prompts)
+    examples = sequence_kd_examples(prompts, completions, data.train.pad_id, data.block_size)
+    if not examples:
+        run.log("sequence-level KD: the teacher wrote no tokens for any prompt; training on the blocks alone")
+        return data.train
+    ids = torch.full((len(examples), data.block_size), data.train.pad_id, dtype=torch.long)
+    lengths, prompt_lengths = [], []
+    for row, ex in enumerate(examples):
+        n = len(ex["input_ids"])
+        ids[row, :n] = ex["input_ids"]
+        lengths.append(n)
+        prompt_lengths.append(int((ex["labels"] == -100).sum()))  # -100 only on the prompt, at the start
+    extra = LMData(ids, torch.tensor(lengths), data.train.pad_id, data.train.eos_id)
+    extra.prompt_lengths = torch.tensor(prompt_lengths)
+    return concat([data.train, extra])
+
+
+def teacher_continuations(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, run: RunDir, prompts: list):
+    """The teacher's continuations of the prompts: read from RUN_DIR/generations.jsonl, or generated and kept."""
+    from kdkit.generation.generate import generate, read_generations, write_generations
+
+    path = run.path / "generations.jsonl"
+    with main_process_first():
+        if path.is_file():
+            records = read_generations(path)
+            if [r["prompt_ids"] for r in records] != prompts:
+                raise ConfigError(f"llm.sequence_level: {path} was written for other prompts; delete it")
+            return [r["completion_ids"] for r in records]
+        run.log(f"sequence-level KD: the teacher continues {len(prompts)} prompts "
+                f"({cfg.llm.generation.max_new_tokens} new tokens)")
+        model = teacher.members[0].model
+        try:
+            completions = generate(model, prompts, generation_settings(cfg), pad_id=data.train.pad_id,
+                                   eos_id=data.train.eos_id, seed=cfg.data.split_seed,
+                                   batch_size=cfg.eval.batch_size, context_length=context_length(model))
+        except ValueError as exc:  # settings that do not fit the model or the prompts
+            raise ConfigError(f"llm.generation: {exc}") from None
+        if is_main_process():
+            write_generations(path, prompts, completions, data.tokenizer)
+    return completions
+
+
+def generation_settings(cfg: KDConfig):
+    from kdkit.generation.generate import GenerationSettings
+
+    g = cfg.llm.generation
+    try:
+        return GenerationSettings(g.sampling_temperature, g.top_p, g.max_new_tokens, g.do_sample)
+    except ValueError as exc:
+        raise ConfigError(f"llm.generation: {exc}") from None
+
+
+def make_on_policy(cfg: KDConfig, tokenizer, teacher: TeacherEnsemble):
+    """GKD's on-policy batches: a share λ of batches continued by the student (scored by the live teacher)."""
+    lam = cfg.llm.on_policy_fraction
+    if lam == 0:
+        return None
+    from kdkit.generation.generate import OnPolicy
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    context = context_length(teacher.members[0].model)
+    try:
+        return OnPolicy(
+            lam, generation_settings(cfg), cfg.llm.prompt_tokens, pad, tokenizer.eos_token_id, cfg.data.split_seed,
+            context,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"llm.generation: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Teacher outputs during training
+
+
+def lm_teacher_source(cfg: KDConfig, data: LMData, teacher: TeacherEnsemble, loss, run: RunDir):
+    """(teacher source, info): the live teacher, or its top-k cache over `data` (built once, reused while teacher
+    and data match); info holds the cache's figures for metrics.json."""
+    if not loss.needs_teacher:
+        return None, {}
+    if not cfg.distill.cache_teacher:
+        return LiveTeacher(teacher), {}
+    from kdkit.data.lm_cache import TopKCache
+
+    temperature = kd_temperature(cfg)
+    teacher_fp, data_fp = teacher.fingerprint(), data.fingerprint()
+    k = cfg.llm.top_k
+    # One folder per (teacher, data, k, T): another teacher or data set never meets this cache, it gets its own.
+    name = f"lm-topk-{teacher_fp[:12]}-{data_fp[:12]}-k{k}-T{temperature:g}"
+    path = Path(cfg.distill.cache_dir or Path(cfg.run.out_dir) / "cache") / name
+    with main_process_first():
+        cache = TopKCache.build_or_load(
+            path, data, teacher.logits, k, temperature, teacher_fp, data_fp, lengths=data.lengths.tolist(),
+            batch_size=cfg.eval.batch_size, device=run.device, log=run.log,
+        )
+    info = {
+        "path": str(cache.path),
+        "k": k,
+        "kd_temperature": temperature,
+        "tokens": cache.tokens,
+        "bytes": cache.size_bytes,
+        "bytes_per_token": round(cache.bytes_per_token, 1),
+    }
+    run.log(f"teacher cache: {info['tokens']:,} tokens, {info['bytes_per_token']} bytes/token at k={k}")
+    return cache, {"teacher_cache": info}
+
+
+def kd_temperature(cfg: KDConfig) -> float:
+    """The cache stores log-probabilities at the token_kl temperature; a scheduled temperature cannot be cached."""
+    temps = {float(t.params.get("temperature", 1.0)) for t in cfg.distill.losses if t.name == "token_kl"}
+    if any(isinstance(t.params.get("temperature"), dict) for t in cfg.distill.losses):
+        raise ConfigError("distill.cache_teacher: a scheduled kd temperature cannot be cached; use the live teacher")
+    if len(temps) > 1:
+        raise ConfigError(f"distill.losses: token_kl temperatures {sorted(temps)} differ; the cache holds one")
+    return temps.pop() if temps else 1.0

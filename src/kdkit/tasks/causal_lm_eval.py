@@ -1,0 +1,134 @@
+"""The causal_lm task's evaluation and report: perplexity, agreement and KL to the teacher on held-out text, per
+seed; the cost of each model measured the same way (kdkit.evaluate.cost); greedy continuations side by side; and,
+with a top-k cache, what the cache loses against the dense teacher."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from kdkit.config import KDConfig, dump_config
+from kdkit.data.lm import LMBundle
+from kdkit.evaluate.cost import measure_cost
+from kdkit.evaluate.lm import lm_metrics
+from kdkit.evaluate.schema import assemble
+from kdkit.report.lm import LM_COLUMNS, write_lm_report
+from kdkit.run.phases import KINDS
+from kdkit.run.teacher import frozen
+from kdkit.teachers import TeacherEnsemble
+
+COLUMNS = LM_COLUMNS
+GAIN_KEYS = ("nll", "perplexity", "accuracy", "agreement", "kl")
+
+
+def evaluate(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, results: dict, device: str, best: dict,
+             recipe=None):
+    """(metrics.json, extras for the report) on the test blocks."""
+    e = cfg.eval
+    models: dict[str, Callable] = {"teacher": teacher.logits}
+    for kind, _ in KINDS:
+        for r in results[kind]:
+            models[r.phase.name] = r.model.to(device).eval()
+    widths = [teacher.members[0].model.get_output_embeddings().weight.shape[0]]
+    widths += [r.model.get_output_embeddings().weight.shape[0] for k, _ in KINDS for r in results[k]]
+    shared = min(widths) if len(set(widths)) > 1 else None
+    info = dict(recipe.info) if recipe is not None else {}
+    cache = dict(info.get("teacher_cache") or {})
+    topk = TopKError(best["phase"], cache["k"], cache["kd_temperature"]) if cache else None
+    scores = lm_metrics(models, data.test, e.batch_size, device, teacher="teacher", vocab_size=shared, on_batch=topk)
+    if topk is not None:
+        info["teacher_cache"] = cache | topk.summary()
+    per_seed = {key: [scores[r.phase.name] for r in results[kind]] for kind, key in KINDS if results[kind]}
+    seeds = [r.phase.seed for r in results["student"]]
+    cost = costs(cfg, data, teacher, results, device)
+    metrics = assemble("causal_lm", seeds, scores["teacher"], per_seed["student"], per_seed.get("baseline_student"),
+                       cost, GAIN_KEYS, best, **info)
+    extras = {"samples": greedy_samples(cfg, data, teacher, results, device)}
+    for kind, _ in KINDS:
+        for r in results[kind]:
+            r.model.cpu()
+    return metrics, extras
+
+
+def costs(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, results: dict, device: str) -> dict:
+    """Teacher and students timed the same way: behind the same frozen wrapper, batch 1 (one block) for latency,
+    a batch of blocks for throughput (blocks/s and tokens/s)."""
+    e = cfg.eval
+    block = data.test.ids[: min(len(data.test), e.batch_size)].to(device)
+    one = data.test.ids[:1].to(device)
+
+    def measure(forward, modules) -> dict:
+        return measure_cost(forward, modules, one, block, repeats=e.latency_repeats, warmup=e.latency_warmup,
+                            tokens_per_example=block.shape[1])
+
+    out = {"teacher": measure(teacher, [m.model for m in teacher.members])}
+    for kind, key in KINDS:
+        if results[kind]:
+            model = results[kind][0].model
+            out[key] = measure(frozen(copy.deepcopy(model), cfg.distill, one, device, lambda m: None), [model])
+    return out  # speed-ups: one definition, added by assemble
+
+
+def context_length(model: nn.Module) -> int:
+    """The positions a causal LM reads at most (max_position_embeddings or n_positions)."""
+    c = model.config
+    return int(getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", 2048))
+
+
+class TopKError:
+    """What the top-k cache loses, on held-out text: the kept student's forward KL to the dense teacher vs to the
+    teacher's top-k (the loss it was trained with), token-weighted. Fed by lm_metrics' forward passes."""
+
+    def __init__(self, student: str, k: int, temperature: float):
+        self.student, self.k, self.temperature = student, k, temperature
+        self.totals: dict[str, float] = {}
+        self.tokens = 0
+
+    def __call__(self, logits: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
+        from kdkit.data.lm_cache import topk_logprobs
+        from kdkit.losses.token_functional import topk_kl_error
+
+        t, s = logits["teacher"], logits[self.student].float()
+        v = min(t.shape[-1], s.shape[-1])  # a padded output layer: the shared ids
+        t, s = t[..., :v], s[..., :v]
+        r = topk_kl_error(s, t, topk_logprobs(t, self.k, self.temperature), labels, self.temperature)
+        for key in ("dense_kl", "sparse_kl", "teacher_kl", "topk_mass"):
+            self.totals[key] = self.totals.get(key, 0.0) + r[key] * r["tokens"]
+        self.tokens += r["tokens"]
+
+    def summary(self) -> dict:
+        out = {f"heldout_{key}": round(v / max(self.tokens, 1), 4) for key, v in self.totals.items()}
+        dense = out.get("heldout_dense_kl", 0.0)
+        out["heldout_kl_rel_error"] = round((dense - out.get("heldout_sparse_kl", 0.0)) / dense, 4) if dense else 0.0
+        return out
+
+
+def greedy_samples(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, results: dict, device: str) -> list:
+    """Greedy continuations of held-out prompts by the teacher and the first seed of each student."""
+    n = min(cfg.llm.report_samples, len(data.test))
+    if n == 0:
+        return []
+    from kdkit.generation.generate import GenerationSettings, generate
+
+    p = cfg.llm.prompt_tokens
+    prompts = [data.test.ids[i, :p].tolist() for i in range(n)]
+    settings = GenerationSettings(1.0, 1.0, min(cfg.llm.generation.max_new_tokens, 48), False)
+    models = {"teacher": teacher.members[0].model}
+    models.update({key: results[kind][0].model for kind, key in KINDS if results[kind]})
+    out = [{"prompt": data.tokenizer.decode(q)} for q in prompts]
+    for key, model in models.items():
+        ids = generate(model.to(device), prompts, settings, pad_id=data.test.pad_id, eos_id=data.test.eos_id, seed=0,
+                       batch_size=n, context_length=context_length(model))
+        for row, c in zip(out, ids):
+            row[key] = data.tokenizer.decode(c)
+    return out
+
+
+def report(cfg: KDConfig, run, metrics: dict, histories: dict, recipe, extras: dict) -> None:
+    """report.md; the HF student folder carries it as its model card (plots stay in the run directory)."""
+    path = write_lm_report(run.path, metrics=metrics, histories=histories, formula=recipe.formula,
+                           config_yaml=dump_config(cfg), env=run.env, samples=extras["samples"])
+    run.write_text("student/README.md", path.read_text().replace("](plots/", "](../plots/"))
