@@ -236,7 +236,9 @@ def kd_loss(s: Settings):
 
 
 def live_teacher(teacher: Teacher) -> Callable[[Batch], ModelOutputs]:
-    return lambda batch: teacher(batch.inputs)  # what kdkit's pipeline passes to train() without a cache
+    from kdkit.run.teacher import LiveTeacher
+
+    return LiveTeacher(teacher)  # what kdkit's pipeline passes to train() without a cache
 
 
 # ---------------------------------------------------------------------------------------------------------------

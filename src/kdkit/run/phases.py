@@ -18,6 +18,7 @@ from kdkit.errors import TrainingError
 from kdkit.run.run_dir import RunDir
 
 KINDS = (("baseline", "baseline_student"), ("student", "student"))  # phase kind → metrics.json key
+FIRST_SEED = "first seed (no validation metric)"  # best_seed's "by" when no validation figure chose it
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,8 @@ def best_seed(results: list[PhaseResult], selection: tuple[str, str, str] | None
     """The seed whose student is kept (RUN_DIR/student, export, serve): the best validation value of `selection`
     in its own direction ("max": accuracy, "min": loss); the first seed when there is no selection or no value."""
     if selection is None:
-        return results[0], {"phase": results[0].phase.name, "seed": results[0].phase.seed, "by": None, "value": None}
+        first = results[0].phase
+        return results[0], {"phase": first.name, "seed": first.seed, "by": FIRST_SEED, "value": None}
     metric, direction, which = selection
     sign = 1.0 if direction == "max" else -1.0
 

@@ -211,7 +211,9 @@ def build_app(
 
 
 def _seconds_per_example(predict: Logits, in_shape: tuple[int, ...]) -> float:
-    """Median time of a one-example forward pass (after a warm-up); inf when it fails (then always the pool)."""
+    """Median time of a one-example forward pass (after a warm-up); inf when it fails (then always the pool).
+    A failure is logged with what happened: a model that cannot take an all-zero input still serves (it is only
+    never run inline), but one that fails for another reason (out of memory, a broken export) is seen at start."""
     x = np.zeros((1, *in_shape), dtype=np.float32)
     times = []
     try:
@@ -220,7 +222,13 @@ def _seconds_per_example(predict: Logits, in_shape: tuple[int, ...]) -> float:
             predict(x)
             if i >= 2:
                 times.append(time.perf_counter() - start)
-    except Exception:  # a model that cannot take zeros still serves; it is only never run inline
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        logger.warning(
+            "serve: the start-up latency probe (an all-zero input of shape %s) failed with %s: %s; requests will "
+            "always run in the worker pool, never inline",
+            (1, *in_shape), type(exc).__name__, first,
+        )
         return float("inf")
     return float(np.median(times))
 

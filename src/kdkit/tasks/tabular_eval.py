@@ -23,10 +23,10 @@ GAIN_KEYS = ("accuracy", "f1_macro", "fidelity_test", "fidelity_neighbourhood")
 
 
 def evaluate(cfg, data, teachers, results: dict[str, list[PhaseResult]], run: RunDir, best: dict):
-    """(metrics.json, extras for the report). A phase whose figures are not at hand (a finished run evaluated
-    again: only its kept student is loaded) is measured again with its seed's teacher, fit again identically, or
-    read from its result.json."""
-    seeds = list(cfg.run.seeds)
+    """(metrics.json, extras for the report) of the phases in `results`, as every task: a run's seeds, or the kept
+    student alone when a finished run is evaluated again (kdkit eval), measured again with its seed's teacher,
+    fit again identically."""
+    seeds = [r.phase.seed for r in results["student"]]
 
     def summary(kind: str, seed: int) -> dict:
         done = next((r for r in results.get(kind, []) if r.phase.seed == seed), None)
@@ -45,10 +45,10 @@ def evaluate(cfg, data, teachers, results: dict[str, list[PhaseResult]], run: Ru
             del fresh["test"]["seconds"]
         return fresh
 
-    summaries = {kind: [summary(kind, seed) for seed in seeds] for kind, _ in KINDS}
+    summaries = {kind: [summary(kind, r.phase.seed) for r in results[kind]] for kind, _ in KINDS}
     kept_seed = best["seed"]
     kept = model_of(results, "student", kept_seed, run)
-    baseline = model_of(results, "baseline", kept_seed, run)
+    baseline = model_of(results, "baseline", kept_seed, run) if results["baseline"] else None
     kept_summary = summaries["student"][seeds.index(kept_seed)]
     per_class = {where: pool_per_class([s["per_class"][where] for s in summaries["student"]])
                  for where in ("test", "neighbourhood")}
@@ -59,8 +59,9 @@ def evaluate(cfg, data, teachers, results: dict[str, list[PhaseResult]], run: Ru
     encoder = kept.encoder
     metrics = assemble(
         "tabular", seeds, [s["teacher"] for s in summaries["student"]], student_figures,
-        [s["test"] for s in summaries["baseline"]], costs(cfg, teachers(kept_seed), kept, baseline), GAIN_KEYS,
-        best if best.get("by") is not None else None,  # no validation score chose it: absent (docs/metrics.md)
+        [s["test"] for s in summaries["baseline"]] or None, costs(cfg, teachers(kept_seed), kept, baseline),
+        GAIN_KEYS,
+        best,  # the first seed: no validation score chose it (by says so)
         data={
             "rows": len(data.frame),
             "dropped_rows_without_target": data.dropped,
@@ -118,7 +119,7 @@ def model_of(results: dict, kind: str, seed: int, run: RunDir) -> FittedStudent:
     return load_student_folder(run.phase_dir(f"{kind}-s{seed}"))
 
 
-def costs(cfg, s, kept: FittedStudent, baseline: FittedStudent) -> dict:
+def costs(cfg, s, kept: FittedStudent, baseline: FittedStudent | None) -> dict:
     """Teacher and students of the kept seed timed the same way, from the same input: rows as codes (numbers, then
     category codes), so that each pays for its own encoding as when it predicts a table. Latency: one test row;
     throughput: eval.batch_size test rows (repeated when the test split is smaller)."""
@@ -133,11 +134,11 @@ def costs(cfg, s, kept: FittedStudent, baseline: FittedStudent) -> dict:
     def cost(forward, size: dict) -> dict:
         return measure_cost(forward, size, one, batch, repeats=e.latency_repeats, warmup=e.latency_warmup)
 
-    return {
-        "teacher": cost(lambda a: s.teacher.proba(*split(a)), s.teacher.footprint()),
-        "baseline_student": cost(lambda a: baseline.proba_codes(*split(a)), baseline.student.footprint()),
-        "student": cost(lambda a: kept.proba_codes(*split(a)), kept.student.footprint()),
-    }
+    out = {"teacher": cost(lambda a: s.teacher.proba(*split(a)), s.teacher.footprint())}
+    if baseline is not None:
+        out["baseline_student"] = cost(lambda a: baseline.proba_codes(*split(a)), baseline.student.footprint())
+    out["student"] = cost(lambda a: kept.proba_codes(*split(a)), kept.student.footprint())
+    return out
 
 
 def pool_per_class(per_seed: list[dict]) -> dict:

@@ -281,3 +281,16 @@ def test_shadow_with_the_runs_teacher(run_dir):
         m = _metrics(client)
     assert m["kdkit_shadow_scored_examples_total"] == 6 and 0.0 <= m["kdkit_shadow_agreement"] <= 1.0
     assert not (run_dir / "shadow").exists()  # threshold 0: never below it, nothing written
+
+
+def test_a_failing_latency_probe_says_what_happened(caplog):
+    """The start-up probe used to swallow every exception silently; it must log which error it met."""
+    from kdkit.serve.app import _seconds_per_example
+
+    def broken(x):
+        raise MemoryError("could not allocate 4 GB")
+
+    with caplog.at_level("WARNING", logger="kdkit.serve"):
+        assert _seconds_per_example(broken, (1, 8, 8)) == float("inf")
+    assert "MemoryError: could not allocate 4 GB" in caplog.text and "latency probe" in caplog.text
+    assert _seconds_per_example(lambda x: x.sum(), (1, 8, 8)) < float("inf")

@@ -65,16 +65,33 @@ def test_every_task_implements_the_protocol(name):
     assert task.shipping is None or (isinstance(task.shipping, str) and "\n" not in task.shipping)
 
 
+def tabular_config() -> dict:
+    return {
+        "kind": "interpret",
+        "run": {"name": "wine", "seeds": [0, 1], "save_skops": False},
+        "data": {"source": "builtin", "name": "wine", "test_fraction": 0.3},
+        "teacher": {"members": [{"kind": "random_forest", "params": {"n_estimators": 10}}]},
+        "student": {"tree": {"max_depth": 3}},
+        "neighbourhood": {"points": 300, "eval_points": 200},
+        "eval": {"batch_size": 32, "latency_repeats": 3, "latency_warmup": 1},
+    }
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, lm_world):
-    """A finished tiny run of every torch task (the tabular task has its own module of tests)."""
+    """A finished tiny run of every task: {name: (config, RunResult)}."""
     root = tmp_path_factory.mktemp("runs")
     corpus, teacher, _ = lm_world
-    configs = {"classification": classification_config(root), "causal_lm": lm_config(root, corpus, teacher)}
+    configs = {"classification": classification_config(root), "causal_lm": lm_config(root, corpus, teacher),
+               "tabular": tabular_config()}
+    assert set(configs) == set(TASKS), "a new task needs a tiny config here"
     return {name: (configs[name], distill(cfg, out=root / name, log=lambda m: None)) for name, cfg in configs.items()}
 
 
-@pytest.mark.parametrize("name", ["classification", "causal_lm"])
+KEY = {"classification": "accuracy", "causal_lm": "perplexity", "tabular": "accuracy"}
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
 def test_every_task_writes_the_same_run_directory(runs, name):
     cfg, result = runs[name]
     run = result.run_dir
@@ -89,21 +106,24 @@ def test_every_task_writes_the_same_run_directory(runs, name):
     for phase in ("baseline-s0", "student-s1"):
         assert (run / "phases" / phase / "result.json").is_file()
     assert metrics["best_seed"]["phase"] in ("student-s0", "student-s1")
+    assert (run / "student").is_dir() and any((run / "student").iterdir())
     for key in ("latency_ms", "throughput", "speedup_latency", "speedup_throughput", "params", "size_mb"):
         assert key in metrics["cost"]["student"] and key in metrics["cost"]["teacher"]
     assert metrics["cost"]["teacher"]["speedup_latency"] == 1.0
 
 
-@pytest.mark.parametrize("name", ["classification", "causal_lm"])
+@pytest.mark.parametrize("name", sorted(TASKS))
 def test_eval_recomputes_the_kept_students_figures(runs, name):
     _, result = runs[name]
     again = evaluate_run(result.run_dir, log=lambda m: None)
     check_metrics(again)
     best = result.metrics["best_seed"]["seed"]
-    key = "accuracy" if name == "classification" else "perplexity"
+    key = KEY[name]
     kept = result.metrics["student"][key]["per_seed"][result.metrics["seeds"].index(best)]
     assert again["student"][key] == pytest.approx(kept, rel=1e-5)
-    assert again["teacher"][key] == pytest.approx(result.metrics["teacher"][key], rel=1e-5)
+    teacher = result.metrics["teacher"][key]  # the tabular teacher is refit per seed: the kept seed's
+    teacher = teacher["per_seed"][result.metrics["seeds"].index(best)] if isinstance(teacher, dict) else teacher
+    assert again["teacher"][key] == pytest.approx(teacher, rel=1e-5)
     assert (result.run_dir / "eval.json").is_file()
 
 
@@ -116,7 +136,16 @@ def test_search_runs_on_every_task_with_validation_metrics(runs, name, tmp_path)
     assert summary["complete"] == 1 and (tmp_path / "search" / "best_config.yaml").is_file()
 
 
-def test_export_takes_classifiers_and_refuses_language_models_in_one_line(runs, tmp_path):
+def test_search_refuses_a_task_without_validation_metrics_in_one_line(runs, tmp_path):
+    from kdkit.search import search
+
+    cfg, _ = runs["tabular"]
+    with pytest.raises(ConfigError) as err:
+        search(cfg, out=tmp_path / "search", trials=1, log=lambda m: None)
+    assert "tabular" in str(err.value) and "no validation metric" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_export_takes_classifiers_and_refuses_other_tasks_in_one_line(runs, tmp_path):
     from kdkit.export import export_run
 
     _, result = runs["classification"]
@@ -126,6 +155,10 @@ def test_export_takes_classifiers_and_refuses_language_models_in_one_line(runs, 
     with pytest.raises(ConfigError) as err:
         export_run(lm.run_dir, "onnx", tmp_path / "lm_export", log=lambda m: None)
     assert "causal_lm" in str(err.value) and "HF folder" in str(err.value) and "\n" not in str(err.value)
+    _, tab = runs["tabular"]
+    with pytest.raises(ConfigError) as err:
+        export_run(tab.run_dir, "onnx", tmp_path / "tab_export", log=lambda m: None)
+    assert "tabular" in str(err.value) and "student.json" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_eval_refuses_an_unfinished_run_in_one_line(runs, tmp_path):
@@ -168,3 +201,37 @@ def test_the_saved_student_is_the_best_seed_in_every_task(runs, name, keep_best,
     expected = pick((0, 1), key=lambda s: pick(values[s]))
     assert result.metrics["best_seed"]["seed"] == expected
     assert result.metrics["best_seed"]["by"] == f"val/{keep_best}"
+
+
+@pytest.mark.parametrize("name", ["classification", "causal_lm"])
+def test_teacher_and_students_are_timed_the_same_way(runs, name, monkeypatch, tmp_path):
+    """One definition of cost: every model behind the same frozen wrapper, with the same repeats and warm-up
+    (the bug: classifiers timed 10 + 50 batch-1 calls, LMs 1 + ≥5; the teacher through its wrapper, the student
+    bare)."""
+    from kdkit.teachers import Teacher, TeacherEnsemble
+
+    module = __import__(f"kdkit.tasks.{name}_eval", fromlist=["measure_cost"])
+    calls = []
+    real = module.measure_cost
+
+    def spy(forward, modules, one, batch, **kw):
+        calls.append((forward, kw["repeats"], kw["warmup"], tuple(one.shape), tuple(batch.shape)))
+        return real(forward, modules, one, batch, **kw)
+
+    monkeypatch.setattr(module, "measure_cost", spy)
+    cfg, _ = runs[name]
+    cfg = {**cfg, "run": {**cfg["run"], "seeds": [0]}, "eval": {**cfg["eval"], "latency_repeats": 3,
+                                                              "latency_warmup": 1}}
+    result = distill(cfg, out=tmp_path / "run", log=lambda m: None)
+    assert len(calls) == 3  # teacher, baseline, student
+    teacher, *students = calls
+    assert isinstance(teacher[0], TeacherEnsemble)
+    for forward, repeats, warmup, one, batch in students:
+        assert isinstance(forward, Teacher)  # the same frozen wrapper as the teacher's members
+        assert forward.precision == teacher[0].members[0].precision
+        assert (repeats, warmup, one, batch) == teacher[1:]
+        assert (repeats, warmup) == (3, 1)
+    cost = result.metrics["cost"]
+    for key in ("baseline_student", "student"):
+        assert cost[key]["speedup_latency"] == pytest.approx(cost["teacher"]["latency_ms"] / cost[key]["latency_ms"])
+        assert cost[key]["speedup_throughput"] == pytest.approx(cost[key]["throughput"] / cost["teacher"]["throughput"])
