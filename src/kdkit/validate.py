@@ -8,18 +8,19 @@ from kdkit.config import KDConfig, LossTerm, config_markdown
 from kdkit.errors import ConfigError
 
 
-def check_names(cfg: KDConfig) -> None:
+def check_names(cfg: KDConfig, datasets: dict | None = None) -> None:
     """Every problem in one ConfigError, one line each, naming its field:
 
     - loss names (did you mean), their parameters (bound against the constructor), and their values: each loss is
       built once with its start values and once more for each extreme value a scheduled parameter reaches
       (ScheduleSpec.reachable over train.epochs), so `temperature: -1` or a temperature schedule to 0 fails here,
       not with a NaN at the run's last step;
-    - built-in model names and their kwargs;
-    - built-in data set names (data.source: builtin), for the task's registry.
+    - each model section through its source's registry entry (built-in names and kwargs);
+    - built-in data set names (data.source: builtin) against `datasets`, the task's registry of them (default:
+      the class-labelled sets of kdkit.data.builtin).
     """
-    from kdkit.models import BUILTIN_MODELS
-    from kdkit.registry import bind, lookup
+    from kdkit.models.build import check_model
+    from kdkit.registry import lookup
 
     problems: list[str] = []
 
@@ -35,13 +36,11 @@ def check_names(cfg: KDConfig) -> None:
     models = [(f"teacher.members.{i}.model", m.model) for i, m in enumerate(cfg.teacher.members)]
     models.append(("student.model", cfg.student.model))
     for where, spec in models:
-        if spec.source != "builtin":
-            continue
-        cls = attempt(lookup, BUILTIN_MODELS, spec.name, f"{where}.name")
-        if cls is not None:
-            attempt(bind, cls.__init__, spec.kwargs, f"{where}.kwargs", provided=("in_shape", "num_classes"))
-    if cfg.data.source == "builtin":
-        attempt(lookup, _builtin_data(cfg.data.task), cfg.data.name, "data.name")
+        attempt(check_model, spec.source, spec.name, spec.kwargs, where)
+    if cfg.data.source == "builtin":  # other sources name files or hub data sets, which only loading can check
+        if datasets is None:
+            from kdkit.data.builtin import BUILTIN_DATASETS as datasets
+        attempt(lookup, datasets, cfg.data.name, "data.name")
     if problems:
         if len(problems) == 1:
             raise ConfigError(problems[0])
@@ -80,17 +79,6 @@ def _check_loss(term: LossTerm, where: str, epochs: int) -> None:
                 break
     if problems:  # one line each; the caller lists exc.details (or the message when there are none)
         raise ConfigError(problems[0], details=problems if len(problems) > 1 else None)
-
-
-def _builtin_data(task: str) -> dict:
-    """The registry of built-in data sets for data.task: class-labelled sets, or text corpora for causal_lm."""
-    if task == "causal_lm":
-        from kdkit.data.lm import CORPORA
-
-        return CORPORA
-    from kdkit.data.builtin import BUILTIN_DATASETS
-
-    return BUILTIN_DATASETS
 
 
 def config_docs() -> str:

@@ -104,9 +104,15 @@ def test_causal_lm_builtin_names_are_the_corpora():
         "student": {"model": {"source": "hf", "path": "y"}},
         "distill": {"losses": [{"name": "token_kl"}]},
     }
-    check_names(load_config(raw))
+    from kdkit.tasks import load_task
+
+    task, cfg = load_task(raw)
+    task.check(cfg)  # the causal_lm task checks built-in names against the corpora
     raw["data"]["name"] = "digits"
-    (problem,) = _problems(raw)
+    task, cfg = load_task(raw)
+    with pytest.raises(ConfigError) as err:
+        task.check(cfg)
+    problem = str(err.value)
     assert problem.startswith("data.name: unknown name 'digits'") and all(n in problem for n in CORPORA)
 
 

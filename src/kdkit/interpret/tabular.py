@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from kdkit.errors import ConfigError, DataError
-from kdkit.registry import suggest
+from kdkit.registry import lookup, suggest
 
 MISSING_LEVEL = "(missing)"
 
@@ -29,23 +29,26 @@ MISSING_LEVEL = "(missing)"
 
 def load_frame(data) -> Any:
     """The whole table of a `TabularDataConfig` as a pandas DataFrame (target column included)."""
-    import pandas as pd
+    frame = lookup(FRAME_SOURCES, data.source, "data.source")(data)
+    frame.columns = [str(c) for c in frame.columns]
+    return frame
 
-    if data.source == "builtin":
-        return _builtin_frame(data.name)
-    if data.source == "hf":
-        return _hf_frame(data.name, data.data_files, data.split)
+
+def _file(data) -> Path:
     path = Path(data.path)
     if not path.is_file():
         raise DataError(f"data.path: file {str(path)!r} not found")
-    if data.source == "arrays":
-        return _arrays_frame(path)
+    return path
+
+
+def _pandas_frame(data, reader: str):
+    import pandas as pd
+
+    path = _file(data)
     try:
-        frame = pd.read_csv(path) if data.source == "csv" else pd.read_parquet(path)
+        return getattr(pd, reader)(path)
     except Exception as exc:  # pandas raises many types; the message is what the user needs
         raise DataError(f"data.path: could not read {str(path)!r} as {data.source}: {exc}".splitlines()[0]) from None
-    frame.columns = [str(c) for c in frame.columns]
-    return frame
 
 
 def _builtin_frame(name: str):
@@ -103,6 +106,16 @@ def _arrays_frame(path: Path):
     frame = pd.DataFrame(x, columns=[f"x{i}" for i in range(x.shape[1])])
     frame["target"] = y
     return frame
+
+
+# data.source → the table as a DataFrame (keys: interpret.config.TabularDataConfig.source, checked by a test)
+FRAME_SOURCES = {
+    "builtin": lambda data: _builtin_frame(data.name),
+    "csv": lambda data: _pandas_frame(data, "read_csv"),
+    "parquet": lambda data: _pandas_frame(data, "read_parquet"),
+    "hf": lambda data: _hf_frame(data.name, data.data_files, data.split),
+    "arrays": lambda data: _arrays_frame(_file(data)),
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------

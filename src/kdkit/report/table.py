@@ -146,7 +146,7 @@ def summary_table(metrics: dict, columns: Sequence[Column] | None = None) -> Tab
     """The summary as a rich Table for the terminal: same rows, columns and numbers as report.md."""
     table = Table(title="kdkit summary")
     for i, header in enumerate(summary_headers(columns)):
-        table.add_column(header, justify="left" if i == 0 else "right")
+        table.add_column(header, justify="left" if i == 0 else "right", no_wrap=i == 0)
     for row in summary_rows(metrics, columns):
         table.add_row(*row)
     return table

@@ -53,9 +53,10 @@ class CausalLM:
         return dump_config(cfg)
 
     def check(self, cfg: KDConfig) -> None:
+        from kdkit.data.lm import CORPORA
         from kdkit.validate import check_names
 
-        check_names(cfg)
+        check_names(cfg, CORPORA)
 
     def load_data(self, cfg: KDConfig, run: RunDir) -> LMBundle:
         """The corpus in blocks, tokenised by data.tokenizer or the first teacher member's tokenizer."""

@@ -206,3 +206,13 @@ def test_hf_datasets_source_reads_a_local_csv_like_pandas(tmp_path):
     assert numeric == ["age", "income"] and categorical == ["colour", "member"]
     enc = TabularEncoder.fit(frame, "y", ["no", "yes"], numeric, categorical)
     assert np.allclose(enc.transform(frame), _fit(_frame()).transform(_frame()))
+
+
+def test_frame_sources_are_exactly_the_config_literal():
+    """A literal registry: a tabular source cannot be added in the config without its loader, or the reverse."""
+    import typing
+
+    from kdkit.interpret.config import TabularDataConfig
+    from kdkit.interpret.tabular import FRAME_SOURCES
+
+    assert set(FRAME_SOURCES) == set(typing.get_args(TabularDataConfig.model_fields["source"].annotation))
