@@ -28,7 +28,7 @@ def _console():
     from rich.console import Console
 
     # Piped or logged output gets a width that fits the summary table (rich would assume 80 columns).
-    return Console() if sys.stdout.isatty() else Console(width=160)
+    return Console() if sys.stdout.isatty() else Console(width=200)
 
 
 def _show(metrics: dict) -> None:
