@@ -122,7 +122,8 @@ def held_out(run: Run, n: int = 256, seed: int = 0) -> HeldOut:
             f"{run.in_shape}; was config.yaml edited after the run?"
         )
     test = data.test
-    x = test.x[:n] if hasattr(test, "x") else torch.stack([test[i][0] for i in range(min(n, len(test)))])
+    # Tensors as stored, or (texts of different lengths) padded per batch as training pads them.
+    x = test.x[:n] if hasattr(test, "x") else data.collate([test[i] for i in range(min(n, len(test)))]).inputs
     names = list(data.class_names)
     if len(names) != run.num_classes:
         names = [str(i) for i in range(run.num_classes)]
