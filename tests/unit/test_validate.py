@@ -83,7 +83,10 @@ def test_schedules_that_stay_in_range_pass():
             "params": {"temperature": {"schedule": "step", "start": 8, "gamma": 0.5, "every": 2, "warmup_steps": 10}},
         }
     )
-    check_names(load_config(raw))
+    cfg = load_config(raw)
+    check_names(cfg)  # raises on any value out of range
+    reached = [v for v, _ in cfg.distill.losses[-1].schedules()["temperature"].reachable(cfg.train.epochs)]
+    assert min(reached) > 0 and 8 in reached  # the values it checked: all in range
 
 
 def test_unknown_builtin_data_set_names_the_field_with_a_suggestion():

@@ -60,12 +60,22 @@ def write_interpret_report(run_dir: Path, *, cfg, metrics: dict, kept, x_train: 
     rules count them). tree.png needs the fitted scikit-learn tree: a student read back from JSON (phases reused by
     --resume) keeps the tree.png drawn when it was fit, if there is one.
     """
+    drawn = _draw_plots(run_dir / "plots", cfg, metrics, kept)
+    tree_drawn = any(p is not None and p.name == "tree.png" for p in drawn)
+    lines = [f"# kdkit tabular: {cfg.run.name}", ""]
+    lines += _summary_section(cfg, metrics)
+    lines += _per_class_section(metrics)
+    lines += _student_section(cfg, metrics, kept, x_train, tree_drawn)
+    lines += _data_section(cfg, kept.encoder)
+    lines += [f"![{p.stem}](plots/{p.name})" for p in drawn if p is not None] + [""]
+    lines += _usage_section(run_dir, env)
+    return write_text(run_dir / "report.md", "\n".join(lines))
+
+
+def _draw_plots(plots_dir: Path, cfg, metrics: dict, kept) -> list:
     encoder, student = kept.encoder, kept.student
-    kind = metrics["student_model"]["kind"]
-    name = "tree" if kind == "decision_tree" else "L1 logistic regression"
-    plots_dir = run_dir / "plots"
     drawn = []
-    if kind == "decision_tree":
+    if metrics["student_model"]["kind"] == "decision_tree":
         if student.model is not None:  # scikit-learn draws the fitted object
             drawn.append(plot_tree_png(student, encoder, cfg.report.plot_depth, plots_dir / "tree.png"))
         elif (plots_dir / "tree.png").is_file():  # --resume reused the phases: the same tree, drawn before
@@ -73,13 +83,20 @@ def write_interpret_report(run_dir: Path, *, cfg, metrics: dict, kept, x_train: 
     drawn.append(plot_importance(student, encoder.feature_names, cfg.report.top_features, plots_dir / "importance.png"))
     drawn.append(plot_fidelity(metrics["per_class"], plots_dir / "fidelity.png"))
     drawn.append(plot_accuracy(metrics, plots_dir / "accuracy.png"))
-    tree_drawn = any(p is not None and p.name == "tree.png" for p in drawn)
+    return drawn
 
+
+def _name(kind: str) -> str:
+    return "tree" if kind == "decision_tree" else "L1 logistic regression"
+
+
+def _summary_section(cfg, metrics: dict) -> list[str]:
+    kind = metrics["student_model"]["kind"]
+    name = _name(kind)
     data, seeds = metrics["data"], metrics["seeds"]
     nb = cfg.neighbourhood
     baseline = metrics.get("baseline_student")
-    lines = [f"# kdkit tabular: {cfg.run.name}", ""]
-    lines += [
+    lines = [
         f"Teacher **{' + '.join(metrics['teacher_kinds'])}** distilled into a **{kind}** "
         f"({metrics['student_model']['settings']}) on {data['rows']} rows "
         f"({data['train_rows']} train / {data['test_rows']} test), with {nb.points} synthetic points ({nb.method}, "
@@ -121,7 +138,12 @@ def write_interpret_report(run_dir: Path, *, cfg, metrics: dict, kept, x_train: 
             "student's rules describe what the teacher does on data like this, not beyond it.",
             "",
         ]
-    lines += [
+    return lines
+
+
+def _per_class_section(metrics: dict) -> list[str]:
+    data = metrics["data"]
+    lines = [
         "## Fidelity per class",
         "",
         "Per class of the teacher: how many points it put there (pooled over seeds) and the share the student put "
@@ -134,8 +156,14 @@ def write_interpret_report(run_dir: Path, *, cfg, metrics: dict, kept, x_train: 
         rows.append([class_name, str(t["n"]), _percent(t["agreement"]), str(near["n"]), _percent(near["agreement"])])
     lines += [_table(["class", "test points", "agreement %", "neighbourhood points", "agreement %"], rows), ""]
 
+    return lines
+
+
+def _student_section(cfg, metrics: dict, kept, x_train: np.ndarray, tree_drawn: bool) -> list[str]:
+    encoder, student = kept.encoder, kept.student
+    kind = metrics["student_model"]["kind"]
     spec = student.to_json()
-    lines += [f"## The student (seed {kept.seed}, in `student/`)", ""]
+    lines = [f"## The student (seed {kept.seed}, in `student/`)", ""]
     if kind == "decision_tree":
         rules = tree_rules(spec, encoder, encoder.class_names, x_train)
         lines += [
@@ -178,7 +206,11 @@ def write_interpret_report(run_dir: Path, *, cfg, metrics: dict, kept, x_train: 
         "",
     ]
 
-    lines += ["## Data and encoding", ""]
+    return lines
+
+
+def _data_section(cfg, encoder) -> list[str]:
+    lines = ["## Data and encoding", ""]
     imputed = [f"{c.name} ({c.missing} missing → {c.fill:.4g})" for c in encoder.numeric if c.missing]
     lines += [
         f"- Target `{encoder.target}`, classes: {', '.join(encoder.class_names)}.",
@@ -197,9 +229,12 @@ def write_interpret_report(run_dir: Path, *, cfg, metrics: dict, kept, x_train: 
         "## Plots",
         "",
     ]
-    lines += [f"![{p.stem}](plots/{p.name})" for p in drawn if p is not None] + [""]
+    return lines
+
+
+def _usage_section(run_dir: Path, env: dict) -> list[str]:
     skops = (run_dir / "student" / "student.skops").is_file()
-    lines += [
+    return [
         "## Use the student",
         "",
         "```python",
@@ -224,7 +259,6 @@ def write_interpret_report(run_dir: Path, *, cfg, metrics: dict, kept, x_train: 
         _table(["", ""], [[k, str(v)] for k, v in env.items()], numeric=False),
         "",
     ]
-    return write_text(run_dir / "report.md", "\n".join(lines))
 
 
 def _size_note(metrics: dict, baseline: dict | None, kind: str) -> list[str]:
