@@ -8,13 +8,10 @@ import copy
 from kdkit.config import KDConfig
 from kdkit.data import DataBundle
 from kdkit.errors import ConfigError
-from kdkit.evaluate import classification_metrics, confusion, reliability
 from kdkit.evaluate.cost import measure_cost
 from kdkit.evaluate.predict import predict
-from kdkit.evaluate.robustness import CORRUPTIONS, default_corruptions, robustness
 from kdkit.evaluate.schema import assemble
 from kdkit.registry import lookup
-from kdkit.report import write_report
 from kdkit.report.table import CLASSIFICATION_COLUMNS
 from kdkit.run.phases import KINDS
 from kdkit.run.teacher import frozen
@@ -28,6 +25,7 @@ def evaluate(cfg: KDConfig, data: DataBundle, teacher: TeacherEnsemble, results:
              info: dict):
     """(metrics.json, extras for the report): quality per seed, cost, robustness, on the test split. info: the
     recipe's own figures (the teacher cache's size), kept in metrics.json."""
+    from kdkit.evaluate.metrics import classification_metrics, confusion, reliability  # scikit-learn: when used
     e = cfg.eval
     t_logits, labels = predict(teacher, data.test, e.batch_size, device)
     teacher_m = classification_metrics(t_logits, labels, t_logits, e.ece_bins)
@@ -85,6 +83,7 @@ def robustness_of(cfg: KDConfig, data: DataBundle, teacher, results: dict, label
     e = cfg.eval
     if not e.robustness:
         return {}
+    from kdkit.evaluate.robustness import CORRUPTIONS, default_corruptions, robustness
     models = {"teacher": [teacher]}
     models.update({key: [r.model.to(device) for r in results[kind]] for kind, key in KINDS if results[kind]})
     inputs, _ = data.inputs("test")
@@ -107,6 +106,7 @@ def robustness_of(cfg: KDConfig, data: DataBundle, teacher, results: dict, label
 
 def report(cfg: KDConfig, run, metrics: dict, histories: dict, recipe, extras: dict) -> None:
     from kdkit.config import dump_config
+    from kdkit.report.markdown import write_report  # matplotlib: when a report is written
 
     write_report(
         run.path, metrics=metrics, histories=histories, formula=recipe.formula, config_yaml=dump_config(cfg),
