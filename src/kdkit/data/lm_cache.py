@@ -343,12 +343,7 @@ class TopKCache:
         """
         path = Path(path)
         n = len(blocks)
-        if n == 0:
-            raise DataError("teacher top-k cache: the data set is empty")
-        if k < 1:
-            raise DataError(f"teacher top-k cache: k={k}; expected at least 1")
-        if temperature <= 0:
-            raise DataError(f"teacher top-k cache: temperature={temperature}; expected > 0")
+        _check_build(n, k, temperature)
         if data_fingerprint is None:
             data_fingerprint = fingerprint_blocks(blocks, lengths)
         first, _ = _tokens(blocks[0], None)
@@ -359,63 +354,28 @@ class TopKCache:
         log(f"teacher top-k cache: {n} blocks × {seq_len} tokens, k={k}, T={temperature:g} → {path}")
 
         start = last_log = time.perf_counter()
-        done = tokens = 0
-        vocab, id_dtype, shards, buf = None, None, [], None
+        tokens, vocab, writer = 0, None, None
         for lo in range(0, n, batch_size):
             hi = min(lo + batch_size, n)
             items = [_tokens(blocks[i], None if lengths is None else lengths[i]) for i in range(lo, hi)]
-            for i, (ids, length) in zip(range(lo, hi), items):
-                if ids.shape[0] != seq_len or not 0 <= length <= seq_len:
-                    raise DataError(
-                        f"teacher top-k cache: block {i} has {ids.shape[0]} tokens (valid length {length}); every "
-                        f"block must have T={seq_len} tokens"
-                    )
-            input_ids = torch.stack([ids for ids, _ in items]).to(device)
-            logits = logits_fn(input_ids)
-            if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(input_ids.shape):
-                raise DataError(
-                    f"teacher top-k cache: the teacher gave logits of shape {tuple(logits.shape)} for input ids of "
-                    f"shape {tuple(input_ids.shape)}; expected (B, T, V)"
-                )
+            logits = _teacher_logits(logits_fn, items, lo, seq_len, device)
             if vocab is None:
                 vocab = int(logits.shape[-1])
                 if k > vocab:
                     raise DataError(f"teacher top-k cache: k={k} exceeds the teacher's vocabulary of {vocab}")
-                id_dtype = ids_dtype(vocab)
-            sp = topk_logprobs(logits, k, temperature)
-            ids_np = sp.ids.cpu().numpy().astype(id_dtype)
-            lp_np = sp.logprobs.cpu().numpy().astype(LOGPROB_DTYPE)
-            rest_np = sp.rest.cpu().numpy().astype(REST_DTYPE)
-            for row, (_, length) in enumerate(items):
-                if length < seq_len:  # padding: a placeholder distribution (all mass in the rest bucket)
-                    ids_np[row, length:] = np.arange(k, dtype=id_dtype)
-                    lp_np[row, length:] = -np.inf
-                    rest_np[row, length:] = 0.0
-                tokens += length
-            for row in range(hi - lo):
-                if buf is None:
-                    rows = min(shard_size, n - done)
-                    buf = {
-                        "ids": np.empty((rows, seq_len, k), id_dtype),
-                        "logprobs": np.empty((rows, seq_len, k), LOGPROB_DTYPE),
-                        "rest": np.empty((rows, seq_len), REST_DTYPE),
-                        "filled": 0,
-                    }
-                j = buf["filled"]
-                buf["ids"][j], buf["logprobs"][j], buf["rest"][j] = ids_np[row], lp_np[row], rest_np[row]
-                buf["filled"] = j + 1
-                done += 1
-                if buf["filled"] == buf["ids"].shape[0]:
-                    shards.append(_write_shard(path, len(shards), buf))
-                    buf = None
+                writer = _ShardWriter(path, n, seq_len, k, ids_dtype(vocab), shard_size)
+            arrays, batch_tokens = _batch_arrays(logits, items, k, temperature, writer.id_dtype, seq_len)
+            tokens += batch_tokens
+            writer.add(*arrays)
             now = time.perf_counter()
-            if now - last_log >= log_every_s and done < n:
+            if now - last_log >= log_every_s and writer.done < n:
                 last_log = now
-                rate = done / (now - start)
+                rate = writer.done / (now - start)
                 log(
-                    f"teacher top-k cache: {done}/{n} blocks ({100 * done / n:.0f}%), "
-                    f"{rate * seq_len:.0f} tokens/s, ETA {_duration((n - done) / rate)}"
+                    f"teacher top-k cache: {writer.done}/{n} blocks ({100 * writer.done / n:.0f}%), "
+                    f"{rate * seq_len:.0f} tokens/s, ETA {_duration((n - writer.done) / rate)}"
                 )
+        shards = writer.shards
         _remove_stale(path, len(shards))
         size = sum(entry[name]["bytes"] for entry in shards for name in ARRAYS)
         manifest = {
@@ -429,7 +389,7 @@ class TopKCache:
             "examples": n,
             "shard_size": shard_size,
             "dtypes": {
-                "ids": id_dtype.name,
+                "ids": writer.id_dtype.name,
                 "logprobs": np.dtype(LOGPROB_DTYPE).name,
                 "rest": np.dtype(REST_DTYPE).name,
             },
@@ -445,6 +405,79 @@ class TopKCache:
             f"{manifest['bytes_per_token']:.0f} bytes/token, in {_duration(seconds)}"
         )
         return cls.load(path)
+
+
+def _check_build(n: int, k: int, temperature: float) -> None:
+    if n == 0:
+        raise DataError("teacher top-k cache: the data set is empty")
+    if k < 1:
+        raise DataError(f"teacher top-k cache: k={k}; expected at least 1")
+    if temperature <= 0:
+        raise DataError(f"teacher top-k cache: temperature={temperature}; expected > 0")
+
+
+def _teacher_logits(logits_fn, items: list, lo: int, seq_len: int, device) -> torch.Tensor:
+    """The teacher's (b, T, V) logits of one batch of blocks (items: (ids, valid length)), shapes checked."""
+    for i, (ids, length) in enumerate(items, start=lo):
+        if ids.shape[0] != seq_len or not 0 <= length <= seq_len:
+            raise DataError(
+                f"teacher top-k cache: block {i} has {ids.shape[0]} tokens (valid length {length}); every "
+                f"block must have T={seq_len} tokens"
+            )
+    input_ids = torch.stack([ids for ids, _ in items]).to(device)
+    logits = logits_fn(input_ids)
+    if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(input_ids.shape):
+        raise DataError(
+            f"teacher top-k cache: the teacher gave logits of shape {tuple(logits.shape)} for input ids of "
+            f"shape {tuple(input_ids.shape)}; expected (B, T, V)"
+        )
+    return logits
+
+
+def _batch_arrays(logits: torch.Tensor, items: list, k: int, temperature: float, id_dtype, seq_len: int):
+    """((ids, logprobs, rest) numpy arrays of one batch in the cache's dtypes, the batch's count of real tokens).
+    Padding positions get a placeholder distribution: all mass in the rest bucket."""
+    sp = topk_logprobs(logits, k, temperature)
+    ids_np = sp.ids.cpu().numpy().astype(id_dtype)
+    lp_np = sp.logprobs.cpu().numpy().astype(LOGPROB_DTYPE)
+    rest_np = sp.rest.cpu().numpy().astype(REST_DTYPE)
+    tokens = 0
+    for row, (_, length) in enumerate(items):
+        if length < seq_len:
+            ids_np[row, length:] = np.arange(k, dtype=id_dtype)
+            lp_np[row, length:] = -np.inf
+            rest_np[row, length:] = 0.0
+        tokens += length
+    return (ids_np, lp_np, rest_np), tokens
+
+
+class _ShardWriter:
+    """Collects rows into shards of shard_size examples and writes each shard when it is full (the last one when
+    the n-th row arrives); shards holds their manifest entries."""
+
+    def __init__(self, path: Path, n: int, seq_len: int, k: int, id_dtype, shard_size: int):
+        self.path, self.n, self.seq_len, self.k = path, n, seq_len, k
+        self.id_dtype, self.shard_size = id_dtype, shard_size
+        self.done, self.shards, self.buf = 0, [], None
+
+    def add(self, ids_np: np.ndarray, lp_np: np.ndarray, rest_np: np.ndarray) -> None:
+        for row in range(ids_np.shape[0]):
+            if self.buf is None:
+                rows = min(self.shard_size, self.n - self.done)
+                self.buf = {
+                    "ids": np.empty((rows, self.seq_len, self.k), self.id_dtype),
+                    "logprobs": np.empty((rows, self.seq_len, self.k), LOGPROB_DTYPE),
+                    "rest": np.empty((rows, self.seq_len), REST_DTYPE),
+                    "filled": 0,
+                }
+            buf = self.buf
+            j = buf["filled"]
+            buf["ids"][j], buf["logprobs"][j], buf["rest"][j] = ids_np[row], lp_np[row], rest_np[row]
+            buf["filled"] = j + 1
+            self.done += 1
+            if buf["filled"] == buf["ids"].shape[0]:
+                self.shards.append(_write_shard(self.path, len(self.shards), buf))
+                self.buf = None
 
 
 def _write_shard(folder: Path, number: int, buf: dict) -> dict:
