@@ -243,6 +243,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.modules["transformers"].utils.logging.disable_progress_bar()
     try:
         app(args=argv, standalone_mode=False)
+        if "torch.distributed" in sys.modules:  # a multi-process launch leaves its process group (no-op otherwise)
+            from kdkit.engine.runtime import end_processes
+
+            end_processes()
     except KdkitError as exc:
         for line in exc.lines():
             print(f"error: {line}" if line == exc.lines()[0] else line, file=sys.stderr)

@@ -177,3 +177,14 @@ def init_processes(device: str) -> int:
     from accelerate.state import PartialState
 
     return PartialState(cpu=resolve_device(device) == "cpu").num_processes
+
+
+def end_processes() -> None:
+    """Leave the process group at the end of a multi-process launch (a no-op in one process): every process waits
+    for the others, then closes its group. A process that exits with the group still open can abort in the backend's
+    threads at interpreter exit ("terminate called without an active exception") and fail a finished launch."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

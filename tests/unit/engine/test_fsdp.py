@@ -139,7 +139,7 @@ def worker(out: Path) -> None:
     """Under torchrun: an FSDP run with checkpoints, and a crash after 3 steps + resume."""
     from safetensors.torch import save_file
 
-    from kdkit.engine.runtime import init_processes, shards_model, wait_for_everyone
+    from kdkit.engine.runtime import end_processes, init_processes, shards_model, wait_for_everyone
 
     world = init_processes("cpu")
     _force_fsdp2_on_cpu()
@@ -172,6 +172,7 @@ def worker(out: Path) -> None:
     if rank == 0:
         info = {"world": world, "sharded": saw["sharded"], "student_type": student_type, "steps": result.steps}
         (out / "info.json").write_text(json.dumps(info))
+    end_processes()
 
 
 @pytest.fixture(scope="module")
