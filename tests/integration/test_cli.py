@@ -90,7 +90,8 @@ def test_train_writes_the_run_directory_contract(finished_run):
         assert (run / "plots" / name).is_file(), f"plots/{name} missing: {sorted(p.name for p in run.glob('plots/*'))}"
     assert (run / "student" / "model.safetensors").is_file()
     assert (run / "student" / "model.json").is_file()
-    assert any((run / "checkpoints").iterdir()), "checkpoints/ is empty"
+    assert not (run / "checkpoints").exists(), "a finished run keeps no resumable checkpoints by default"
+    assert "## Run directory" in (run / "report.md").read_text()
     assert list((run / "tb").rglob("events.out.tfevents*")), "tb/ has no TensorBoard event files"
 
 

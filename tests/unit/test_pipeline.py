@@ -65,11 +65,12 @@ def test_metrics_contract_and_saved_student(cfg, tmp_path):
 
 def test_resume_reuses_finished_phases_and_continues_a_cut_phase(cfg, tmp_path):
     full = distill(cfg, out=tmp_path / "a", log=lambda m: None)
-    distill(cfg, out=tmp_path / "b", log=lambda m: None)
+    keep_last = load_config(TINY, ["run.keep_checkpoints_after=last"])  # the default removes finished phases' ones
+    distill(keep_last, out=tmp_path / "b", log=lambda m: None)
     # Cut the last student phase short: its result is gone, only its checkpoints remain.
     shutil.rmtree(tmp_path / "b" / "phases" / "student-s1")
     logs = []
-    resumed = distill(cfg, out=tmp_path / "b", resume=True, log=logs.append)
+    resumed = distill(keep_last, out=tmp_path / "b", resume=True, log=logs.append)
     assert any("teacher-0: finished earlier" in line for line in logs)
     assert any("student-s1: resumed from step_" in line for line in logs)
     for key in ("accuracy", "f1_macro"):

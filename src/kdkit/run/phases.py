@@ -2,6 +2,9 @@
 
 A phase trains one network and leaves RUN_DIR/phases/<phase>/ with the model (saved by the task) and result.json
 (its history and summary). What differs per task (how to train, save and load a model) comes in a Recipe.
+A phase is finished when its result.json exists (written last, atomically): that alone makes --resume reuse it.
+Its resumable checkpoints (RUN_DIR/checkpoints/<phase>/, where the task points the engine) are then removed or
+reduced to the newest one (RunDir.settle_checkpoints), so a finished run keeps weights, not optimizer states.
 """
 
 from __future__ import annotations
@@ -77,11 +80,14 @@ def run_phases(run: RunDir, seeds: list[int], recipe: Recipe) -> dict[str, list[
 
 
 def run_phase(run: RunDir, phase: Phase, recipe: Recipe, folder: Path | None = None) -> PhaseResult:
-    """Train one phase, or reuse it when a resumed run already finished it. Saved by the main process."""
+    """Train one phase, or reuse it when a resumed run already finished it (its result.json exists; checkpoints
+    play no part). Saved by the main process: the model, then result.json, then the checkpoints are settled, so
+    that a crash at any point leaves the phase either finished or resumable."""
     folder = folder or run.phase_dir(phase.name)
     done = folder / "result.json"
     if run.resume and done.is_file():
         run.log(f"{phase.name}: finished earlier, reusing {folder}")
+        run.settle_checkpoints(phase.name)  # left over when a run stopped between result.json and settling
         return PhaseResult(phase, recipe.load(folder), json.loads(done.read_text()))
     if run.read_only:
         raise TrainingError(f"RUN_DIR: {folder} holds no finished {phase.name}; did the run finish?")
@@ -89,6 +95,7 @@ def run_phase(run: RunDir, phase: Phase, recipe: Recipe, folder: Path | None = N
     if run.is_main:
         recipe.save(model, folder)
         write_json(done, summary)
+        run.settle_checkpoints(phase.name)
     run.barrier()
     return PhaseResult(phase, model, summary)
 

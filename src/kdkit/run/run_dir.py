@@ -4,6 +4,8 @@ Every task's run writes here through one RunDir, so that multi-process runs writ
 records the same environment keys. Layout shared by every task:
     config.yaml  env.json  metrics.json  history.json  report.md  plots/  tb/<phase>/
     student/  phases/<phase>/ (result.json + the model)  checkpoints/<phase>/  teachers/
+checkpoints/<phase>/ holds the resumable state of a phase while it trains; once the phase's model and result.json
+are saved it is removed, or reduced to the newest checkpoint (run.keep_checkpoints_after: none | last).
 """
 
 from __future__ import annotations
@@ -18,11 +20,15 @@ from typing import Any
 import yaml
 
 from kdkit.atomic import write_json, write_text
+from kdkit.engine.checkpoint import latest_checkpoint
 from kdkit.engine.runtime import init_processes, is_main_process, resolve_device, wait_for_everyone, world_size
 from kdkit.errors import TrainingError
 
 Log = Callable[[str], None]
-RESUME_MAY_CHANGE = ("run.progress", "run.threads")  # how a run is watched, not what it computes
+RESUME_MAY_CHANGE = ("run.progress", "run.threads", "run.keep_checkpoints_after")  # not what a run computes
+KEEP_CHECKPOINTS = ("none", "last")  # run.keep_checkpoints_after
+# What a fresh run in a used folder removes first when any of it is there (a kdkit run's own names).
+RUN_MARKERS = ("metrics.json", "checkpoints", "phases", "teachers")
 
 
 def _quiet(message: str) -> None:
@@ -33,7 +39,8 @@ def _quiet(message: str) -> None:
 class RunDir:
     """An open run directory. `log` is the caller's log on the main process and silent elsewhere.
     resume: finished phases are reused and unfinished ones continue from their checkpoints. read_only: a finished
-    run opened again (eval, export, serve): phases are only reused, never trained."""
+    run opened again (eval, export, serve): phases are only reused, never trained. keep_checkpoints: what
+    `settle_checkpoints` keeps of a finished phase's checkpoints, "none" or "last"."""
 
     path: Path
     resume: bool
@@ -41,6 +48,7 @@ class RunDir:
     log: Log
     env: dict = field(default_factory=dict)
     read_only: bool = False
+    keep_checkpoints: str = "none"
 
     @classmethod
     def finished(cls, path: Path, device: str, log: Log) -> RunDir:
@@ -56,6 +64,27 @@ class RunDir:
 
     def checkpoints(self, phase: str) -> Path:
         return self.path / "checkpoints" / phase
+
+    def settle_checkpoints(self, phase: str) -> None:
+        """Remove the resumable checkpoints of a phase whose model and result.json are saved, or keep only the
+        newest one ("last"). Main process only; a read-only run changes nothing. Called after result.json is
+        written, so that a crash in between leaves a finished phase (reused on --resume), never a lost one."""
+        folder = self.checkpoints(phase)
+        if self.read_only or not self.is_main or not folder.is_dir():
+            return
+        keep = newest_checkpoint(folder) if self.keep_checkpoints == "last" else None
+        if keep is None:
+            shutil.rmtree(folder, ignore_errors=True)
+            if not any(folder.parent.iterdir()):
+                folder.parent.rmdir()  # checkpoints/ itself goes with its last phase
+            return
+        for item in folder.iterdir():
+            if item in (keep, folder / "latest.json"):
+                continue
+            if item.is_dir():
+                shutil.rmtree(item, ignore_errors=True)
+            else:
+                item.unlink(missing_ok=True)
 
     def write_json(self, name: str | Path, obj: Any) -> None:
         """Written atomically by the main process only (the others skip it)."""
@@ -90,15 +119,35 @@ def open_run_dir(path: Path, config_yaml: str, resume: bool, device: str, thread
             )
     elif resume:
         raise TrainingError(f"--resume: {path} holds no run (no config.yaml); drop --resume to start it")
-    elif is_main_process() and ((path / "metrics.json").exists() or (path / "checkpoints").exists()):
+    elif is_main_process() and any((path / name).exists() for name in RUN_MARKERS):
         shutil.rmtree(path)  # a fresh run in a used folder starts clean; stale phases must not be reused
-    run = RunDir(path, resume, device, log if is_main_process() else _quiet, environment(device, seeds, split_seed))
+    run = RunDir(path, resume, device, log if is_main_process() else _quiet, environment(device, seeds, split_seed),
+                 keep_checkpoints=kept_checkpoints(yaml.safe_load(config_yaml)))
     if run.is_main:
         path.mkdir(parents=True, exist_ok=True)
     run.write_text("config.yaml", config_yaml)
     run.write_json("env.json", run.env)
     run.barrier()
     return run
+
+
+def kept_checkpoints(config: dict | None) -> str:
+    """run.keep_checkpoints_after of a resolved config; "none" for a task whose run section has no such setting
+    (the tabular task writes no checkpoints). Read here from the config the run directory records, so that every
+    task gets it without the pipeline naming a task's config."""
+    value = ((config or {}).get("run") or {}).get("keep_checkpoints_after", "none")
+    if value not in KEEP_CHECKPOINTS:
+        raise TrainingError(f"run.keep_checkpoints_after: {value!r} is not one of {', '.join(KEEP_CHECKPOINTS)}")
+    return value
+
+
+def newest_checkpoint(folder: Path) -> Path | None:
+    """The checkpoint that latest.json names in a phase's checkpoint folder; None when it names none that is
+    complete (nothing worth keeping)."""
+    try:
+        return latest_checkpoint(folder)
+    except TrainingError:
+        return None
 
 
 def config_changes(before: dict, after: dict) -> list[str]:

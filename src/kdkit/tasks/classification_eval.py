@@ -13,6 +13,7 @@ from kdkit.evaluate.predict import predict
 from kdkit.evaluate.schema import assemble
 from kdkit.registry import lookup
 from kdkit.report.table import CLASSIFICATION_COLUMNS
+from kdkit.run.disk import append_disk_section
 from kdkit.run.phases import KINDS
 from kdkit.run.teacher import frozen
 from kdkit.teachers import TeacherEnsemble
@@ -112,3 +113,4 @@ def report(cfg: KDConfig, run, metrics: dict, histories: dict, recipe, extras: d
         run.path, metrics=metrics, histories=histories, formula=recipe.formula, config_yaml=dump_config(cfg),
         env=run.env, **extras,
     )
+    append_disk_section(run.path)

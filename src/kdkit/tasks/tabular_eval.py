@@ -17,6 +17,7 @@ from kdkit.interpret.predict import FittedStudent, load_student_folder
 from kdkit.interpret.report import write_interpret_report
 from kdkit.interpret.students import student_settings
 from kdkit.run import PhaseResult, RunDir
+from kdkit.run.disk import append_disk_section
 from kdkit.run.phases import KINDS
 
 GAIN_KEYS = ("accuracy", "f1_macro", "fidelity_test", "fidelity_neighbourhood")
@@ -167,5 +168,6 @@ def low_fidelity(per_seed: list[dict], threshold: float) -> list[str]:
 def report(cfg, run: RunDir, metrics: dict, extras: dict) -> None:
     write_interpret_report(run.path, cfg=cfg, metrics=metrics, kept=extras["kept"], x_train=extras["x_train"],
                            env=run.env)
+    append_disk_section(run.path)
     run.log(f"fidelity on test {100 * mean_of(metrics['student']['fidelity_test']):.2f}% "
             f"(report: {run.path / 'report.md'})")
