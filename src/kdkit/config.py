@@ -186,6 +186,12 @@ class TrainConfig(Section):
     checkpoint_every_steps: int = Field(
         0, ge=0, description="Write a resumable checkpoint every N steps; 0: per epoch."
     )
+    checkpoint_every_minutes: float = Field(
+        5.0,
+        ge=0,
+        description="Write a checkpoint (at an epoch end, or every checkpoint_every_steps) only when this many "
+        "minutes have passed since the last one; the final state is always written. 0: at each of those points.",
+    )
     keep_checkpoints: int = Field(2, gt=0, description="How many recent checkpoints to keep.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Augmentation of training batches.")
@@ -479,6 +485,11 @@ class LLMConfig(Section):
     top_k: int = Field(
         64, ge=1, le=4096, description="distill.cache_teacher: keep the teacher's k most likely tokens per position."
     )
+    fused_head: bool = Field(
+        True,
+        description="Token losses from the last hidden state and output head, a chunk of positions at a time: the "
+        "(B, T, V) logits never exist whole (docs/llm.md). false: on whole logits.",
+    )
     prompt_tokens: int = Field(
         32, ge=1, description="Prompt length (tokens from the start of a block) for generation-based distillation."
     )
@@ -511,6 +522,11 @@ class RunConfig(Section):
     threads: int | None = Field(None, gt=0, description="torch CPU threads; default: torch's choice.")
     tensorboard: bool = Field(True, description="Write TensorBoard scalars to RUN_DIR/tb.")
     progress: bool = Field(True, description="Show progress bars.")
+    keep_checkpoints_after: Literal["none", "last"] = Field(
+        "none",
+        description="What is kept of a phase's resumable checkpoints (RUN_DIR/checkpoints/<phase>) once its weights "
+        "and result.json are saved: none (removed; --resume needs only the saved phase) or last (the newest one).",
+    )
 
 
 class KDConfig(Section):

@@ -16,7 +16,8 @@ from kdkit.types import Batch
 
 
 class TensorData(Dataset):
-    """In-memory examples; an item is (input, label, position in this data set)."""
+    """In-memory examples; an item is (input, label, position in this data set). A DataLoader reads a whole batch
+    at once (`__getitems__`): one indexing of the tensors, not an item per example stacked again."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor):
         self.x, self.labels = x, y
@@ -27,6 +28,15 @@ class TensorData(Dataset):
     def __getitem__(self, i: int):
         return self.x[i], self.labels[i], i
 
+    def __getitems__(self, indices: list[int]) -> Batch | list:
+        """The examples at `indices` as one Batch, equal to `collate([self[i] for i in indices])` (torch's
+        DataLoader calls this with a batch sampler's indices and passes the result to its collate function). A
+        subclass that changes `__getitem__` (noise per example, say) gets its items one by one, as it asks for."""
+        if type(self).__getitem__ is not TensorData.__getitem__:
+            return [self[i] for i in indices]
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return Batch(self.x[index], self.labels[index].to(torch.long), index)
+
     def fingerprint(self) -> str:
         h = hashlib.sha256(str(tuple(self.x.shape)).encode())
         h.update(self.x.contiguous().numpy().tobytes())
@@ -34,7 +44,10 @@ class TensorData(Dataset):
         return h.hexdigest()
 
 
-def collate(items: list) -> Batch:
+def collate(items: list | Batch) -> Batch:
+    """Items (input, label, position) stacked into a Batch; a Batch (a whole batch read at once) as it is."""
+    if isinstance(items, Batch):
+        return items
     xs, ys, idx = zip(*items)
     return Batch(torch.stack(list(xs)), torch.as_tensor(ys, dtype=torch.long), torch.as_tensor(idx, dtype=torch.long))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -66,10 +67,14 @@ class StopOnSignal:
 
 
 class _Progress:
-    """A rich progress bar; silent when disabled."""
+    """A rich progress bar; silent when disabled. Steps are counted here and handed to rich at most every
+    `EVERY_S` seconds (and before anything else is shown): the bar redraws at 10 Hz anyway, and a call into rich on
+    every step of a small model costs more than the count is worth."""
+
+    EVERY_S = 0.2
 
     def __init__(self, total: int, desc: str, enabled: bool):
-        self.enabled = enabled
+        self.enabled, self.pending, self.flushed = enabled, 0, 0.0
         if not enabled:
             return
         from rich.progress import (
@@ -96,17 +101,28 @@ class _Progress:
 
     def advance(self, n: int) -> None:
         if self.enabled and n:
-            self.progress.advance(self.task, n)
+            self.pending += n
+            if time.monotonic() - self.flushed >= self.EVERY_S:
+                self._flush()
+
+    def _flush(self) -> None:
+        if self.pending:
+            self.progress.advance(self.task, self.pending)
+            self.pending = 0
+        self.flushed = time.monotonic()
 
     def show(self, record: dict) -> None:
         if self.enabled:
+            self._flush()
             info = " ".join(f"{k.split('/', 1)[1]}={v:.4f}" for k, v in record.items() if k.startswith("train/"))
             self.progress.update(self.task, info=info)
 
     def note(self, text: str) -> None:
         if self.enabled:
+            self._flush()
             self.progress.console.print(f"  {text}", highlight=False)
 
     def close(self) -> None:
         if self.enabled:
+            self._flush()
             self.progress.stop()

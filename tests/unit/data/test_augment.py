@@ -151,7 +151,7 @@ def _crash_at_step(n: int):
 def test_resume_with_augmentation_equals_uninterrupted(tmp_path):
     data, teacher = _images(n=40), _teacher()
     aug = Augment(crop_padding=1, noise_std=0.05, mixup_alpha=0.4)
-    opts = TrainOptions(epochs=3, batch_size=8, keep_best="none", checkpoint_every_steps=3)
+    opts = TrainOptions(epochs=3, batch_size=8, keep_best="none", checkpoint_every_steps=3, checkpoint_every_minutes=0)
     loss = build_loss([("ce", 0.5, {}), ("soft_kl", 0.5, {})])
 
     def student():

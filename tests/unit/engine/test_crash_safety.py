@@ -34,7 +34,10 @@ SETUP = textwrap.dedent(
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     data = TensorData(torch.randn(96, 6, generator=g), torch.randint(0, 3, (96,), generator=g))
-    opts = TrainOptions(epochs=4, batch_size=8, keep_best="none", checkpoint_every_steps=1, keep_checkpoints=2)
+    opts = TrainOptions(
+        epochs=4, batch_size=8, keep_best="none", checkpoint_every_steps=1, checkpoint_every_minutes=0,
+        keep_checkpoints=2,
+    )
 
     def model():
         torch.manual_seed(1)
@@ -278,7 +281,13 @@ def test_resume_with_loading_workers_equals_uninterrupted(tmp_path):
     data = NoisyData(torch.randn(96, 6, generator=g), torch.randint(0, 3, (96,), generator=g))
     # 12 steps an epoch, a history record every 3 steps; checkpoints at steps 7 and 14 fall inside a record's window
     opts = TrainOptions(
-        epochs=3, batch_size=8, keep_best="loss", checkpoint_every_steps=7, num_workers=2, schedule="cosine"
+        epochs=3,
+        batch_size=8,
+        keep_best="loss",
+        checkpoint_every_steps=7,
+        checkpoint_every_minutes=0,
+        num_workers=2,
+        schedule="cosine",
     )
     loss = build_loss([("ce", 1.0, {})])
 
@@ -314,7 +323,7 @@ def test_resume_with_loading_workers_equals_uninterrupted(tmp_path):
 def test_resume_on_cuda_restores_the_cuda_generator(tmp_path):
     g = torch.Generator().manual_seed(0)
     data = TensorData(torch.randn(64, 6, generator=g), torch.randint(0, 3, (64,), generator=g))
-    opts = TrainOptions(epochs=2, batch_size=8, keep_best="none", checkpoint_every_steps=3)
+    opts = TrainOptions(epochs=2, batch_size=8, keep_best="none", checkpoint_every_steps=3, checkpoint_every_minutes=0)
     loss = build_loss([("ce", 1.0, {})])
 
     def model():

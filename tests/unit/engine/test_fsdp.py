@@ -158,8 +158,9 @@ def worker(out: Path) -> None:
     model, result = run(PER_PROCESS_BATCH, out / "ckpt")
     student_type = type(model).__name__
     save_file(model.state_dict(), str(out / f"final_rank{rank}.safetensors"))
+    every_step = {"checkpoint_every_steps": 1, "checkpoint_every_minutes": 0}
     try:  # a crash after 3 steps (on every process alike), then a resume from the step-3 checkpoint
-        run(PER_PROCESS_BATCH, out / "crash", transform=_crash_at_step(3), opts={"checkpoint_every_steps": 1})
+        run(PER_PROCESS_BATCH, out / "crash", transform=_crash_at_step(3), opts=every_step)
     except RuntimeError as exc:
         assert "simulated crash" in str(exc)
     else:
@@ -167,7 +168,7 @@ def worker(out: Path) -> None:
     # As a relaunch after a crash would: every process starts the resumed run once the main one has finished
     # writing the step-3 checkpoint (else another process may read the step-2 one and the collectives mismatch).
     wait_for_everyone()
-    resumed, _ = run(PER_PROCESS_BATCH, out / "crash", resume=True, opts={"checkpoint_every_steps": 1})
+    resumed, _ = run(PER_PROCESS_BATCH, out / "crash", resume=True, opts=every_step)
     save_file(resumed.state_dict(), str(out / f"resumed_rank{rank}.safetensors"))
     if rank == 0:
         info = {"world": world, "sharded": saw["sharded"], "student_type": student_type, "steps": result.steps}

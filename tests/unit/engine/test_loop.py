@@ -95,7 +95,10 @@ def test_micro_batch_times_accumulation_is_invariant():
 def test_resume_after_interruption_equals_uninterrupted(tmp_path):
     data = _data(n=72)
     loss = build_loss([("ce", 1.0, {})])
-    opts = TrainOptions(**{**OPTS, "epochs": 3, "checkpoint_every_steps": 3, "schedule": "cosine", "keep_best": "loss"})
+    opts = TrainOptions(
+        **{**OPTS, "epochs": 3, "checkpoint_every_steps": 3, "checkpoint_every_minutes": 0, "schedule": "cosine",
+           "keep_best": "loss"}
+    )  # fmt: skip
 
     def on_eval(model):  # deterministic validation on the training data
         with torch.no_grad():
@@ -158,7 +161,7 @@ class _NaNAfter(Loss):
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     data = _data()
     model = _mlp()
-    opts = TrainOptions(**{**OPTS, "checkpoint_every_steps": 2})
+    opts = TrainOptions(**{**OPTS, "checkpoint_every_steps": 2, "checkpoint_every_minutes": 0})
     with pytest.raises(TrainingError, match=r"step 6 .*last good checkpoint: .*step_00000004"):
         train(model, WeightedLoss([(1.0, _NaNAfter(5))]), data, opts, device="cpu", ckpt_dir=tmp_path, progress=False)
     assert (tmp_path / "step_00000004" / "student.safetensors").is_file()
