@@ -62,19 +62,34 @@ class ModelOutputs:
     logits: (B, C) unnormalised scores, or (B, T, V) for a language model. For an ensemble that averages
     probabilities these are log-probabilities, which softmax maps back to the averaged probabilities.
     features: tapped activations by module path. sparse: a language-model teacher read from the top-k cache
-    (kdkit.data.lm_cache) instead of dense logits; logits is then None.
+    (kdkit.data.lm_cache) instead of dense logits; logits is then None. hidden, head: a language model's last hidden
+    state (B, T, H) and its output layer (an nn.Linear) instead of its logits, for the fused token losses
+    (kdkit.losses.fused_head); logits is then None and with_logits() makes them.
     """
 
     logits: torch.Tensor | None
     features: dict[str, torch.Tensor] = field(default_factory=dict)
     sparse: SparseLogprobs | None = None
+    hidden: torch.Tensor | None = None
+    head: torch.nn.Module | None = None
 
     def detach(self) -> ModelOutputs:
         return replace(
             self,
             logits=None if self.logits is None else self.logits.detach(),
             features={k: v.detach() for k, v in self.features.items()},
+            hidden=None if self.hidden is None else self.hidden.detach(),
         )
+
+    def with_logits(self) -> ModelOutputs:
+        """These outputs with their logits: a language model that gave its last hidden state and head instead
+        (kdkit.models.lm_head, for the fused token losses) gets head(hidden), for a loss that reads whole logits."""
+        if self.logits is not None or self.hidden is None:
+            return self
+        w, b = self.head.weight, getattr(self.head, "bias", None)
+        h = self.hidden
+        logits = h @ w.to(h.dtype).t() if b is None else torch.addmm(b.to(h.dtype), h.flatten(0, -2), w.to(h.dtype).t())
+        return replace(self, logits=logits.reshape(*h.shape[:-1], w.shape[0]), hidden=None, head=None)
 
 
 @dataclass

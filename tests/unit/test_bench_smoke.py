@@ -1,5 +1,5 @@
-"""bench/overhead.py and bench/llm.py run end to end at --quick size and report every figure their docs sections
-need.
+"""bench/overhead.py, bench/llm.py and bench/lm_cache.py run end to end at --quick size and report every figure
+their docs sections need.
 
 A smoke test only: tiny models, a couple of steps, no assertion about any timing (this machine is shared and noisy).
 """
@@ -100,7 +100,7 @@ def test_llm_quick_run_compares_kdkit_with_trl_and_writes_the_docs_section(llm_b
     assert {"trl", "transformers", "loadavg_before", "loadavg_after"} <= printed["machine"].keys()
 
     configs = printed["configs"]
-    assert set(configs) == {"trl", "kdkit_chunk_None", "kdkit_chunk_8"}
+    assert set(configs) == {"trl", "kdkit_default", "kdkit_chunk_None", "kdkit_chunk_8"}
     for name, cfg in configs.items():
         assert cfg["step_s"] > 0 and cfg["tokens_per_s"] > 0
         assert len(cfg["step_s_per_run"]) == printed["settings"]["rounds"]
@@ -118,3 +118,77 @@ def test_llm_quick_run_compares_kdkit_with_trl_and_writes_the_docs_section(llm_b
 
     text = docs.read_text()
     assert "python bench/llm.py --quick" in text and "TRL GKDTrainer (lmbda=0, beta=0)" in text
+    assert "kdkit, default (fused head)" in text
+
+
+@pytest.fixture(scope="module")
+def small_model_bench():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import small_model
+
+        yield small_model
+    finally:
+        sys.path.remove(str(BENCH))
+        for name in ("small_model", "common"):
+            sys.modules.pop(name, None)
+
+
+def test_small_model_quick_run_compares_kdkit_with_a_plain_loop_and_writes_the_docs_section(
+    small_model_bench, tmp_path, capsys
+):
+    docs = tmp_path / "benchmarks.md"
+    result = small_model_bench.main(["--quick", "--write", "--docs", str(docs)])
+
+    printed = json.loads(capsys.readouterr().out)  # stdout holds exactly one JSON object (the progress bar not)
+    assert printed == json.loads(json.dumps(result))
+    assert printed["quick"] is True
+    assert {"machine", "settings", "configs", "goals", "under_load", "command", "student_params"} <= printed.keys()
+    configs = printed["configs"]
+    assert set(configs) == set(small_model_bench.CONFIGS)
+    rounds = printed["settings"]["rounds"]
+    for name, cfg in configs.items():
+        assert len(cfg["seconds"]) == 2 * rounds and all(s > 0 for s in cfg["seconds"])
+        assert all(0.0 <= a <= 1.0 for a in cfg["val_accuracy"])
+        if name != "plain":
+            assert cfg["ratio_vs_plain"] > 0 and cfg["ratio_of_medians"] > 0
+    assert isinstance(printed["goals"]["default_checkpointing_vs_plain"]["met"], bool)
+
+    text = docs.read_text()
+    assert "python bench/small_model.py --quick" in text and "| kdkit_ckpt_off |" in text
+
+
+@pytest.fixture(scope="module")
+def lm_cache_bench():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import lm_cache
+
+        yield lm_cache
+    finally:
+        sys.path.remove(str(BENCH))
+        for name in ("lm_cache", "common"):
+            sys.modules.pop(name, None)
+
+
+def test_lm_cache_quick_run_compares_the_build_with_the_bare_forward(lm_cache_bench, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    docs = tmp_path / "benchmarks.md"
+    result = lm_cache_bench.main(["--quick", "--write", "--docs", str(docs)])
+
+    printed = json.loads(capsys.readouterr().out)  # stdout holds exactly one JSON object
+    assert printed == json.loads(json.dumps(result))
+    assert printed["quick"] is True and printed["bench"] == "lm_cache"
+    assert {"machine", "settings", "bare_forward", "build", "ratio", "goal", "rounds", "under_load"} <= printed.keys()
+    assert {"loadavg_before", "loadavg_after", "transformers"} <= printed["machine"].keys()
+    assert "random init" in printed["settings"]["teacher"]
+    assert printed["bare_forward"]["tokens_per_s"] > 0 and printed["build"]["tokens_per_s"] > 0
+    build = printed["build"]
+    assert set(build["stages_s"]) == {"teacher", "topk", "convert", "write", "write_background"}
+    assert set(build["stages_share_of_build"]) == {"teacher", "topk", "convert", "write"}
+    assert 0 < sum(build["stages_share_of_build"].values()) <= 1.0
+    assert len(printed["ratio"]["per_round"]) == printed["settings"]["rounds"] == len(printed["rounds"])
+    assert isinstance(printed["goal"]["met"], bool) and printed["goal"]["goal"] == 0.8
+
+    text = docs.read_text()
+    assert "python bench/lm_cache.py --quick" in text and "| build stage |" in text

@@ -27,7 +27,7 @@ TINY = {
     },
     "student": {"model": {"name": "mlp", "kwargs": {"hidden": [8]}}},
     "distill": {"cache_teacher": True},
-    "train": {"epochs": 2, "batch_size": 32},
+    "train": {"epochs": 2, "batch_size": 32, "checkpoint_every_minutes": 0},  # a checkpoint each epoch
     "eval": {"latency_repeats": 1, "latency_warmup": 0, "robustness": False},
 }
 PHASES = ("teacher-0", "baseline-s0", "student-s0")

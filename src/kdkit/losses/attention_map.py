@@ -40,6 +40,7 @@ class AttentionMap(Loss):
     """
 
     name = "attention_map"
+    reads_logits = False
 
     def __init__(
         self,

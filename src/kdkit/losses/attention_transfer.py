@@ -19,6 +19,7 @@ class AttentionTransfer(Loss):
     """
 
     name = "attention_transfer"
+    reads_logits = False
 
     def __init__(self, pairs: list[list[str]], p: float = 2.0, beta: float = 1000.0):
         super().__init__()

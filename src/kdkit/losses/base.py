@@ -66,6 +66,7 @@ class Loss(nn.Module):
 
     needs_teacher: bool = True
     needs_labels: bool = False
+    reads_logits: bool = True  # False for a loss that reads tapped features only (it can run beside a fused head)
     name = "loss"
 
     def describe(self) -> str:

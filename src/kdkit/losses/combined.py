@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kdkit.losses import token_functional as Ft
 from kdkit.losses.base import Loss
+from kdkit.losses.fused_head import fused_token_loss, head_logits
 from kdkit.types import Batch, ModelOutputs, StepOutput
 
 
@@ -31,6 +33,7 @@ class WeightedLoss(nn.Module):
         self.weights = [float(w) for w, _ in terms]
         self.parts = nn.ModuleList([loss for _, loss in terms])
         self.part_names = log_names([loss.name for _, loss in terms])
+        self.fuse_head = True
 
     @property
     def needs_teacher(self) -> bool:
@@ -70,7 +73,23 @@ class WeightedLoss(nn.Module):
             terms.append(f"{w:g}*{p.describe()}" + (f" [{label}]" if label != p.name else ""))
         return "total = " + " + ".join(terms)
 
+    @property
+    def fuses_head(self) -> bool:
+        """Every part that reads the student's logits can take its last hidden state and head instead
+        (kdkit.losses.fused_head): the engine then asks a causal LM for those, and the logits never exist whole.
+        `fuse_head = False` on this object turns it off."""
+        token = [p for p in self.parts if hasattr(p, "token_term")]
+        others_read_features = all(hasattr(p, "token_term") or not p.reads_logits for p in self.parts)
+        return self.fuse_head and bool(token) and others_read_features
+
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, batch: Batch) -> StepOutput:
+        if student.hidden is not None and student.logits is None:
+            fused = self._fused(student, teacher, batch)
+            if fused is not None:
+                return fused
+            student = student.with_logits()
+        if teacher is not None:
+            teacher = teacher.with_logits()
         total = torch.zeros((), device=student.logits.device)
         parts = {}
         for w, p, label in zip(self.weights, self.parts, self.part_names):
@@ -80,3 +99,52 @@ class WeightedLoss(nn.Module):
             parts[label] = value.detach()
             total = total + w * value
         return StepOutput(loss=total, parts=parts)
+
+    def _fused(self, student: ModelOutputs, teacher: ModelOutputs | None, batch: Batch) -> StepOutput | None:
+        """The token parts in one fused pass over the student's hidden state and head (kdkit.losses.fused_head),
+        the other parts (which read features only) as usual; None when the parts cannot share that pass (mixed
+        shift settings, a padded vocabulary, a teacher of another width), so that forward() falls back to logits."""
+        live = [
+            (w, p, label)
+            for w, p, label in zip(self.weights, self.parts, self.part_names)
+            if not (teacher is None and p.needs_teacher and w == 0)
+        ]
+        token = [(w, p, label) for w, p, label in live if hasattr(p, "token_term")]
+        shifts = {p.shift for _, p, _ in token}
+        if not token or len(shifts) != 1 or any(p.reads_logits and not hasattr(p, "token_term") for _, p, _ in live):
+            return None
+        vocab = student.head.weight.shape[0]
+        if teacher is not None and _width(teacher) not in (None, vocab):
+            return None  # another vocabulary: the logits path names the mismatch
+        b, t = student.hidden.shape[:2]
+        rows, cols = Ft.real_positions(batch.labels, b, t, shifts.pop(), device=student.hidden.device)
+        terms = [p.token_term(teacher, batch, rows.numel(), w, vocab) for w, p, _ in token]
+        if any(term is None for term in terms):
+            return None
+        chunk = min((p.chunk_size for _, p, _ in token if getattr(p, "chunk_size", None)), default=None)
+        teacher_chunk = _teacher_chunk(teacher) if any(term.reads_teacher for term in terms) else None
+        total, values = fused_token_loss(student.hidden, student.head, rows, cols, terms, teacher_chunk, chunk)
+        parts = {label: v for (_, _, label), v in zip(token, values)}
+        for w, p, label in live:
+            if not hasattr(p, "token_term"):
+                value = p(student, teacher, batch)
+                parts[label] = value.detach()
+                total = total + w * value
+        return StepOutput(loss=total, parts={label: parts[label] for _, _, label in live})
+
+
+def _width(outputs: ModelOutputs) -> int | None:
+    """The number of logits a dense model output has (None for a sparse one)."""
+    if outputs.head is not None:
+        return outputs.head.weight.shape[0]
+    return None if outputs.logits is None else outputs.logits.shape[-1]
+
+
+def _teacher_chunk(teacher: ModelOutputs):
+    """(r, c) → the dense teacher's logits at those positions: from its hidden state and head (no (B, T, V)
+    tensor), or read from its logits."""
+    if teacher.hidden is not None and teacher.logits is None:
+        h, w, b = teacher.hidden, teacher.head.weight, getattr(teacher.head, "bias", None)
+        return lambda r, c: head_logits(h[r, c], w, b)
+    logits = teacher.logits.detach()
+    return lambda r, c: logits[r, c]

@@ -26,6 +26,7 @@ class HiddenState(Loss):
     """
 
     name = "hidden_state"
+    reads_logits = False
 
     def __init__(
         self,

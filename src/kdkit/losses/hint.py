@@ -20,6 +20,7 @@ class Hint(Loss):
     """
 
     name = "hint"
+    reads_logits = False
 
     def __init__(self, student_layer: str, teacher_layer: str):
         super().__init__()

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from kdkit.losses import token_functional as Ft
 from kdkit.losses.base import Loss, ParamError
+from kdkit.losses.fused_head import TokenTerm
 from kdkit.types import Batch, ModelOutputs
 
 
@@ -58,6 +59,28 @@ class TokenCE(Loss):
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, batch: Batch):
         count = Ft.step_count(batch, self.shift)
         return token_cross_entropy(student.logits, batch.labels, count, shift=self.shift)
+
+    def token_term(
+        self, teacher: ModelOutputs | None, batch: Batch, n_real: int, weight: float, vocab: int
+    ) -> TokenTerm:
+        """This loss for the fused head (kdkit.losses.fused_head): −log q[next label] per position, with the
+        softmax-cross-entropy gradient q − onehot in closed form; the same count as forward()."""
+        count = Ft.step_count(batch, self.shift)
+        targets = batch.labels
+        step = 1 if self.shift else 0
+
+        def values(z, t, r, c):
+            y = targets[r, c + step]
+            return torch.logsumexp(z, dim=-1) - z.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+
+        def values_and_grad(z, t, r, c):
+            y = targets[r, c + step].unsqueeze(-1)
+            log_q = torch.log_softmax(z, dim=-1)
+            per = -log_q.gather(-1, y).squeeze(-1)
+            return per, log_q.exp_().scatter_add_(-1, y, torch.full_like(y, -1, dtype=z.dtype))
+
+        denom = float(max(n_real, 1)) if count is None else count.to(torch.float32)
+        return TokenTerm(values, denom, weight, reads_teacher=False, values_and_grad=values_and_grad)
 
     def describe(self) -> str:
         return "token_ce" if self.shift else "token_ce(shift=false)"

@@ -218,7 +218,7 @@ def _check_common(direction: str, beta: float, temperature: float, chunk_size: i
         raise ValueError(f"chunk_size={chunk_size}; expected a positive number of positions or None")
 
 
-def _denominator(n_real: int, num_real_tokens: int | torch.Tensor | None, device: torch.device):
+def denominator(n_real: int, num_real_tokens: int | torch.Tensor | None, device: torch.device):
     """N of the module docstring: the local count of real positions, or the global count given."""
     if num_real_tokens is None:
         return float(max(n_real, 1))
@@ -255,7 +255,7 @@ def token_divergence(
     _check_common(direction, beta, temperature, chunk_size)
     b, t, _ = student_logits.shape
     rows, cols = real_positions(labels, b, t, shift, ignore_index, student_logits.device)
-    denom = _denominator(rows.numel(), num_real_tokens, student_logits.device)
+    denom = denominator(rows.numel(), num_real_tokens, student_logits.device)
     teacher = teacher_logits.detach()
     if chunk_size is None:
         # Advanced indexing gathers the real rows (a copy; an inference tensor becomes an ordinary one).
@@ -396,7 +396,7 @@ def sparse_token_divergence(
     b, t, _ = student_logits.shape
     device = student_logits.device
     rows, cols = real_positions(labels, b, t, shift, ignore_index, device)
-    denom = _denominator(rows.numel(), num_real_tokens, device)
+    denom = denominator(rows.numel(), num_real_tokens, device)
     ids, lp, rest = (x.detach().to(device) for x in (sparse.ids, sparse.logprobs, sparse.rest))
     if chunk_size is None:
         per = sparse_per_position_divergence(

@@ -7,6 +7,7 @@ import torch
 from kdkit.errors import CompatibilityError
 from kdkit.losses import token_functional as Ft
 from kdkit.losses.base import Loss, ParamError, choice, number, positive
+from kdkit.losses.fused_head import TokenTerm
 from kdkit.models.vocab import align_vocab
 from kdkit.types import Batch, ModelOutputs, SparseLogprobs
 
@@ -90,16 +91,7 @@ class TokenKL(Loss):
     def _sparse(self, student: ModelOutputs, sparse: SparseLogprobs, batch: Batch, num_real_tokens):
         """The top-k teacher of the offline cache: Ft.sparse_token_divergence over the student's shared ids."""
         s = student.logits if self.vocab_size is None else student.logits[..., : self.vocab_size]
-        width = s.shape[-1]
-        # An id ≥ width cannot be read. Checked on the first batch only: .max() waits for the device, and a cache
-        # holds one teacher's vocabulary throughout.
-        top = int(sparse.ids.max()) if sparse.ids.numel() and width not in self._checked_widths else -1
-        self._checked_widths.add(width)
-        if top >= width:
-            raise CompatibilityError(
-                f"{self.name}: the cached teacher has token id {top}, beyond the student's {width} logits; the cache "
-                f"needs a teacher with the student's vocabulary ({width} ids)"
-            )
+        self._check_ids(sparse, s.shape[-1])
         return Ft.sparse_token_divergence(
             s,
             sparse,
@@ -111,6 +103,52 @@ class TokenKL(Loss):
             num_real_tokens=self.num_real_tokens if num_real_tokens is None else num_real_tokens,
             chunk_size=self.chunk_size,
         )
+
+    def _check_ids(self, sparse: SparseLogprobs, width: int) -> None:
+        # An id ≥ width cannot be read. Checked on the first batch only: .max() waits for the device, and a cache
+        # holds one teacher's vocabulary throughout.
+        top = int(sparse.ids.max()) if sparse.ids.numel() and width not in self._checked_widths else -1
+        self._checked_widths.add(width)
+        if top >= width:
+            raise CompatibilityError(
+                f"{self.name}: the cached teacher has token id {top}, beyond the student's {width} logits; the cache "
+                f"needs a teacher with the student's vocabulary ({width} ids)"
+            )
+
+    def token_term(
+        self, teacher: ModelOutputs, batch: Batch, n_real: int, weight: float, vocab: int
+    ) -> TokenTerm | None:
+        """This loss for the fused head (kdkit.losses.fused_head), or None where it cannot run there (a padded
+        vocabulary). Dense teacher: per_position_divergence on the teacher's chunk, forward KL in closed form;
+        the cached top-k teacher: sparse_per_position_divergence on its entries at the chunk's positions."""
+        if self.vocab_size is not None:
+            return None
+        count = Ft.step_count(batch, self.shift)
+        count = self.num_real_tokens if count is None else count
+        denom = Ft.denominator(n_real, count, batch.labels.device)
+        direction, beta, temp = self.direction, self.beta, self.temperature
+        if teacher.sparse is not None:
+            sp = teacher.sparse
+            if tuple(sp.ids.shape[:2]) != tuple(batch.labels.shape):
+                raise ValueError(
+                    f"sparse teacher ids {tuple(sp.ids.shape)} do not fit labels {tuple(batch.labels.shape)}"
+                )
+            self._check_ids(sp, vocab)
+            ids, lp, rest = (x.detach().to(batch.labels.device) for x in (sp.ids, sp.logprobs, sp.rest))
+
+            def sparse_values(z, t, r, c):
+                return Ft.sparse_per_position_divergence(z, ids[r, c], lp[r, c], rest[r, c], direction, beta, temp)
+
+            return TokenTerm(sparse_values, denom, weight, reads_teacher=False)
+
+        def values(z, t, r, c):
+            return Ft.per_position_divergence(z, t, direction, beta, temp)
+
+        def values_and_grad(z, t, r, c):
+            return Ft.forward_kl_with_grad(z, t, temp)
+
+        closed = values_and_grad if direction == "forward" or (direction == "jsd" and beta == 0.0) else None
+        return TokenTerm(values, denom, weight, reads_teacher=True, values_and_grad=closed)
 
     def describe(self) -> str:
         what = f"jsd, beta={self.beta:g}" if self.direction == "jsd" else self.direction

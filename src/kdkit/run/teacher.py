@@ -19,10 +19,15 @@ def frozen(model: nn.Module, distill, example: torch.Tensor, device: str, log=No
 
 
 class LiveTeacher:
-    """The teacher source the engine calls when nothing is cached: the frozen teacher on the batch's inputs."""
+    """The teacher source the engine calls when nothing is cached: the frozen teacher on the batch's inputs.
+    hidden: the loss takes hidden states (WeightedLoss.fuses_head), so a causal-LM teacher gives its last hidden
+    state and head rather than its (B, T, V) logits (Teacher.hidden_forward)."""
 
-    def __init__(self, teacher):
+    def __init__(self, teacher, hidden: bool = False):
         self.teacher = teacher
+        self.hidden = hidden and hasattr(teacher, "hidden_forward")
 
     def __call__(self, batch: Batch) -> ModelOutputs:
+        if self.hidden:
+            return self.teacher.hidden_forward(batch.inputs)
         return self.teacher(batch.inputs)

@@ -172,7 +172,8 @@ def lm_recipe(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, run: RunD
     """Per seed: a baseline on the text alone (token_ce) and the distilled student, same initialisation and order."""
     kd_data = with_sequence_kd(cfg, data, teacher, run)
     losses = cfg.distill.losses
-    loss, schedules, base_loss = build_loss(loss_terms(losses)), loss_schedules(losses), baseline_loss("token_ce", ())
+    loss, schedules, base_loss = lm_loss(cfg), loss_schedules(losses), baseline_loss("token_ce", ())
+    base_loss.fuse_head = cfg.llm.fused_head
     run.log(f"loss: {loss.formula()}   (baseline: {base_loss.formula()})")
     teacher_outputs, info = lm_teacher_source(cfg, kd_data, teacher, loss, run)
     on_policy = make_on_policy(cfg, data.tokenizer, teacher)
@@ -182,7 +183,7 @@ def lm_recipe(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, run: RunD
         model = build_lm_student(cfg, teacher, phase.seed)
         if phase.kind == "baseline":
             return train_lm(cfg, data, data.train, run, phase, model, base_loss, on_epoch=on_epoch)
-        return train_lm(cfg, data, kd_data, run, phase, model, build_loss(loss_terms(losses)), teacher,
+        return train_lm(cfg, data, kd_data, run, phase, model, lm_loss(cfg), teacher,
                         teacher_outputs, schedules, on_policy, on_epoch)
 
     def load(folder: Path) -> nn.Module:
@@ -193,6 +194,13 @@ def lm_recipe(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, run: RunD
     return Recipe(["baseline"] * cfg.student.baseline + ["student"], fit,
                   lambda model, folder: save_lm_folder(model, data.tokenizer, folder), load, loss.formula(),
                   selection, info)
+
+
+def lm_loss(cfg: KDConfig):
+    """The distillation loss of distill.losses, with the fused head on or off (llm.fused_head)."""
+    loss = build_loss(loss_terms(cfg.distill.losses))
+    loss.fuse_head = cfg.llm.fused_head
+    return loss
 
 
 def train_lm(cfg: KDConfig, data: LMBundle, train_data: LMData, run: RunDir, phase: Phase, model: nn.Module, loss,
@@ -347,7 +355,7 @@ def lm_teacher_source(cfg: KDConfig, data: LMData, teacher: TeacherEnsemble, los
     if not loss.needs_teacher:
         return None, {}
     if not cfg.distill.cache_teacher:
-        return LiveTeacher(teacher), {}
+        return LiveTeacher(teacher, hidden=loss.fuses_head), {}
     from kdkit.data.lm_cache import TopKCache
 
     temperature = kd_temperature(cfg)
@@ -356,9 +364,13 @@ def lm_teacher_source(cfg: KDConfig, data: LMData, teacher: TeacherEnsemble, los
     # One folder per (teacher, data, k, T): another teacher or data set never meets this cache, it gets its own.
     name = f"lm-topk-{teacher_fp[:12]}-{data_fp[:12]}-k{k}-T{temperature:g}"
     path = Path(cfg.distill.cache_dir or Path(cfg.run.out_dir) / "cache") / name
+    # A one-member ensemble's logits are its member's shifted per position (log_softmax under combine="probs"), which
+    # top-k log-probs at any temperature do not see: calling the member skips a (B, T, V) pass as costly as the model.
+    alone = len(teacher.members) == 1 and teacher.inputs_for[0] is None
+    logits_fn = teacher.members[0].logits if alone else teacher.logits
     with main_process_first():
         cache = TopKCache.build_or_load(
-            path, data, teacher.logits, k, temperature, teacher_fp, data_fp, lengths=data.lengths.tolist(),
+            path, data, logits_fn, k, temperature, teacher_fp, data_fp, lengths=data.lengths.tolist(),
             batch_size=cfg.eval.batch_size, device=run.device, log=run.log,
         )
     info = {

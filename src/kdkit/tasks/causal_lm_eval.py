@@ -16,6 +16,7 @@ from kdkit.evaluate.cost import measure_cost
 from kdkit.evaluate.lm import lm_metrics
 from kdkit.evaluate.schema import assemble
 from kdkit.report.table import LM_COLUMNS
+from kdkit.run.disk import append_disk_section
 from kdkit.run.phases import KINDS
 from kdkit.run.teacher import frozen
 from kdkit.teachers import TeacherEnsemble
@@ -128,9 +129,11 @@ def greedy_samples(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, resu
 
 
 def report(cfg: KDConfig, run, metrics: dict, histories: dict, recipe, extras: dict) -> None:
-    """report.md; the HF student folder carries it as its model card (plots stay in the run directory)."""
+    """report.md; the HF student folder carries it as its model card (plots stay in the run directory); the run
+    directory's sizes are added to report.md only, after the card is written."""
     from kdkit.report.lm import write_lm_report  # matplotlib: when a report is written
 
     path = write_lm_report(run.path, metrics=metrics, histories=histories, formula=recipe.formula,
                            config_yaml=dump_config(cfg), env=run.env, samples=extras["samples"])
     run.write_text("student/README.md", path.read_text().replace("](plots/", "](../plots/"))
+    append_disk_section(run.path)

@@ -75,6 +75,14 @@ class TeacherEnsemble(nn.Module):
             logits = torch.logsumexp(stacked, dim=0)
         return ModelOutputs(logits=logits, features=self._features(results))
 
+    def hidden_forward(self, inputs: torch.Tensor) -> ModelOutputs:
+        """A single member fed the ensemble's inputs gives its hidden state and head (Teacher.hidden_forward: the
+        same distribution as forward(), whose log-probabilities differ from its logits by a constant per row);
+        several members are averaged over whole logits by forward()."""
+        if len(self.members) == 1 and self.inputs_for[0] is None and hasattr(self.members[0], "hidden_forward"):
+            return self.members[0].hidden_forward(inputs)
+        return self.forward(inputs)
+
     def member_inputs(self, i: int, inputs: torch.Tensor) -> torch.Tensor:
         """What member i is fed for the ensemble's `inputs`."""
         convert = self.inputs_for[i]

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from kdkit.errors import CompatibilityError
+from kdkit.models.lm_head import fusable_head, hidden_outputs
 from kdkit.types import ModelOutputs
 
 Log = Callable[[str], None]
@@ -107,6 +108,22 @@ class Teacher(nn.Module):
             features = self.taps.collect() if self.taps is not None else {}
         # Features leave inference mode as ordinary tensors (a clone), so that losses may save them for backward.
         return ModelOutputs(logits=logits, features={k: v.float().clone() for k, v in features.items()})
+
+    def hidden_forward(self, inputs: torch.Tensor) -> ModelOutputs:
+        """For the fused token losses: a causal LM's last hidden state and output head instead of its (B, T, V)
+        logits (kdkit.models.lm_head), so that the losses make the teacher's logits a chunk at a time; any other
+        model (or one whose head does not reproduce its logits) gives forward()'s outputs."""
+        head = fusable_head(self.model)
+        if head is None:
+            return self.forward(inputs)
+        with torch.inference_mode():
+            with self._autocast(inputs.device.type):
+                out = hidden_outputs(self.model, inputs, head)
+            features = self.taps.collect() if self.taps is not None else {}
+        if out is None:
+            return self.forward(inputs)
+        return ModelOutputs(logits=None, hidden=out.hidden.clone(), head=head,
+                            features={k: v.float().clone() for k, v in features.items()})
 
     def logits(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.forward(inputs).logits
