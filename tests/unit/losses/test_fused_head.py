@@ -249,7 +249,7 @@ def test_fused_under_no_grad_gives_the_value():
 
 
 def test_default_chunk_is_a_few_megabytes_of_logits_on_cpu():
-    assert default_chunk(49_152, torch.device("cpu")) == (1 << 22) // 49_152
+    assert default_chunk(49_152, torch.device("cpu")) == (1 << 23) // 49_152
     assert default_chunk(10**9, torch.device("cpu")) == 16
 
 
@@ -273,3 +273,24 @@ def test_training_with_the_fused_head_ends_where_training_on_logits_ends():
         finals.append(student.state_dict())
     for k in finals[0]:
         torch.testing.assert_close(finals[1][k], finals[0][k], rtol=1e-4, atol=1e-5, msg=k)  # Adam: ~lr × 1e-4
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_closed_form_forward_kl_equals_autograd_with_ruled_out_ids(temperature):
+    """forward_kl_with_grad (the closed form the fused and chunked paths use) against autograd through
+    per_position_divergence, with ids ruled out (−inf) by the teacher only, by both, and an underflowing p."""
+    from kdkit.losses.token_functional import forward_kl_with_grad, per_position_divergence
+
+    torch.manual_seed(0)
+    z = torch.randn(5, 12, dtype=torch.float64) * 3
+    t = torch.randn(5, 12, dtype=torch.float64) * 3
+    t[0, 3] = float("-inf")  # the teacher rules an id out
+    t[1, 4] = z[1, 4] = float("-inf")  # both do
+    t[2, 5] = -800.0  # p underflows to 0 while log p is finite
+    values, grad = forward_kl_with_grad(z, t, temperature)
+    leaf = z.clone().requires_grad_(True)
+    ref = per_position_divergence(leaf, t, "forward", temperature=temperature)
+    (ref_grad,) = torch.autograd.grad(ref.sum(), leaf)
+    assert torch.isfinite(values).all() and torch.isfinite(grad).all()
+    torch.testing.assert_close(values, ref.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
