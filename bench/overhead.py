@@ -1,10 +1,15 @@
 """kdkit's overhead against a minimal hand-written distillation loop, on CPU.
 
 (a) KD step: kdkit's real `train()` with a live `Teacher` (fp32, channels-last, bf16, bf16 + channels-last) divided
-    by a plain-torch fp32 loop on the same models and data. Goal: <= 0.85 through a faster teacher inference path,
+    by a plain-torch fp32 loop on the same models and data. Goal: <= 0.92 through a faster teacher inference path,
     counting bf16 only where the student's accuracy is unchanged (checked on real data, MNIST-5k).
 (b) Cached teacher: a kdkit epoch reading teacher logits from a `TeacherCache` divided by a kdkit epoch of the
     student alone (labels only). Goal: <= 1.05. Building the cache is a one-off cost, reported beside it.
+(c) torch.compile of the teacher's model (COMPILED_MODES; no kdkit option, so never counted for (a)): timed in the
+    same rounds as (a), each compiled configuration divided by its uncompiled twin (the hand loop's by the hand loop,
+    a compiled kdkit Teacher's by the same Teacher uncompiled). Compilation runs before any timing, on every batch
+    shape the timed calls see, and its time is reported apart. Where torch.compile fails (no C++ compiler, ...) the
+    reason is recorded and those configurations are skipped.
 
 Method (docs/benchmarks.md and /work/shared/BENCH.md): everything in one process, configurations alternated
 A B C … then reversed after a warm-up, medians and the median of per-round ratios. Each timed call is a whole
@@ -12,18 +17,21 @@ A B C … then reversed after a warm-up, medians and the median of per-round rat
 inside it; a forward pre-hook on the student timestamps every step, which gives the steady per-step time (median gap
 between consecutive steps) and the setup (call start to the first step) separately.
 
-    python bench/overhead.py            # prints one JSON object on stdout (~5 min on 2 cores)
+    python bench/overhead.py            # prints one JSON object on stdout (~12-15 min on 2 cores)
     python bench/overhead.py --write    # and appends a dated section to docs/benchmarks.md
-    python bench/overhead.py --quick    # seconds; for the smoke test, the figures mean nothing
+    python bench/overhead.py --quick    # about a minute (compiling); for the smoke test, figures mean nothing
+    python bench/overhead.py --no-compile   # (a) and (b) only, as before (c) existed (~7 min)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime as dt
 import importlib.util
 import json
+import os
 import shlex
 import sys
 import tempfile
@@ -56,7 +64,7 @@ from kdkit.models.small import MLP, CifarResNet
 from kdkit.teachers import Teacher
 from kdkit.types import Batch, ModelOutputs
 
-KD_STEP_GOAL = 0.85
+KD_STEP_GOAL = 0.92
 CACHE_GOAL = 1.05
 # The student's accuracy counts as unchanged by a bf16 teacher when the mean paired difference in test accuracy is
 # within this many points (MNIST-5k's test split has 1,000 examples: 0.005 is 5 of them).
@@ -75,6 +83,36 @@ LOW_PRECISION_MODES = ("bf16", "bf16_channels_last")
 # Modes outside kdkit's config, timed for comparison only (none now: BatchNorm folding became
 # distill.teacher_fuse_bn, measured above as channels_last_fuse_bn).
 WHAT_IF_MODES: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CompiledTeacher:
+    """A teacher whose model runs through torch.compile. base: "hand" (the hand loop's teacher, called under
+    no_grad) or a TEACHER_MODES key (a kdkit Teacher with those settings whose `.model` is then compiled, called under
+    its inference_mode); mode: torch.compile's mode (None: its default); freezing: inductor's `freezing` option
+    (weights become constants: BatchNorm folded, convolution weights prepacked), PyTorch's advice for CPU inference."""
+
+    base: str
+    mode: str | None = None
+    freezing: bool = False
+
+    def describe(self) -> str:
+        options = ", options={'freezing': True}" if self.freezing else ""
+        return f"torch.compile(mode={self.mode or 'default'}{options})"
+
+
+# Compiled twins, timed beside the modes above; each is divided by its base (uncompiled) in every round.
+COMPILED_MODES: dict[str, CompiledTeacher] = {
+    "fp32_compiled": CompiledTeacher("fp32"),
+    "hand_compiled": CompiledTeacher("hand"),
+    # On CPU, max-autotune tunes matrix-multiply templates (only the ResNet's last linear layer here): it compiled
+    # in about the default's time on the --quick model.
+    "fp32_compiled_max_autotune": CompiledTeacher("fp32", mode="max-autotune-no-cudagraphs"),
+    "fp32_compiled_freezing": CompiledTeacher("fp32", freezing=True),
+}
+# A compiled teacher "pays" when its step is at least this much faster than its uncompiled twin's: differences
+# under ~5% are within this bench's noise (docs/benchmarks.md).
+COMPILE_PAYS_BELOW = 0.95
 
 
 @dataclass(frozen=True)
@@ -102,6 +140,7 @@ class Settings:
     accuracy_seeds: int = 3
     accuracy_data: str = "mnist5k"  # a kdkit built-in data set (real data shipped inside an installed package)
     accuracy_limit: int | None = None  # examples used (None: all); mnist5k is sorted by class, digits is not
+    cold_compile: bool = True  # each torch.compile configuration in an empty inductor cache of its own
     seed: int = 0
 
 
@@ -122,6 +161,7 @@ QUICK = Settings(
     accuracy_seeds=1,
     accuracy_data="digits",
     accuracy_limit=300,
+    cold_compile=False,  # the configurations share compiled kernels: ~10 s less per configuration
 )
 
 
@@ -278,6 +318,123 @@ def make_teachers(teacher_model: nn.Module, image_shape=(3, 32, 32)) -> dict[str
     }
 
 
+def timed_batch_sizes(s: Settings) -> list[int]:
+    """Every batch size the timed calls give the teacher: full batches and, where an epoch's examples do not divide
+    by the batch size, the last partial batch (train() keeps it), for the warm-up and the timed epochs alike."""
+    sizes = {s.batch_size}
+    for n in (s.warmup_steps * s.batch_size, s.steps * s.batch_size):
+        sizes |= {min(n, s.batch_size), n % s.batch_size}
+    return sorted(sizes - {0}, reverse=True)  # full batches first: dynamo compiles them static, then any other size
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has compiled in this process so far (a recompile counts as another)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def compile_teachers(s: Settings, teacher_model: nn.Module) -> tuple[dict[str, nn.Module], dict]:
+    """The COMPILED_MODES teachers, each compiled and run once on every batch shape of the timed calls, in the way
+    the timed calls run it (a kdkit Teacher through its forward, under inference_mode; the hand loop's model under
+    no_grad), so that no compilation happens while timing. Returns ({name: compiled hand model or Teacher}, report);
+    a configuration whose compilation fails is left out, with the reason in the report."""
+    models: dict[str, nn.Module] = {}
+    report: dict[str, dict] = {}
+    start_up_s, failed = _start_inductor()
+    for name, spec in COMPILED_MODES.items():
+        entry = {"how": spec.describe(), "base": spec.base}
+        if failed:  # torch.compile does not work here at all: every configuration is skipped for the same reason
+            report[name] = entry | {"compiled": False, "error": failed}
+            continue
+        try:
+            models[name], warm_up = _compiled(spec, teacher_model, s.image_shape)
+            with _own_inductor_cache() if s.cold_compile else contextlib.nullcontext():
+                report[name] = entry | {"compiled": True} | warm_up(timed_batch_sizes(s))
+        except Exception as exc:  # no C++ compiler, an unsupported op, ...: record why and skip this configuration
+            models.pop(name, None)
+            report[name] = entry | {"compiled": False, "error": f"{type(exc).__name__}: {_first_line(exc)}"}
+            log(f"compile {name}: failed ({report[name]['error']}); skipped")
+            continue
+        log(f"compile {name}: {report[name]['compile_s']} s for batch sizes {timed_batch_sizes(s)}")
+    return models, {"start_up_s": start_up_s, "configs": report}
+
+
+def _own_inductor_cache():
+    """An empty inductor cache for one configuration, so that its compile time does not depend on what the
+    configurations before it compiled (the same kernels, the same graph under no_grad). Kept until the run's own
+    cache folder (run()) is deleted; what it compiled is loaded by then."""
+    from torch._inductor.utils import fresh_cache
+
+    return fresh_cache(dir=os.environ.get("TORCHINDUCTOR_CACHE_DIR"), delete=False)
+
+
+def _start_inductor() -> tuple[float | None, str]:
+    """Compile a tiny conv-BN-ReLU block first (under inference_mode, as a Teacher runs): the process's one-off start
+    of torch.compile (imports, compile workers, the first trace and C++ build) is timed here, so that each
+    configuration's compile time is its own whatever its place in the order. ('' or why torch.compile fails.)"""
+    block = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(16, 2)).eval()
+    started = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            torch.compile(block)(torch.ones(2, 3, 4, 4))
+    except Exception as exc:  # no C++ compiler, no inductor, ...
+        reason = f"{type(exc).__name__}: {_first_line(exc)}"
+        log(f"torch.compile does not work here ({reason}): the compiled configurations are skipped")
+        return None, reason
+    return round(time.perf_counter() - started, 3), ""
+
+
+def _compiled(spec: CompiledTeacher, teacher_model: nn.Module, image_shape) -> tuple[nn.Module, Callable]:
+    """(the compiled teacher, warm_up(batch sizes) -> its compile report). torch.compile is lazy: warm_up compiles,
+    with the first call per batch size, and reads inductor's graph-cache counters around it."""
+    from torch._dynamo.utils import counters
+
+    options = {"freezing": True} if spec.freezing else None
+    if spec.base == "hand":
+        model = torch.compile(copy.deepcopy(teacher_model).eval(), mode=spec.mode, options=options)
+        forward = _no_grad_forward(model)
+    else:
+        precision, cl, fuse_bn = TEACHER_MODES[spec.base]
+        example = torch.randn(8, *image_shape, generator=torch.Generator().manual_seed(0))
+        model = Teacher.from_settings(
+            copy.deepcopy(teacher_model), precision=precision, channels_last=cl, fuse_bn=fuse_bn, example=example,
+            log=lambda message: None,
+        )  # folding (fx) works on the plain model: compile what the Teacher ended up with
+        model.model = torch.compile(model.model, mode=spec.mode, options=options)
+        forward = model.logits
+
+    def warm_up(sizes: list[int]) -> dict:
+        before = dict(counters["inductor"])
+        first_calls = {}
+        for size in sizes:
+            inputs = torch.randn(size, *image_shape, generator=torch.Generator().manual_seed(size))
+            started = time.perf_counter()
+            forward(inputs)
+            first_calls[size] = round(time.perf_counter() - started, 3)
+        cache = {k.removeprefix("fxgraph_cache_"): v - before.get(k, 0) for k, v in counters["inductor"].items()}
+        return {
+            "compile_s": round(sum(first_calls.values()), 3),  # first call per shape: compiling + one forward
+            "first_call_s_per_batch_size": first_calls,
+            "inductor_fx_graph_cache": {k: v for k, v in cache.items() if k in ("hit", "miss", "bypass") and v},
+        }
+
+    return model, warm_up
+
+
+def _no_grad_forward(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    def forward(inputs: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model(inputs)
+
+    return forward
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
 def logit_agreement(reference: torch.Tensor, other: torch.Tensor, temperature: float) -> dict:
     """How far `other` logits are from `reference` (both (N, C) fp32)."""
     diff = (other - reference).abs()
@@ -296,15 +453,12 @@ def logit_agreement(reference: torch.Tensor, other: torch.Tensor, temperature: f
     }
 
 
-def measure_teacher_forward(s: Settings, teacher_model: nn.Module, teachers: dict[str, Teacher], x: torch.Tensor):
-    """The teacher's forward alone on one batch, per mode, alternated; `no_grad` is the hand loop's way."""
+def measure_teacher_forward(s: Settings, hands: dict[str, nn.Module], teachers: dict[str, Teacher], x: torch.Tensor):
+    """The teacher's forward alone on one batch, per mode, alternated; `no_grad` is the hand loop's way (hands:
+    the hand loop's teacher models by configuration name, "hand" reported as no_grad_fp32)."""
     batch = x[: s.batch_size]
-
-    def hand_forward(inputs: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return teacher_model(inputs)
-
-    forwards = {"no_grad_fp32": hand_forward, **{k: t.logits for k, t in teachers.items()}}
+    forwards = {("no_grad_fp32" if k == "hand" else k): _no_grad_forward(m) for k, m in hands.items()}
+    forwards |= {k: t.logits for k, t in teachers.items()}
     outputs = {name: fn(batch).float() for name, fn in forwards.items()}  # warm-up (oneDNN primitives per format)
     times: dict[str, list[float]] = {name: [] for name in forwards}
     with CpuWatch() as watch:
@@ -330,19 +484,26 @@ def measure_teacher_forward(s: Settings, teacher_model: nn.Module, teachers: dic
     }
 
 
-def measure_kd_step(s: Settings, teacher_model: nn.Module, student_init: nn.Module, teachers: dict[str, Teacher]):
-    """Goal (a): kdkit's step with each Teacher mode divided by the hand loop, alternated round by round."""
+def measure_kd_step(
+    s: Settings,
+    hands: dict[str, nn.Module],
+    student_init: nn.Module,
+    teachers: dict[str, Teacher],
+    twins: dict[str, str],
+):
+    """Goal (a): kdkit's step with each Teacher mode divided by the hand loop, alternated round by round. hands: the
+    hand loop's teacher models ("hand", and compiled ones); twins: {compiled configuration: its uncompiled base},
+    which it is also divided by, round by round (section (c))."""
     x, y = synthetic_data(s, s.steps, s.seed)
     warm_x, warm_y = x[: s.warmup_steps * s.batch_size], y[: s.warmup_steps * s.batch_size]
     loss = kd_loss(s)
-    hand_teacher = copy.deepcopy(teacher_model)
 
     def config(name: str, xs: torch.Tensor, ys: torch.Tensor, seed: int) -> CallTiming:
-        if name == "hand":
-            return hand_kd_call(hand_teacher, student_init, xs, ys, s, seed)
+        if name in hands:
+            return hand_kd_call(hands[name], student_init, xs, ys, s, seed)
         return kdkit_call(student_init, loss, TensorData(xs, ys), s, live_teacher(teachers[name]), seed)
 
-    names = ["hand", *teachers]
+    names = [*hands, *teachers]
     log(f"kd step: warm-up ({s.warmup_steps} steps per configuration)")
     for name in names:
         config(name, warm_x, warm_y, s.seed)
@@ -384,11 +545,28 @@ def measure_kd_step(s: Settings, teacher_model: nn.Module, student_init: nn.Modu
                 "ratio_vs_hand_steady": round(median(steady), 3),
                 "per_round_ratios": [round(v, 3) for v in pair],
             }
+        if name in twins:
+            entry |= _vs_twin(col, name, twins[name])
         modes[name] = entry
     return {
         "modes": modes,
         "rounds_others_cpu_fraction": [rd["others_cpu_fraction"] for rd in rounds],
         "noisy": any(rd["noisy"] for rd in rounds),
+    }
+
+
+def _vs_twin(col: Callable[[str, str], list[float]], name: str, base: str) -> dict:
+    """A compiled configuration against its uncompiled base, per round: whole call, steady step, teacher's forward."""
+
+    def ratios(attr: str) -> list[float]:
+        return [a / b for a, b in zip(col(name, attr), col(base, attr))]
+
+    return {
+        "uncompiled": base,
+        "ratio_vs_uncompiled": round(median(ratios("per_step_s")), 3),
+        "ratio_vs_uncompiled_steady": round(median(ratios("step_s")), 3),
+        "teacher_ratio_vs_uncompiled": round(median(ratios("teacher_s")), 3),
+        "per_round_ratios_vs_uncompiled": [round(v, 3) for v in ratios("per_step_s")],
     }
 
 
@@ -565,18 +743,45 @@ def torchdistill_status() -> dict:
 
 
 def run(
-    s: Settings, threads: int | None = None, load_wait: dict | None = None, command: str = "", quick: bool = False
+    s: Settings,
+    threads: int | None = None,
+    load_wait: dict | None = None,
+    command: str = "",
+    quick: bool = False,
+    compile_teacher: bool = True,
 ) -> dict:
     threads_before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _run(s, load_wait, command, quick)
+        with _fresh_inductor_cache() if compile_teacher else contextlib.nullcontext():
+            return _run(s, load_wait, command, quick, compile_teacher)
     finally:
         torch.set_num_threads(threads_before)  # a caller (the smoke test) keeps its own setting
 
 
-def _run(s: Settings, load_wait: dict | None, command: str, quick: bool) -> dict:
+def _fresh_inductor_cache():
+    """A fresh, empty inductor cache for the run (deleted after it): compile times are those of a first compile, not
+    of whatever an earlier run left in the user's cache. Where inductor cannot be imported, compiling will fail and
+    say so (section (c)); the run goes on."""
+    try:
+        from torch._inductor.utils import fresh_cache
+    except ImportError:
+        return contextlib.nullcontext()
+    return fresh_cache()
+
+
+def _compile_if(on: bool, s: Settings, teacher_model: nn.Module) -> tuple[dict, dict, float | None]:
+    """compile_teachers' models and report, and the share of the cores others used meanwhile; nothing when off."""
+    if not on:
+        return {}, {}, None
+    log(f"torch.compile: {len(COMPILED_MODES)} teacher configurations, batch sizes {timed_batch_sizes(s)}")
+    with CpuWatch() as watch:
+        compiled, report = compile_teachers(s, teacher_model)
+    return compiled, report, watch.others_fraction
+
+
+def _run(s: Settings, load_wait: dict | None, command: str, quick: bool, compile_teacher: bool) -> dict:
     started = time.perf_counter()
     machine = machine_info() | {"loadavg_before": loadavg(), "load_wait": load_wait}
     teacher_model, student_init = build_models(s)
@@ -584,11 +789,20 @@ def _run(s: Settings, load_wait: dict | None, command: str, quick: bool) -> dict
     t_params, s_params = param_count(teacher_model), param_count(student_init)
     log(f"teacher ResNet-{s.teacher_depth} {t_params} params, student ResNet-{s.student_depth} {s_params} params")
 
+    hands: dict[str, nn.Module] = {"hand": copy.deepcopy(teacher_model)}
+    compiled, compile_report, compile_others = _compile_if(compile_teacher, s, teacher_model)
+    hands |= {n: m for n, m in compiled.items() if COMPILED_MODES[n].base == "hand"}
+    teachers |= {n: m for n, m in compiled.items() if COMPILED_MODES[n].base != "hand"}
+    twins = {n: COMPILED_MODES[n].base for n in compiled}
+
+    graphs_compiled = compiled_graphs()
     log("teacher forward alone")
     x, _ = synthetic_data(s, 1, s.seed + 2)
-    teacher_forward = measure_teacher_forward(s, teacher_model, teachers, x)
+    teacher_forward = measure_teacher_forward(s, hands, teachers, x)
     log("kd step: hand loop against kdkit train() per teacher mode")
-    kd_step = measure_kd_step(s, teacher_model, student_init, teachers)
+    kd_step = measure_kd_step(s, hands, student_init, teachers, twins)
+    # 0 when compile_teachers covered every shape and grad mode that the timed parts (and their warm-ups) ran.
+    graphs_compiled = compiled_graphs() - graphs_compiled
     log("cached teacher against the student alone")
     cache = measure_cache(s, teacher_model, student_init)
     log("bf16 accuracy check")
@@ -605,6 +819,11 @@ def _run(s: Settings, load_wait: dict | None, command: str, quick: bool) -> dict
             m["goal_met"] = m["ratio_vs_hand"] <= KD_STEP_GOAL
             m["accuracy_unchanged"] = unchanged.get(name, True)
             m["kdkit_option"] = name in TEACHER_MODES
+    compile_part = summarize_compile(compile_report, modes, graphs_compiled, s.cold_compile)
+    compile_part |= {
+        "skipped": None if compile_teacher else "--no-compile",
+        "others_cpu_fraction": compile_others,
+    }
     goals = {
         "kd_step_vs_hand": {
             "goal": KD_STEP_GOAL,
@@ -649,11 +868,71 @@ def _run(s: Settings, load_wait: dict | None, command: str, quick: bool) -> dict
         "teacher_forward": teacher_forward,
         "kd_step": kd_step,
         "cache": cache,
+        "compile": compile_part,
         "bf16_accuracy": accuracy,
         "torchdistill": torchdistill_status(),
         "goals": goals,
         "elapsed_s": round(time.perf_counter() - started, 1),
     }
+
+
+def summarize_compile(report: dict, modes: dict[str, dict], graphs_after_warm_up: int, cold: bool) -> dict:
+    """Section (c): does torch.compile of the teacher pay? Each compiled configuration's step against its uncompiled
+    twin's (median per-round ratio, whole call), its compile time, and the steps it takes to earn that time back.
+    report: compile_teachers' (empty when not compiling)."""
+    configs = {
+        name: _against_twin(entry, modes[name], modes[COMPILED_MODES[name].base]) if entry["compiled"] else entry
+        for name, entry in report.get("configs", {}).items()
+    }
+    timed = {n: c for n, c in configs.items() if c["compiled"]}
+    kdkit_compiled = {n: modes[n]["ratio_vs_hand"] for n in timed if COMPILED_MODES[n].base != "hand"}
+    best = min(kdkit_compiled, key=kdkit_compiled.get) if kdkit_compiled else None
+    best_vs_hand = None
+    if best is not None:
+        ratio = kdkit_compiled[best]
+        best_vs_hand = {"mode": best, "ratio_vs_hand": ratio, "would_meet_kd_step_goal": ratio <= KD_STEP_GOAL}
+    cache = (
+        "each configuration compiles in an empty inductor cache of its own (a first compile)"
+        if cold
+        else "the configurations share one inductor cache (--quick), so later ones reuse kernels"
+    )
+    return {
+        "configs": configs,
+        "inductor_start_up_s": report.get("start_up_s"),
+        "pays": any(c["pays"] for c in timed.values()) if timed else None,
+        "verdict": _compile_verdict(configs),
+        "rule": f"compiled ÷ uncompiled twin, median per-round ratio of whole-call s/step <= {COMPILE_PAYS_BELOW}",
+        "best_kdkit_compiled_vs_hand": best_vs_hand,
+        "graphs_compiled_after_warm_up": graphs_after_warm_up,
+        "compile_cache": cache + "; all after torch.compile's one-off start in the process",
+    }
+
+
+def _against_twin(entry: dict, m: dict, base: dict) -> dict:
+    """A compiled configuration's compile report with its step against its uncompiled twin's (kd_step modes)."""
+    keys = ("ratio_vs_uncompiled", "ratio_vs_uncompiled_steady", "teacher_ratio_vs_uncompiled")
+    saved = base["step_s_whole_call"] - m["step_s_whole_call"]
+    pays = m["ratio_vs_uncompiled"] <= COMPILE_PAYS_BELOW
+    return entry | {k: m[k] for k in (*keys, "per_round_ratios_vs_uncompiled")} | {
+        "step_s_whole_call": m["step_s_whole_call"],
+        "uncompiled_step_s_whole_call": base["step_s_whole_call"],
+        # Steps of this size that win the compile time back; only where the gain is beyond noise.
+        "break_even_steps": round(entry["compile_s"] / saved) if pays and saved > 0 else None,
+        "pays": pays,
+    }
+
+
+def _compile_verdict(configs: dict[str, dict]) -> str:
+    """One plain line: does it pay, and each compiled configuration's ratio and compile time."""
+    timed = {n: c for n, c in configs.items() if c["compiled"]}
+    if not timed:
+        return "not measured: " + ("; ".join(sorted({c["error"] for c in configs.values()})) or "skipped")
+    paying = [n for n, c in timed.items() if c["pays"]]
+    figures = ", ".join(
+        f"{n} {c['ratio_vs_uncompiled']}x its uncompiled step (compile {c['compile_s']} s)" for n, c in timed.items()
+    )
+    head = f"pays ({', '.join(paying)})" if paying else "does not pay"
+    return f"{head} on these models: {figures}; 'pays' means <= {COMPILE_PAYS_BELOW}x (smaller is within noise)"
 
 
 def _quiet_note(result: dict) -> str:
@@ -696,7 +975,7 @@ def to_markdown(result: dict) -> str:
         "every other round. Ratio = median over rounds of (kdkit ÷ hand) for whole calls (setup included); "
         "steady = the same for the median step inside a call (setup excluded).",
         "",
-        "### (a) KD step, kdkit `train()` with a live `Teacher` ÷ hand loop (goal ≤ 0.85)",
+        f"### (a) KD step, kdkit `train()` with a live `Teacher` ÷ hand loop (goal ≤ {KD_STEP_GOAL:g})",
         "",
     ]
     rows = []
@@ -720,7 +999,12 @@ def to_markdown(result: dict) -> str:
             ok = "yes" if mm["goal_met"] else "no"
             acc = "" if mm["accuracy_unchanged"] else " (accuracy changed)"
             label = f"kdkit, Teacher {name}"
-            if not mm["kdkit_option"]:
+            if name in COMPILED_MODES:
+                spec = COMPILED_MODES[name]
+                where = "hand loop" if spec.base == "hand" else f"kdkit, Teacher {spec.base}"
+                label = f"what-if: {where}, teacher model {spec.describe()} ({name}; no config option)"
+                ok = "—" if spec.base == "hand" else f"({ok}: not counted)"
+            elif not mm["kdkit_option"]:
                 label = f"what-if: kdkit, Teacher channels_last on a BN-folded copy ({name}; no config option)"
                 ok = f"({ok}: not counted)"
             rows.append(
@@ -745,7 +1029,7 @@ def to_markdown(result: dict) -> str:
                 "ratio vs hand (per round)",
                 "steady ratio",
                 "teacher forward s in the step (share); alone",
-                "≤ 0.85?",
+                f"≤ {KD_STEP_GOAL:g}?",
             ],
             rows,
         )
@@ -754,8 +1038,8 @@ def to_markdown(result: dict) -> str:
     lines += [
         "",
         f"Best eligible mode: **{kd_goal['best_mode']} at {kd_goal['best_ratio']}** — goal "
-        f"{'met' if kd_goal['met'] else 'missed'}. Teacher forward under inference_mode ÷ under no_grad: "
-        f"{fwd['inference_mode_vs_no_grad']}.",
+        f"{'met' if kd_goal['met'] else 'missed'} (compiled what-ifs not counted: section (c)). Teacher forward under "
+        f"inference_mode ÷ under no_grad: {fwd['inference_mode_vs_no_grad']}.",
         "",
         "### (b) Cached teacher epoch ÷ student-alone epoch (goal ≤ 1.05)",
         "",
@@ -795,6 +1079,8 @@ def to_markdown(result: dict) -> str:
     lines += [
         "",
         f"Goal {'met' if cg['met'] else 'missed'} ({cg['ratio']}).",
+        "",
+        *compile_markdown(result["compile"]),
         "",
         "### bf16 teacher: accuracy check",
         "",
@@ -850,6 +1136,66 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def compile_markdown(c: dict) -> list[str]:
+    """Section (c) of the docs section: does torch.compile of the teacher pay?"""
+    lines = ["### (c) torch.compile of the teacher: compiled ÷ uncompiled, same rounds as (a)", ""]
+    if c["skipped"]:
+        return lines + [f"Not measured ({c['skipped']})."]
+    if c["pays"] is None:  # nothing compiled
+        return lines + [f"**torch.compile of the teacher {c['verdict']}**: the compiled configurations were skipped."]
+    rows = []
+    for e in c["configs"].values():
+        where = "hand loop" if e["base"] == "hand" else f"kdkit, Teacher {e['base']}"
+        if not e["compiled"]:
+            rows.append([f"{where}, {e['how']}", f"failed: {e['error']}", "—", "—", "—", "—", "—", "skipped"])
+            continue
+        cache = ", ".join(f"{k} {v}" for k, v in e["inductor_fx_graph_cache"].items()) or "—"
+        rows.append(
+            [
+                f"{where}, {e['how']}",
+                f"{e['compile_s']} (batch sizes {list(e['first_call_s_per_batch_size'])}; graph cache: {cache})",
+                f"{e['step_s_whole_call']} vs {e['uncompiled_step_s_whole_call']}",
+                f"**{e['ratio_vs_uncompiled']}** {e['per_round_ratios_vs_uncompiled']}",
+                e["ratio_vs_uncompiled_steady"],
+                e["teacher_ratio_vs_uncompiled"],
+                "—" if e["break_even_steps"] is None else e["break_even_steps"],
+                "yes" if e["pays"] else "no",
+            ]
+        )
+    lines.append(
+        markdown_table(
+            [
+                "configuration",
+                "compile s (first calls)",
+                "s/step compiled vs uncompiled",
+                "ratio (per round)",
+                "steady ratio",
+                "teacher forward ratio",
+                "steps to earn the compile back",
+                f"pays (≤ {COMPILE_PAYS_BELOW:g})?",
+            ],
+            rows,
+        )
+    )
+    best = c["best_kdkit_compiled_vs_hand"]
+    lines += [
+        "",
+        f"**torch.compile of the teacher {c['verdict']}.**"
+        + (
+            ""
+            if best is None
+            else f" Best compiled kdkit configuration against the hand loop: {best['mode']} at {best['ratio_vs_hand']}"
+            f" ({'within' if best['would_meet_kd_step_goal'] else 'outside'} the KD-step goal ≤ {KD_STEP_GOAL:g}, "
+            "were it an option)."
+        )
+        + f" Graphs compiled after the compile warm-up: {c['graphs_compiled_after_warm_up']} (0: it covered every "
+        "shape the timed parts ran). Compile time: the first call per batch size; "
+        f"{c['compile_cache']} ({c['inductor_start_up_s']} s, not in the table); others' CPU share while compiling "
+        f"(inductor's compile workers count as others): {c['others_cpu_fraction']}.",
+    ]
+    return lines
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
@@ -863,6 +1209,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--load-threshold", type=float, default=1.5, help="wait while the 1-min load is above this")
     p.add_argument("--max-wait", type=float, default=600.0, help="seconds to wait for a quiet machine at most")
     p.add_argument("--no-wait", action="store_true", help="start at once whatever the load")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile configurations (section (c))")
     return p.parse_args(argv)
 
 
@@ -880,7 +1227,9 @@ def main(argv: list[str] | None = None) -> dict:
     # --quick runs on one thread: on a busy 2-core machine, two OpenMP threads that wait for each other at every
     # barrier make tiny steps 10-30x slower, and the smoke run only has to finish.
     threads = args.threads or (1 if args.quick else None)
-    result = run(s, threads=threads, load_wait=load_wait, command=command, quick=args.quick)
+    result = run(
+        s, threads=threads, load_wait=load_wait, command=command, quick=args.quick, compile_teacher=not args.no_compile
+    )
     print(json.dumps(result, indent=1))
     if args.write:
         append_section(args.docs, to_markdown(result))

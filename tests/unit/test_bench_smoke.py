@@ -28,7 +28,7 @@ def overhead():
             sys.modules.pop(name, None)
 
 
-def test_quick_run_prints_one_json_object_and_writes_the_docs_section(overhead, tmp_path, capsys):
+def test_overhead_quick_run_prints_one_json_object_and_writes_the_docs_section(overhead, tmp_path, capsys):
     docs = tmp_path / "benchmarks.md"
     result = overhead.main(["--quick", "--write", "--docs", str(docs)])
 
@@ -41,6 +41,7 @@ def test_quick_run_prints_one_json_object_and_writes_the_docs_section(overhead, 
         "teacher_forward",
         "kd_step",
         "cache",
+        "compile",
         "bf16_accuracy",
         "torchdistill",
         "goals",
@@ -51,25 +52,42 @@ def test_quick_run_prints_one_json_object_and_writes_the_docs_section(overhead, 
     assert {"cores", "cpu_model", "torch", "torch_threads", "loadavg_before", "loadavg_after"} <= machine.keys()
     assert {"teacher_params", "student_params"} <= printed["settings"].keys()
 
+    # torch.compile configurations: each compiled before timing, or skipped with the reason (no C++ compiler, ...).
+    compile_part = printed["compile"]
+    assert set(compile_part["configs"]) == set(overhead.COMPILED_MODES)
+    compiled = {name for name, c in compile_part["configs"].items() if c["compiled"]}
+    for name, c in compile_part["configs"].items():
+        if name in compiled:
+            assert c["compile_s"] > 0 and c["ratio_vs_uncompiled"] > 0 and isinstance(c["pays"], bool)
+        else:
+            assert c["error"]
+    assert compile_part["graphs_compiled_after_warm_up"] == 0  # it compiled every shape the timed parts ran
+    assert compile_part["pays"] in ((True, False) if compiled else (None,))
+
     modes = printed["kd_step"]["modes"]
-    assert set(modes) == {"hand", *overhead.TEACHER_MODES, *overhead.WHAT_IF_MODES}
+    assert set(modes) == {"hand", *overhead.TEACHER_MODES, *overhead.WHAT_IF_MODES, *compiled}
     for name, mode in modes.items():
         assert {"step_s_whole_call", "step_s_steady", "setup_s"} <= mode.keys()
         if name != "hand":
             assert {"ratio_vs_hand", "ratio_vs_hand_steady", "ratio_of_medians", "goal_met"} <= mode.keys()
+        if name in compiled:
+            assert mode["kdkit_option"] is False and "ratio_vs_uncompiled" in mode
     assert set(printed["teacher_forward"]["seconds"]) == {
         "no_grad_fp32",
         *overhead.TEACHER_MODES,
         *overhead.WHAT_IF_MODES,
+        *compiled,
     }
     assert {"ratio", "ratio_steady", "one_off_cache_build_s"} <= printed["cache"].keys()
     assert set(printed["bf16_accuracy"]["student_accuracy_unchanged"]) == set(overhead.LOW_PRECISION_MODES)
     assert {"kd_step_vs_hand", "cached_epoch_vs_student_alone"} == set(printed["goals"])
+    assert printed["goals"]["kd_step_vs_hand"]["goal"] == 0.92
     assert all(isinstance(g["met"], bool) for g in printed["goals"].values())
 
     text = docs.read_text()
     assert text.startswith("# kdkit benchmarks")
     assert "python bench/overhead.py --quick" in text and "| configuration |" in text
+    assert "### (c) torch.compile of the teacher" in text and "torch.compile of the teacher " in text
 
 
 @pytest.fixture(scope="module")
