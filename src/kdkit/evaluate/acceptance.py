@@ -85,7 +85,9 @@ def mean_acceptance(alpha: torch.Tensor, mask: torch.Tensor | None = None) -> fl
     return float(alpha[keep].double().mean())
 
 
-def expected_accepted_length(alpha: torch.Tensor, k: int, mask: torch.Tensor | None = None) -> float:
+def expected_accepted_length(
+    alpha: torch.Tensor, k: int, mask: torch.Tensor | None = None, horizon: int | None = None
+) -> float:
     """Expected tokens per target call when the draft proposes k tokens, estimated teacher-forced along the text.
 
     For each start t of a row, the draft proposes the tokens at positions t, t+1, …, t+k−1; the target accepts them
@@ -96,7 +98,9 @@ def expected_accepted_length(alpha: torch.Tensor, k: int, mask: torch.Tensor | N
     The result is the mean of E_t over the starts whose k positions t … t+k−1 are all real (mask True; mask None:
     non-NaN). Near the end of a row (or before a masked gap) a start with fewer than k real positions ahead is not
     counted: the last k − 1 real positions of a run enter only as later terms of earlier starts, so no start is
-    scored with a shorter draft than k. No start with k real positions ahead: ValueError.
+    scored with a shorter draft than k. horizon ≥ k counts only the starts with `horizon` real positions ahead, so
+    that the values for several k are means over the same starts (acceptance_curve: the largest k), and grow with
+    k. No such start: ValueError.
 
     For a constant α this is (1 − α^{k+1}) / (1 − α) (Leviathan et al. 2023, eq. 1); α = 1 gives k + 1, α = 0 gives
     1. It treats the acceptances along the text as the ones along the target's own decoding: exact in expectation
@@ -109,12 +113,15 @@ def expected_accepted_length(alpha: torch.Tensor, k: int, mask: torch.Tensor | N
         raise ValueError(f"alpha: shape {tuple(alpha.shape)}; expected (B, T)")
     keep = _mask(alpha, mask)
     a = torch.where(keep, alpha, 0.0).double()
-    if a.shape[1] < k:
-        raise ValueError(f"k: {k}; alpha has only {a.shape[1]} positions per row")
-    windows = a.unfold(1, k, 1)  # (B, T − k + 1, k): α[t], …, α[t+k−1]
-    full = keep.unfold(1, k, 1).all(-1)  # (B, T − k + 1): starts with k real positions ahead
+    h = k if horizon is None else horizon
+    if isinstance(h, bool) or not isinstance(h, int) or h < k:
+        raise ValueError(f"horizon: {horizon!r}; expected an integer ≥ k = {k}")
+    if a.shape[1] < h:
+        raise ValueError(f"k: {h}; alpha has only {a.shape[1]} positions per row")
+    windows = a.unfold(1, h, 1)[..., :k]  # (B, T − h + 1, k): α[t], …, α[t+k−1]
+    full = keep.unfold(1, h, 1).all(-1)  # (B, T − h + 1): starts with h real positions ahead
     if not full.any():
-        raise ValueError(f"k: {k}; no start has {k} consecutive real positions ahead (longest run: {_longest(keep)})")
+        raise ValueError(f"k: {h}; no start has {h} consecutive real positions ahead (longest run: {_longest(keep)})")
     lengths = 1.0 + windows.cumprod(-1).sum(-1)  # 1 + Σ_{j=1..k} Π_{i<j} α[t+i]
     return float(lengths[full].mean())
 
@@ -122,8 +129,10 @@ def expected_accepted_length(alpha: torch.Tensor, k: int, mask: torch.Tensor | N
 def acceptance_curve(
     alpha: torch.Tensor, ks: Iterable[int] = range(1, 9), mask: torch.Tensor | None = None
 ) -> dict[int, float]:
-    """{k: expected_accepted_length(alpha, k)} for each k in ks (default 1 … 8)."""
-    return {int(k): expected_accepted_length(alpha, k, mask) for k in ks}
+    """{k: expected_accepted_length(alpha, k)} for each k in ks (default 1 … 8), every k over the same starts (those
+    with max(ks) real positions ahead), so that the curve grows with k."""
+    ks = [int(k) for k in ks]
+    return {k: expected_accepted_length(alpha, k, mask, horizon=max(ks)) for k in ks}
 
 
 def _mask(alpha: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

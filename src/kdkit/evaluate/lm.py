@@ -7,6 +7,9 @@ All models are run over the same batches in one pass, the teacher once per batch
     accuracy     argmax q = the real next token
     agreement    argmax q = argmax p_teacher (the teacher: 1)
     kl           KL(p_teacher ‖ q) in nats (forward KL, at temperature 1; the teacher: 0)
+    acceptance   Σ_v min(p_teacher, q) = 1 − TV(p_teacher, q): the probability that the teacher, as the target of
+                 speculative decoding with sampling at temperature 1, accepts a token this model drafted there
+                 (Leviathan et al. 2023; DistillSpec; the teacher: 1)
 All in float32 (the log-softmax of bf16 logits loses the small probabilities the KL is made of).
 """
 
@@ -31,14 +34,14 @@ def lm_metrics(
     vocab_size: int | None = None,
     on_batch: Callable[[dict[str, torch.Tensor], torch.Tensor], None] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """{name: {nll, perplexity, accuracy, agreement, kl, tokens}} for each model over `data` (an LMData).
+    """{name: {nll, perplexity, accuracy, agreement, kl, acceptance, tokens}} for each model over `data` (an LMData).
 
     teacher: the key of the teacher in `models` (agreement and kl need it). vocab_size: compare only the first
     vocab_size logits (a padded vocabulary); None requires equal widths. on_batch(logits by name (B, T, V), labels)
     sees every batch's full logits, so that other measurements share these forward passes instead of repeating them.
     """
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=data.collate)
-    sums = {name: {"nll": 0.0, "correct": 0.0, "agree": 0.0, "kl": 0.0} for name in models}
+    sums = {name: {"nll": 0.0, "correct": 0.0, "agree": 0.0, "kl": 0.0, "accept": 0.0} for name in models}
     tokens = 0
     with torch.inference_mode():
         for batch in loader:
@@ -69,6 +72,7 @@ def lm_metrics(
                 if t_logp is not None:
                     s["agree"] += (top == t_top).sum().item()
                     s["kl"] += (t_logp.exp() * (t_logp - lp)).sum().item()
+                    s["accept"] += torch.minimum(t_logp, lp).exp().sum().item()  # min(p, q) = exp(min(log p, log q))
     if tokens == 0:
         raise ValueError("lm_metrics: the data holds no predicted token")
     out = {}
@@ -83,6 +87,7 @@ def lm_metrics(
         if teacher is not None:
             out[name]["agreement"] = s["agree"] / tokens
             out[name]["kl"] = s["kl"] / tokens
+            out[name]["acceptance"] = s["accept"] / tokens
     return out
 
 

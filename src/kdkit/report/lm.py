@@ -71,6 +71,48 @@ def plot_perplexity(metrics: dict, path: pathlib.Path) -> pathlib.Path | None:
         plt.close(fig)
 
 
+def plot_acceptance(metrics: dict, path: pathlib.Path) -> pathlib.Path | None:
+    """Expected tokens per target call against draft tokens k, each draft, sampling at T = 1 (solid) and greedy
+    (dashed), with the ideal k + 1 of a draft the target always accepts."""
+    curves = metrics.get("acceptance_curve") or {}
+    if not any(curves.values()):
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    try:
+        colours = {"student": "tab:blue", "baseline_student": "tab:gray"}
+        ks = []
+        for mode, style in (("temperature_1", "-"), ("greedy", "--")):
+            for key, curve in (curves.get(mode) or {}).items():
+                ks = [int(k) for k in curve]
+                label = f"{dict(KEYS).get(key, key)} ({'T=1' if mode == 'temperature_1' else 'greedy'})"
+                ax.plot(ks, list(curve.values()), style, marker="o", color=colours.get(key), label=label)
+        ax.plot(ks, [k + 1 for k in ks], ":", color="black", alpha=0.4, label="always accepted (k + 1)")
+        ax.set_xlabel("draft tokens per target call (k)")
+        ax.set_ylabel("expected tokens per target call")
+        ax.legend(fontsize=7)
+        return plots._save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def acceptance_section(metrics: dict) -> str | None:
+    """The teacher as a speculative-decoding target: expected tokens per target call by k, per draft and mode."""
+    curves = metrics.get("acceptance_curve") or {}
+    rows = []
+    for mode, label in (("temperature_1", "sampling, T = 1"), ("greedy", "greedy")):
+        for key, curve in (curves.get(mode) or {}).items():
+            rows.append([f"{dict(KEYS).get(key, key)}, {label}", *(f"{v:.3f}" for v in curve.values())])
+            ks = list(curve)
+    if not rows:
+        return None
+    return (
+        "## The student as a draft for the teacher (speculative decoding)\n\n"
+        "Expected tokens per teacher call when the model drafts k tokens, estimated teacher-forced on the test text "
+        "(acceptance Σ min(p, q) per position, or argmax agreement for greedy; kdkit.evaluate.acceptance).\n\n"
+        + _table(["draft", *(f"k={k}" for k in ks)], rows)
+    )
+
+
 def plot_val_loss(histories: dict[str, list[dict]], path: pathlib.Path) -> pathlib.Path | None:
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
     try:
@@ -114,6 +156,7 @@ def write_lm_report(
         plots.plot_loss_parts(histories, plot_dir / "loss_parts.png"),
         plot_val_loss(histories, plot_dir / "val_loss.png"),
         plots.plot_schedules(histories, plot_dir / "schedules.png"),
+        plot_acceptance(metrics, plot_dir / "acceptance.png"),
     ]
     sections = [f"# kdkit report: {run_dir.name} (language model)", f"**Loss:** `{formula}`"]
     sections.append("## Test text\n\n" + summary_table(metrics) + "\n\n" + speedup_note(metrics))
@@ -122,6 +165,8 @@ def write_lm_report(
     data = metrics.get("data")
     if data:
         sections.append("## Data\n\n" + _table(["", "value"], [[k, str(v)] for k, v in data.items()], numeric=False))
+    if acceptance_section(metrics):
+        sections.append(acceptance_section(metrics))
     cache = metrics.get("teacher_cache")
     if cache:
         sections.append(

@@ -97,6 +97,7 @@ LM_COLUMNS: list[Column] = [
     ("accuracy", "next-token acc. %", percent),
     ("agreement", "top-1 agreement %", percent),
     ("kl", "KL(teacher‖model)", four_decimals),
+    ("acceptance", "acceptance %", percent),
     *[("cost.tokens_per_s", "tokens/s", rate) if c[0] == "cost.throughput" else c for c in COST_COLUMNS],
 ]
 

@@ -22,7 +22,7 @@ from kdkit.run.teacher import frozen
 from kdkit.teachers import TeacherEnsemble
 
 COLUMNS = LM_COLUMNS
-GAIN_KEYS = ("nll", "perplexity", "accuracy", "agreement", "kl")
+GAIN_KEYS = ("nll", "perplexity", "accuracy", "agreement", "kl", "acceptance")
 
 
 def evaluate(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, results: dict, device: str, best: dict,
@@ -39,9 +39,22 @@ def evaluate(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, results: d
     info = dict(recipe.info) if recipe is not None else {}
     cache = dict(info.get("teacher_cache") or {})
     topk = TopKError(best["phase"], cache["k"], cache["kd_temperature"]) if cache else None
-    scores = lm_metrics(models, data.test, e.batch_size, device, teacher="teacher", vocab_size=shared, on_batch=topk)
+    drafts = {"student": best["phase"]}
+    base = [r.phase.name for r in results["baseline"] if r.phase.seed == best["seed"]]
+    if base:
+        drafts["baseline_student"] = base[0]
+    curves = AcceptanceCurves(drafts, shared)
+
+    def on_batch(logits, labels):
+        curves(logits, labels)
+        if topk is not None:
+            topk(logits, labels)
+
+    scores = lm_metrics(models, data.test, e.batch_size, device, teacher="teacher", vocab_size=shared,
+                        on_batch=on_batch)
     if topk is not None:
         info["teacher_cache"] = cache | topk.summary()
+    info["acceptance_curve"] = curves.summary()
     per_seed = {key: [scores[r.phase.name] for r in results[kind]] for kind, key in KINDS if results[kind]}
     seeds = [r.phase.seed for r in results["student"]]
     cost = costs(cfg, data, teacher, results, device)
@@ -104,6 +117,42 @@ class TopKError:
         out = {f"heldout_{key}": round(v / max(self.tokens, 1), 4) for key, v in self.totals.items()}
         dense = out.get("heldout_dense_kl", 0.0)
         out["heldout_kl_rel_error"] = round((dense - out.get("heldout_sparse_kl", 0.0)) / dense, 4) if dense else 0.0
+        return out
+
+
+class AcceptanceCurves:
+    """The teacher as the target of speculative decoding, each draft (the best seed's distilled student, the
+    baseline of the same seed) as its draft: the expected tokens per target call for k = 1 … 8 draft tokens,
+    estimated teacher-forced on the test text (kdkit.evaluate.acceptance), when sampling at temperature 1 and
+    greedy. Fed by lm_metrics' forward passes."""
+
+    KS = tuple(range(1, 9))
+
+    def __init__(self, drafts: dict[str, str], vocab_size: int | None):
+        self.drafts, self.vocab_size = drafts, vocab_size
+        self.alpha: dict[str, dict[str, list[torch.Tensor]]] = {"temperature_1": {}, "greedy": {}}
+
+    def __call__(self, logits: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
+        from kdkit.evaluate.acceptance import token_acceptance
+
+        v = self.vocab_size
+        t = logits["teacher"] if v is None else logits["teacher"][..., :v]
+        for key, phase in self.drafts.items():
+            d = logits[phase] if v is None else logits[phase][..., :v]
+            for mode, temperature in (("temperature_1", 1.0), ("greedy", 0.0)):
+                alpha = token_acceptance(d, t, labels, temperature=temperature).cpu()
+                self.alpha[mode].setdefault(key, []).append(alpha)
+
+    def summary(self) -> dict:
+        from kdkit.evaluate.acceptance import acceptance_curve
+
+        out = {}
+        for mode, by_key in self.alpha.items():
+            out[mode] = {}
+            for key, parts in by_key.items():
+                alpha = torch.cat(parts)
+                ks = [k for k in self.KS if k < alpha.shape[1]]
+                out[mode][key] = {str(k): round(v, 4) for k, v in acceptance_curve(alpha, ks).items()}
         return out
 
 

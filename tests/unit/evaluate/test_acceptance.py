@@ -156,3 +156,17 @@ def test_bad_arguments_name_the_field():
         mean_acceptance(torch.full((1, 3), NAN))
     with pytest.raises(ValueError, match=r"^mask: shape \(1, 2\); expected alpha's \(1, 3\)"):
         mean_acceptance(torch.ones(1, 3), torch.ones(1, 2, dtype=torch.bool))
+
+
+def test_the_curve_counts_the_same_starts_for_every_k_and_grows():
+    """Row 0 has 2 real positions (high α), row 1 has 5 (low α): for k = 1 alone row 0 counts and lifts the mean,
+    for k = 3 it does not; the curve uses the starts with 3 positions ahead for every k, so it grows with k."""
+    nan = float("nan")
+    alpha = torch.tensor([[0.9, 0.9, nan, nan, nan], [0.1, 0.1, 0.1, 0.1, 0.1]], dtype=torch.float64)
+    alone = [expected_accepted_length(alpha, k) for k in (1, 2, 3)]
+    assert alone[0] > alone[2]  # different starts per k: not comparable
+    curve = acceptance_curve(alpha, ks=(1, 2, 3))
+    assert list(curve.values()) == sorted(curve.values())
+    assert curve[1] == pytest.approx(1.1) and curve[3] == pytest.approx(1.111)  # row 1's 3 starts: 1 + .1 + .01 + .001
+    with pytest.raises(ValueError, match="horizon"):
+        expected_accepted_length(alpha, 3, horizon=2)

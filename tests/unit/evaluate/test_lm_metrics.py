@@ -32,6 +32,9 @@ def test_hand_computed_bigram_models():
     assert math.isclose(out["s"]["kl"], kl / 3, rel_tol=1e-5)
     assert out["t"]["kl"] == 0.0 and out["t"]["agreement"] == 1.0
     assert out["s"]["tokens"] == 3
+    # acceptance Σ min(p, q) per position: 0.1+0.6+0.1, 0.1+0.1+0.2, 0.5+0.1+0.1 (= 1 − TV each)
+    assert math.isclose(out["s"]["acceptance"], (0.8 + 0.4 + 0.7) / 3, rel_tol=1e-5)
+    assert math.isclose(out["t"]["acceptance"], 1.0, rel_tol=1e-6)
 
 
 def test_padding_is_not_scored_and_all_tokens_weigh_equally():

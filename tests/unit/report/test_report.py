@@ -308,6 +308,7 @@ def lm_metrics(seeds: list[int], with_baseline: bool = True) -> dict:
             "accuracy": 0.4,
             "agreement": 0.6,
             "kl": kl,
+            "acceptance": 1.0 - kl / 2,
             "tokens": 4096,
         }
 
@@ -335,6 +336,7 @@ def test_lm_summary_table_reads_the_schema():
         "next-token acc. %",
         "top-1 agreement %",
         "KL(teacher‖model)",
+        "acceptance %",
         "params",
         "size MB",
         "latency ms",
@@ -350,6 +352,7 @@ def test_lm_summary_table_reads_the_schema():
         "40.00",
         "100.00",
         "0.0000",
+        "100.00",
         "134,515,008",
         "538.06",
         "8.000",
@@ -358,7 +361,8 @@ def test_lm_summary_table_reads_the_schema():
         "1.0×",
     ]
     assert student[1] == "21.00 ± 0.82"  # mean ± population std of 20, 22, 21
-    assert student[6:] == ["30,000,000", "120.00", "2.000", "64,000", "4.0×", "4.0×"]
+    assert student[6] == "75.00 ± 0.00"  # acceptance 1 − 0.5 / 2, the same in every seed
+    assert student[7:] == ["30,000,000", "120.00", "2.000", "64,000", "4.0×", "4.0×"]
     assert baseline[1] == "25.00 ± 0.82"
     console = Console(record=True, width=250)
     console.print(summary_table(metrics, LM_COLUMNS))

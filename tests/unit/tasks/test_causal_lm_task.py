@@ -51,6 +51,15 @@ def test_cached_teacher_run_end_to_end(lm_world, tmp_path):
         assert m[key]["perplexity"] > 1.0 and 0.0 <= m[key]["accuracy"] <= 1.0
     assert m["teacher"]["kl"] == 0.0 and m["teacher"]["agreement"] == 1.0
     assert m["student"]["kl"] > 0.0
+    # The teacher as a speculative-decoding target: acceptance 1 for itself, a probability for the students; tokens
+    # per target call grow with k from 1 + α towards at most k + 1, for both students and both modes.
+    assert m["teacher"]["acceptance"] == pytest.approx(1.0)
+    assert 0.0 < m["student"]["acceptance"] < 1.0
+    for mode in ("temperature_1", "greedy"):
+        for key in ("student", "baseline_student"):
+            curve = [m["acceptance_curve"][mode][key][str(k)] for k in range(1, 9)]
+            assert all(1.0 <= e <= k + 1 for k, e in enumerate(curve, start=1)), (mode, key, curve)
+            assert curve == sorted(curve)
     assert 0.0 <= m["teacher_cache"]["heldout_kl_rel_error"] <= 1.0
     assert (
         m["teacher_cache"]["k"] == 8 and m["teacher_cache"]["bytes_per_token"] <= 8 * (2 + 2) + 4 + 1
@@ -61,7 +70,8 @@ def test_cached_teacher_run_end_to_end(lm_world, tmp_path):
     run = tmp_path / "run"
     report = (run / "report.md").read_text()
     assert "perplexity" in report and "Greedy continuations" in report
-    assert (run / "plots" / "perplexity.png").is_file()
+    assert (run / "plots" / "perplexity.png").is_file() and (run / "plots" / "acceptance.png").is_file()
+    assert "The student as a draft for the teacher" in report
     # The exported student is a plain HF folder: transformers reloads it and gives the same logits.
     reloaded = AutoModelForCausalLM.from_pretrained(str(run / "student")).eval()
     AutoTokenizer.from_pretrained(str(run / "student"))
