@@ -181,9 +181,12 @@ def test_sigkill_with_an_interval_loses_at_most_the_interval_then_resume_equals_
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # as the child: identical float reductions
     try:
-        _sigkill_then_resume(tmp_path)
+        done, kept, reference, resumed = _sigkill_then_resume(tmp_path)
     finally:
         torch.set_num_threads(before)
+    assert kept % 3 == 0 and 0 <= done - kept < 3, (done, kept)  # at most the interval's work (3 steps) is lost
+    for a, b in zip(reference.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
 
 
 def _steps_done(progress) -> int:
@@ -193,6 +196,7 @@ def _steps_done(progress) -> int:
 
 
 def _sigkill_then_resume(tmp_path):
+    """(steps the child finished, the step of its last checkpoint, an uninterrupted run, the resumed run)."""
     progress, ckpt = tmp_path / "progress", tmp_path / "run"
     kill_at = random.Random(os.getpid()).randint(5, 40)
     proc = subprocess.Popen([sys.executable, "-c", CHILD, str(progress), str(ckpt)],
@@ -208,7 +212,6 @@ def _sigkill_then_resume(tmp_path):
     proc.wait()
     done = _steps_done(progress)
     kept = json.loads((ckpt / "latest.json").read_text())["step"]
-    assert kept % 3 == 0 and 0 <= done - kept < 3, (done, kept)  # at most the interval's work (3 steps) is lost
 
     g = torch.Generator().manual_seed(0)
     data = TensorData(torch.randn(96, 6, generator=g), torch.randint(0, 3, (96,), generator=g))
@@ -222,9 +225,7 @@ def _sigkill_then_resume(tmp_path):
               resume=resume)  # fmt: skip
         return m
 
-    reference, resumed = run(tmp_path / "ref", False), run(ckpt, True)
-    for a, b in zip(reference.state_dict().values(), resumed.state_dict().values()):
-        assert torch.equal(a, b)
+    return done, kept, run(tmp_path / "ref", False), run(ckpt, True)
 
 
 def test_the_scheduler_counts_the_optimizer_the_loop_steps(tmp_path):
