@@ -404,6 +404,11 @@ class DistillConfig(Section):
         description="Fold the teacher's BatchNorm layers into its convolutions (torch.fx; same outputs to float "
         "rounding, faster). Models that cannot be traced are used as they are.",
     )
+    teacher_compile: Literal["off", "default", "max-autotune"] = Field(
+        "off",
+        description="torch.compile the teacher's forward (mode default, or max-autotune-no-cudagraphs): 0.82-0.88x "
+        "the KD step on the benchmarked CNN after a ~20 s first compile (docs/benchmarks.md); pays on long runs.",
+    )
 
 
 class EvalConfig(Section):

@@ -15,7 +15,8 @@ def frozen(model: nn.Module, distill, example: torch.Tensor, device: str, log=No
     (a fold is checked on `example`). Teacher members are wrapped here, and so are students when their cost is
     measured, so that both are timed the same way."""
     return Teacher.from_settings(model, precision=distill.teacher_precision, channels_last=distill.channels_last,
-                                 fuse_bn=distill.teacher_fuse_bn, example=example, device=device, log=log)
+                                 fuse_bn=distill.teacher_fuse_bn, example=example, device=device, log=log,
+                                 compile=distill.teacher_compile)
 
 
 class LiveTeacher:

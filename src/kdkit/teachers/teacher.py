@@ -44,6 +44,7 @@ class Teacher(nn.Module):
         fuse_bn: bool = False,
         example: torch.Tensor | None = None,
         log: Log | None = None,
+        compile: str = "off",
     ):
         super().__init__()
         self.fused = False
@@ -58,6 +59,10 @@ class Teacher(nn.Module):
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.eval()
+        self.compiled = compile
+        # What forward() calls: the model, or torch.compile of it. Kept out of the module tree (no second copy of
+        # the weights in state_dict); taps, the fingerprint and hidden_forward use the plain model.
+        object.__setattr__(self, "_run", self.model if compile == "off" else _compiled(self.model, compile))
 
     @classmethod
     def from_settings(
@@ -70,6 +75,7 @@ class Teacher(nn.Module):
         example: torch.Tensor | None = None,
         device: str | torch.device | None = None,
         log: Log | None = None,
+        compile: str = "off",
     ) -> Teacher:
         """One member as a run uses it, from the run's settings: distill.teacher_precision, distill.channels_last
         and distill.teacher_fuse_bn. Moves the model (and the example) to `device` first. `example`: a few inputs
@@ -79,7 +85,7 @@ class Teacher(nn.Module):
         if device is not None:
             model = model.to(device)
             example = example.to(device) if example is not None else None
-        return cls(model, precision, channels_last, fuse_bn, example=example, log=log)
+        return cls(model, precision, channels_last, fuse_bn, example=example, log=log, compile=compile)
 
     def train(self, mode: bool = True) -> Teacher:
         # A teacher stays in eval mode (BatchNorm statistics and dropout frozen), whatever the caller asks.
@@ -103,7 +109,7 @@ class Teacher(nn.Module):
             if self.channels_last and inputs.dim() == 4:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
             with self._autocast(inputs.device.type):
-                out = self.model(inputs)
+                out = self._run(inputs)
             logits = getattr(out, "logits", out).float()
             features = self.taps.collect() if self.taps is not None else {}
         # Features leave inference mode as ordinary tensors (a clone), so that losses may save them for backward.
@@ -147,6 +153,16 @@ class Teacher(nn.Module):
         got = out.logits.shape[-1]
         if got != num_classes:
             raise CompatibilityError(f"{where}: outputs {got} classes; the data has {num_classes}")
+
+
+COMPILE_MODES = {"default": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+
+
+def _compiled(model: nn.Module, mode: str):
+    """torch.compile of a frozen model (distill.teacher_compile); compiled lazily, at the first call per shape."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile={mode!r}; expected off or one of {', '.join(COMPILE_MODES)}")
+    return torch.compile(model, mode=COMPILE_MODES[mode])
 
 
 def fold_batchnorm(model: nn.Module, example: torch.Tensor | None, log: Log | None = None) -> tuple[nn.Module, bool]:
