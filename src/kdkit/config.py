@@ -484,6 +484,21 @@ class GenerationConfig(Section):
     do_sample: bool = Field(True, description="Sample (true) or take the most likely token (false, greedy).")
 
 
+class DraftConfig(Section):
+    """The student as the draft of speculative decoding for the teacher, its target (docs/llm.md)."""
+
+    enabled: bool = Field(
+        False,
+        description="Make a draft: the student must be smaller than the (one-member) teacher; evaluation adds the "
+        "acceptance of the untrained draft and HF assisted generation end to end (metrics.json's draft).",
+    )
+    k: int = Field(4, ge=1, description="Draft tokens per target call in the end-to-end check.")
+    prompts: int = Field(
+        4, ge=1, description="Held-out prompts (the test blocks' first llm.prompt_tokens) timed end to end."
+    )
+    max_new_tokens: int = Field(32, ge=1, description="Tokens generated per prompt in the end-to-end check.")
+
+
 class LLMConfig(Section):
     """Language-model distillation (data.task: causal_lm)."""
 
@@ -513,6 +528,7 @@ class LLMConfig(Section):
     )
     generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Sampling settings.")
     report_samples: int = Field(3, ge=0, le=20, description="Greedy continuations shown side by side in the report.")
+    draft: DraftConfig = Field(default_factory=DraftConfig, description="Draft models for speculative decoding.")
 
 
 class RunConfig(Section):

@@ -76,7 +76,9 @@ class CausalLM:
         return lm_recipe(cfg, data, teacher, run, on_epoch)
 
     def evaluate(self, cfg, data, teacher, results, run, best, recipe):
-        return causal_lm_eval.evaluate(cfg, data, teacher, results, run.device, best, recipe)
+        untrained = (lambda seed: build_lm_student(cfg, teacher, seed)) if cfg.llm.draft.enabled else None
+        return causal_lm_eval.evaluate(cfg, data, teacher, results, run.device, best, recipe,
+                                       untrained_draft=untrained, log=run.log)
 
     def save_student(self, model: nn.Module, folder: Path, data: LMBundle, cfg: KDConfig) -> None:
         save_lm_folder(model, data.tokenizer, folder)
@@ -170,6 +172,7 @@ def build_lm_student(cfg: KDConfig, teacher: TeacherEnsemble, seed: int) -> nn.M
 
 def lm_recipe(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, run: RunDir, on_epoch) -> Recipe:
     """Per seed: a baseline on the text alone (token_ce) and the distilled student, same initialisation and order."""
+    check_draft(cfg, teacher, run)
     kd_data = with_sequence_kd(cfg, data, teacher, run)
     losses = cfg.distill.losses
     loss, schedules, base_loss = lm_loss(cfg), loss_schedules(losses), baseline_loss("token_ce", ())
@@ -194,6 +197,33 @@ def lm_recipe(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, run: RunD
     return Recipe(["baseline"] * cfg.student.baseline + ["student"], fit,
                   lambda model, folder: save_lm_folder(model, data.tokenizer, folder), load, loss.formula(),
                   selection, info)
+
+
+def check_draft(cfg: KDConfig, teacher: TeacherEnsemble, run: RunDir) -> None:
+    """llm.draft.enabled: the student is the draft of speculative decoding for the teacher, so it must have fewer
+    parameters than the target (one member) and its vocabulary. Checked on the first seed's student as the recipe
+    builds it (the architecture is the same for every seed), before anything is generated or trained."""
+    if not cfg.llm.draft.enabled:
+        return
+    if len(teacher.members) != 1:
+        raise ConfigError(
+            f"teacher.members: {len(teacher.members)} members; llm.draft.enabled needs one target model (one member)"
+        )
+    from kdkit.generation.assisted import check_pair
+
+    with torch.random.fork_rng(devices=[]):  # building seeds torch; the run's random state stays as it was
+        target, draft = teacher.members[0].model, build_lm_student(cfg, teacher, cfg.run.seeds[0])
+    t_params, d_params = (sum(p.numel() for p in m.parameters()) for m in (target, draft))
+    if d_params >= t_params:
+        raise CompatibilityError(
+            f"student.model: the draft has {d_params} parameters, the target {t_params}; a draft must be smaller"
+        )
+    try:
+        check_pair(target, draft, cfg.llm.draft.k)
+    except ValueError as exc:
+        raise CompatibilityError(f"student.model: {exc}") from None
+    run.log(f"draft: {d_params / 1e6:.2f} M parameters for a target of {t_params / 1e6:.2f} M "
+            f"({d_params / t_params:.1%}); k = {cfg.llm.draft.k} draft tokens per target call")
 
 
 def lm_loss(cfg: KDConfig):

@@ -26,13 +26,17 @@ GAIN_KEYS = ("nll", "perplexity", "accuracy", "agreement", "kl", "acceptance")
 
 
 def evaluate(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, results: dict, device: str, best: dict,
-             recipe=None):
-    """(metrics.json, extras for the report) on the test blocks."""
+             recipe=None, untrained_draft: Callable[[int], nn.Module] | None = None,
+             log: Callable[[str], None] = print):
+    """(metrics.json, extras for the report) on the test blocks. untrained_draft(seed): the student as the recipe
+    builds it before training (llm.draft.enabled: metrics.json's "draft", see draft_metrics)."""
     e = cfg.eval
     models: dict[str, Callable] = {"teacher": teacher.logits}
     for kind, _ in KINDS:
         for r in results[kind]:
             models[r.phase.name] = r.model.to(device).eval()
+    if untrained_draft is not None:
+        models[UNTRAINED] = untrained_draft(best["seed"]).to(device).eval()
     widths = [teacher.members[0].model.get_output_embeddings().weight.shape[0]]
     widths += [r.model.get_output_embeddings().weight.shape[0] for k, _ in KINDS for r in results[k]]
     shared = min(widths) if len(set(widths)) > 1 else None
@@ -44,9 +48,13 @@ def evaluate(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, results: d
     if base:
         drafts["baseline_student"] = base[0]
     curves = AcceptanceCurves(drafts, shared)
+    ks = tuple(range(1, max(AcceptanceCurves.KS[-1], cfg.llm.draft.k) + 1))
+    draft_curves = AcceptanceCurves({"untrained": UNTRAINED, **drafts}, shared, ks) if UNTRAINED in models else None
 
     def on_batch(logits, labels):
         curves(logits, labels)
+        if draft_curves is not None:
+            draft_curves(logits, labels)
         if topk is not None:
             topk(logits, labels)
 
@@ -55,6 +63,10 @@ def evaluate(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, results: d
     if topk is not None:
         info["teacher_cache"] = cache | topk.summary()
     info["acceptance_curve"] = curves.summary()
+    if draft_curves is not None:
+        models.pop(UNTRAINED).cpu()
+        phases = {"untrained": UNTRAINED, **drafts}
+        info["draft"] = draft_metrics(cfg, data, teacher, results, phases, scores, draft_curves.summary(), device, log)
     per_seed = {key: [scores[r.phase.name] for r in results[kind]] for kind, key in KINDS if results[kind]}
     seeds = [r.phase.seed for r in results["student"]]
     cost = costs(cfg, data, teacher, results, device)
@@ -120,6 +132,63 @@ class TopKError:
         return out
 
 
+UNTRAINED = "draft-untrained"  # the untrained draft's key among the evaluated models
+
+
+def draft_metrics(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, results: dict, phases: dict[str, str],
+                  scores: dict, curves: dict, device: str, log: Callable[[str], None]) -> dict:
+    """metrics.json's "draft" (llm.draft.enabled): the student as the draft of speculative decoding for the teacher.
+
+    target: the teacher's name and fingerprint (its first 12 hex digits); k: draft tokens per target call.
+    untrained / baseline_student / student: {"acceptance": Σ min(p, q) per position at T = 1, "curve": {mode:
+    {k: expected tokens per target call}}} on the test text, for the draft before training, trained on the text
+    alone and distilled (the best seed's). assisted (assisted_baseline): HF greedy assisted generation of the first
+    llm.draft.prompts test prompts, target alone vs target + draft (AssistedComparison as a dict), with the check that
+    the outputs are the target's own: identical False is logged loudly, not raised, so the run keeps its figures.
+    """
+    d = cfg.llm.draft
+    out: dict = {
+        "target": {"name": cfg.teacher.members[0].model.path, "fingerprint": teacher.fingerprint()[:12]},
+        "k": d.k,
+    }
+    for key, phase in phases.items():
+        curve = {mode: by_key[key] for mode, by_key in curves.items()}
+        out[key] = {"acceptance": round(scores[phase]["acceptance"], 4), "curve": curve}
+    lengths = data.test.lengths.tolist()
+    p = cfg.llm.prompt_tokens
+    prompts = [data.test.ids[i, : min(p, lengths[i])].tolist() for i in range(min(d.prompts, len(data.test)))]
+    trained = {r.phase.name: r.model for kind, _ in KINDS for r in results[kind]}
+    for key, name in (("student", "assisted"), ("baseline_student", "assisted_baseline")):
+        if key in phases:
+            out[name] = assisted(teacher.members[0].model, trained[phases[key]].to(device), prompts, d.k,
+                                 d.max_new_tokens, data.test.eos_id, f"{name} ({phases[key]})", log)
+    return out
+
+
+def assisted(target: nn.Module, draft: nn.Module, prompts: list[list[int]], k: int, max_new_tokens: int, eos_id,
+             what: str, log: Callable[[str], None]) -> dict:
+    """compare_assisted (greedy, batch 1, one timed run of each prompt, not strict) as a dict for metrics.json."""
+    from kdkit.generation.assisted import compare_assisted
+
+    c = compare_assisted(target, draft, prompts, max_new_tokens, k, repeats=1, strict=False, eos_token_id=eos_id)
+    if not c.identical:
+        log(f"WARNING draft: {what}: greedy assisted generation differs from the target's own output on prompts "
+            f"{c.mismatches}; speculative decoding must not change the output")
+    log(f"draft: {what}: {c.speedup:.2f}× the target's tokens/s at k = {k} ({c.tokens_per_target_call:.2f} tokens "
+        f"per target call), outputs {'identical' if c.identical else 'NOT IDENTICAL'}")
+    return {
+        "prompts": len(prompts),
+        "max_new_tokens": max_new_tokens,
+        "new_tokens": c.new_tokens,
+        "target_tokens_per_s": round(c.target_tokens_per_s, 2),
+        "assisted_tokens_per_s": round(c.assisted_tokens_per_s, 2),
+        "speedup": round(c.speedup, 3),
+        "tokens_per_target_call": round(c.tokens_per_target_call, 3),
+        "identical": c.identical,
+        "mismatches": len(c.mismatches),
+    }
+
+
 class AcceptanceCurves:
     """The teacher as the target of speculative decoding, each draft (the best seed's distilled student, the
     baseline of the same seed) as its draft: the expected tokens per target call for k = 1 … 8 draft tokens,
@@ -128,8 +197,8 @@ class AcceptanceCurves:
 
     KS = tuple(range(1, 9))
 
-    def __init__(self, drafts: dict[str, str], vocab_size: int | None):
-        self.drafts, self.vocab_size = drafts, vocab_size
+    def __init__(self, drafts: dict[str, str], vocab_size: int | None, ks: tuple[int, ...] = KS):
+        self.drafts, self.vocab_size, self.ks = drafts, vocab_size, ks
         self.alpha: dict[str, dict[str, list[torch.Tensor]]] = {"temperature_1": {}, "greedy": {}}
 
     def __call__(self, logits: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
@@ -151,7 +220,7 @@ class AcceptanceCurves:
             out[mode] = {}
             for key, parts in by_key.items():
                 alpha = torch.cat(parts)
-                ks = [k for k in self.KS if k < alpha.shape[1]]
+                ks = [k for k in self.ks if k < alpha.shape[1]]
                 out[mode][key] = {str(k): round(v, 4) for k, v in acceptance_curve(alpha, ks).items()}
         return out
 

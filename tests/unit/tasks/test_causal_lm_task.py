@@ -181,3 +181,106 @@ def test_hidden_state_with_a_learned_projection_on_decoder_layers(lm_world, tmp_
     cached = {**cfg, "distill": {**cfg["distill"], "cache_teacher": True}}
     with pytest.raises(ConfigError, match="feature losses need the live teacher"):
         distill(cached, out=tmp_path / "run2", log=lambda m: None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# llm.draft: the student as the draft of speculative decoding for the teacher
+
+
+def draft_config(corpus, teacher, tmp_path, **sections) -> dict:
+    """The LM run above as a draft run: DistillSpec's TVD with a little token_ce, k = 3, two prompts end to end."""
+    losses = [{"name": "token_ce", "weight": 0.1}, {"name": "token_kl", "weight": 0.9, "params": {"direction": "tvd"}}]
+    cfg = lm_config(corpus, teacher, tmp_path, distill={"losses": losses}, train={"epochs": 1},
+                    llm={"draft": {"enabled": True, "k": 3, "prompts": 2, "max_new_tokens": 8}})
+    for name, values in sections.items():
+        cfg[name] = {**cfg.get(name, {}), **values}
+    return cfg
+
+
+def test_draft_run_reports_acceptance_and_assisted_generation(lm_world, tmp_path):
+    from kdkit.evaluate.schema import mean_of
+
+    corpus, teacher, _ = lm_world
+    said = []
+    result = distill(draft_config(corpus, teacher, tmp_path), out=tmp_path / "run", log=said.append)
+    m = result.metrics
+    check_metrics(m)
+    d = m["draft"]
+    assert d["k"] == 3
+    assert d["target"] == {"name": str(teacher), "fingerprint": result.teacher.fingerprint()[:12]}
+    for key in ("untrained", "baseline_student", "student"):
+        assert 0.0 < d[key]["acceptance"] <= 1.0, key
+        for mode in ("temperature_1", "greedy"):
+            curve = d[key]["curve"][mode]
+            assert [int(k) for k in curve] == list(range(1, 9))
+            assert all(1.0 <= e <= int(k) + 1 for k, e in curve.items()), (key, mode, curve)
+    # The trained drafts' figures are the ones the run's own acceptance metrics hold; training moved the draft.
+    assert d["student"]["acceptance"] == pytest.approx(mean_of(m["student"]["acceptance"]), abs=1e-4)
+    assert d["baseline_student"]["acceptance"] == pytest.approx(mean_of(m["baseline_student"]["acceptance"]), abs=1e-4)
+    for mode in ("temperature_1", "greedy"):
+        assert d["student"]["curve"][mode] == m["acceptance_curve"][mode]["student"]
+    assert d["untrained"]["acceptance"] != pytest.approx(d["student"]["acceptance"], abs=1e-6)
+    for key in ("assisted", "assisted_baseline"):
+        a = d[key]
+        assert a["identical"] is True and a["mismatches"] == 0, a
+        assert a["prompts"] == 2 and a["max_new_tokens"] == 8 and 0 < a["new_tokens"] <= 2 * 8
+        assert 1.0 <= a["tokens_per_target_call"] <= 3 + 1
+        assert a["target_tokens_per_s"] > 0 and a["assisted_tokens_per_s"] > 0 and a["speedup"] > 0
+    assert any("draft: assisted (student-s0)" in s and "identical" in s for s in said)
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "## Draft for speculative decoding" in report
+    assert d["target"]["fingerprint"] in report and str(teacher) in report
+    for label in ("untrained draft", "text-only draft", "distilled draft", "tokens/call, k=3"):
+        assert label in report, label
+
+
+def test_draft_bad_input_is_named_in_one_line(lm_world, tmp_path):
+    corpus, teacher, other = lm_world
+    cfg = draft_config(corpus, teacher, tmp_path)
+    with pytest.raises(ConfigError, match="llm.draft.k"):
+        load_config({**cfg, "llm": {"draft": {"enabled": True, "k": 0}}})
+    # A draft as big as its target (the target itself, loaded from its folder): refused before anything is trained.
+    same = draft_config(corpus, teacher, tmp_path, student={"model": {"source": "hf", "path": str(teacher)}})
+    with pytest.raises(CompatibilityError) as caught:
+        distill(same, out=tmp_path / "same", log=lambda m: None)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("student.model: the draft has ") and message.endswith("; a draft must be smaller")
+    params = sum(p.numel() for p in result_model(teacher).parameters())
+    assert f"the draft has {params} parameters, the target {params}" in message
+    assert not (tmp_path / "same" / "phases").exists() or not any((tmp_path / "same" / "phases").iterdir())
+    # A smaller draft with another tokenizer, and two targets: one line each.
+    foreign = draft_config(corpus, teacher, tmp_path, student={"model": {"source": "hf", "path": str(other)}})
+    with pytest.raises(CompatibilityError, match=r"^student.model: draft vocab_size: \d+; expected the target's"):
+        distill(foreign, out=tmp_path / "foreign", log=lambda m: None)
+    two = draft_config(corpus, teacher, tmp_path)
+    two["teacher"]["members"].append({"model": {"source": "hf", "path": str(teacher)}})
+    with pytest.raises(ConfigError, match="teacher.members: 2 members; llm.draft.enabled needs one target"):
+        distill(two, out=tmp_path / "two", log=lambda m: None)
+
+
+def result_model(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder))
+
+
+def test_draft_section_reads_k_and_flags_a_changed_output():
+    from kdkit.report.lm import draft_section
+
+    curve = {"temperature_1": {"1": 1.5, "2": 1.75}, "greedy": {"1": 1.25, "2": 1.5}}
+    assisted = {"prompts": 2, "max_new_tokens": 8, "new_tokens": 16, "target_tokens_per_s": 100.0,
+                "assisted_tokens_per_s": 150.0, "speedup": 1.5, "tokens_per_target_call": 2.5, "identical": True,
+                "mismatches": 0}
+    draft = {"target": {"name": "t", "fingerprint": "abcdef012345"}, "k": 2,
+             "untrained": {"acceptance": 0.25, "curve": curve}, "student": {"acceptance": 0.5, "curve": curve},
+             "assisted": assisted}
+    text = draft_section({"draft": draft})
+    assert "**t** (teacher fingerprint `abcdef012345`)" in text
+    assert "| untrained draft | 0.250 | 1.75 | 1.50 |" in text and "| distilled draft | 0.500 | 1.75 | 1.50 |" in text
+    assert "text-only draft" not in text  # no baseline was trained
+    assert "| distilled draft | 100.0 | 150.0 | 1.50× | 2.50 | yes |" in text and "WARNING" not in text
+    changed = {**draft, "assisted": {**assisted, "identical": False, "mismatches": 1}}
+    text = draft_section({"draft": changed})
+    assert "**NO: 1 prompt(s) differ**" in text and "WARNING" in text
+    assert draft_section({}) is None
