@@ -150,6 +150,16 @@ def wait_for_quiet(threshold: float = 1.5, max_wait_s: float = 600.0, poll_s: fl
     }
 
 
+def add_run_args(p) -> None:
+    """The options every timing bench takes: --write / --docs (append a dated section to docs/benchmarks.md) and
+    the quiet-machine wait (--load-threshold, --max-wait, --no-wait; see wait_for_quiet)."""
+    p.add_argument("--write", action="store_true", help="append a dated section to --docs")
+    p.add_argument("--docs", type=Path, default=Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md")
+    p.add_argument("--load-threshold", type=float, default=1.5, help="wait while the 1-min load is above this")
+    p.add_argument("--max-wait", type=float, default=600.0, help="seconds to wait for a quiet machine at most")
+    p.add_argument("--no-wait", action="store_true", help="start at once whatever the load")
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

@@ -51,6 +51,7 @@ from pathlib import Path
 
 from common import (
     CpuWatch,
+    add_run_args,
     append_section,
     loadavg,
     log,
@@ -743,8 +744,7 @@ def to_markdown(result: dict) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny models, in-process, one thread: a smoke run")
-    p.add_argument("--write", action="store_true", help="append a dated section to --docs")
-    p.add_argument("--docs", type=Path, default=HERE.parent / "docs" / "benchmarks.md")
+    add_run_args(p)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default 4 on CPU, 16 on CUDA)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 256 on CPU, 1024 on CUDA)")
@@ -753,9 +753,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunks", default=None,
                    help="chunk sizes of the whole-logits comparison runs, comma-separated, 'none' for whole logits")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in the workers")
-    p.add_argument("--load-threshold", type=float, default=1.5, help="wait while the 1-min load is above this")
-    p.add_argument("--max-wait", type=float, default=600.0, help="seconds to wait for a quiet machine at most")
-    p.add_argument("--no-wait", action="store_true", help="start at once whatever the load")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 

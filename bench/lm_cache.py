@@ -40,6 +40,7 @@ from pathlib import Path
 
 from common import (
     CpuWatch,
+    add_run_args,
     append_section,
     loadavg,
     log,
@@ -311,17 +312,13 @@ def to_markdown(result: dict) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a tiny random model, one thread: a smoke run")
-    p.add_argument("--write", action="store_true", help="append a dated section to --docs")
-    p.add_argument("--docs", type=Path, default=HERE.parent / "docs" / "benchmarks.md")
+    add_run_args(p)
     p.add_argument("--random-teacher", action="store_true", help="a random-init model of SmolLM2-135M's shape")
     p.add_argument("--blocks", type=int, default=None, help="token blocks per part (default 16)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per block (default 256)")
     p.add_argument("--batch-size", type=int, default=None, help="blocks per teacher call (default 8)")
     p.add_argument("--rounds", type=int, default=None, help="rounds of both parts (default 3)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--load-threshold", type=float, default=1.5, help="wait while the 1-min load is above this")
-    p.add_argument("--max-wait", type=float, default=600.0, help="seconds to wait for a quiet machine at most")
-    p.add_argument("--no-wait", action="store_true", help="start at once whatever the load")
     return p.parse_args(argv)
 
 

@@ -38,7 +38,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -47,6 +46,7 @@ from torch import nn
 
 from common import (
     CpuWatch,
+    add_run_args,
     append_section,
     loadavg,
     log,
@@ -1201,14 +1201,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--quick", action="store_true", help="tiny models, a few steps, one thread: a smoke run, figures mean nothing"
     )
-    p.add_argument("--write", action="store_true", help="append a dated section to --docs")
-    p.add_argument("--docs", type=Path, default=Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md")
+    add_run_args(p)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--steps", type=int, default=None, help="steps per timed call (default 5)")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 5)")
-    p.add_argument("--load-threshold", type=float, default=1.5, help="wait while the 1-min load is above this")
-    p.add_argument("--max-wait", type=float, default=600.0, help="seconds to wait for a quiet machine at most")
-    p.add_argument("--no-wait", action="store_true", help="start at once whatever the load")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile configurations (section (c))")
     return p.parse_args(argv)
 

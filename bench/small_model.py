@@ -41,6 +41,7 @@ from torch import nn
 
 from common import (
     CpuWatch,
+    add_run_args,
     append_section,
     loadavg,
     log,
@@ -231,14 +232,10 @@ Goal: kdkit with its default checkpointing <= {goal["goal"]}x the plain loop: {g
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run (the figures mean nothing)")
-    p.add_argument("--write", action="store_true", help="append a dated section to --docs")
-    p.add_argument("--docs", type=Path, default=Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md")
+    add_run_args(p)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 2)")
     p.add_argument("--no-progress", action="store_true", help="kdkit's progress bar off")
-    p.add_argument("--load-threshold", type=float, default=1.5, help="wait while the 1-min load is above this")
-    p.add_argument("--max-wait", type=float, default=600.0, help="seconds to wait for a quiet machine at most")
-    p.add_argument("--no-wait", action="store_true", help="start at once whatever the load")
     return p.parse_args(argv)
 
 
