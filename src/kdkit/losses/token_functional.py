@@ -33,11 +33,15 @@ Shapes: student_logits, teacher_logits (B, T, V); labels (B, T) int64 → a () f
 sparse_token_divergence takes the teacher as SparseLogprobs (its top-k ids and log-probs plus the log of the rest
 mass, from the offline cache kdkit.data.lm_cache) instead of dense logits, with the same conventions; topk_kl_error
 measures what the top-k cache loses against the dense teacher.
+
+drop_hardest_labels is AdaSPEC's token filter (TokenKL's drop_hardest): the labels with the positions of the largest
+divergence set to ignore_index, for any of the losses above to be called with.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -472,6 +476,68 @@ def topk_kl_error(
     out["rel_error"] = out["abs_error"] / out["dense_kl"] if out["dense_kl"] > 0 else 0.0
     out["tokens"] = n
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# AdaSPEC's token filter: leave out the positions where the student is furthest from the teacher.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def drop_count(n_real: int, fraction: float) -> int:
+    """How many of n_real positions a filter of `fraction` drops: floor(fraction × n_real).
+
+    The product is rounded to 9 decimals before the floor, so that 0.29 × 100 (28.999999999999996 in floats)
+    drops 29, not 28. With 0 ≤ fraction < 1 at least one position of a non-empty batch is kept.
+    """
+    return math.floor(round(fraction * n_real, 9))
+
+
+@torch.no_grad()
+def drop_hardest_labels(
+    values_at: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    labels: torch.Tensor | None,
+    batch: int,
+    length: int,
+    fraction: float,
+    shift: bool = True,
+    chunk_size: int | None = None,
+    ignore_index: int = -100,
+    device: torch.device | None = None,
+) -> tuple[torch.Tensor | None, int, int]:
+    """The labels without the hardest positions: (labels', kept, n_real).
+
+    AdaSPEC (2025, "AdaSPEC: Selective Knowledge Distillation for Efficient Speculative Decoders") trains
+    a draft model only on the tokens it can learn: the positions where it is furthest from the target are left out
+    of the distillation loss, so that its small capacity goes to tokens it can match. Here: of the n_real positions
+    that count (real_positions: labels ≠ ignore_index, after the shift), the drop_count(n_real, fraction) with the
+    largest values_at(rows, cols) → (k,) (the per-position divergence: per_position_divergence or
+    sparse_per_position_divergence at those positions) are dropped, by setting the label they are compared with
+    to ignore_index (labels[b, t + 1] with shift, labels[b, t] without). Any token loss then called with labels'
+    reads the kept positions only.
+
+    values_at is called chunk_size positions at a time (all at once for None), under no_grad: the ranking adds no
+    autograd graph. Ties: a stable descending sort, so among equal values the earlier position in row-major (b, t)
+    order is dropped first. A NaN value ranks below every number: it is kept, so that a diverged student shows in
+    the loss (and the engine's non-finite check) instead of being filtered out. Values computed with another chunk
+    size can differ in the last bit, and so can the choice between near-equal positions.
+    labels (B, T) or None (every position counts) → a new tensor (labels itself when nothing is dropped: fraction
+    0, or a batch too small for floor(fraction × n_real) ≥ 1); kept = n_real − dropped.
+    """
+    rows, cols = real_positions(labels, batch, length, shift, ignore_index, device)
+    n_real = rows.numel()
+    n_drop = drop_count(n_real, fraction)
+    if n_drop == 0:
+        return labels, n_real, n_real
+    step = chunk_size or n_real
+    values = torch.cat([values_at(r, c) for r, c in zip(rows.split(step), cols.split(step))])
+    values = torch.where(values.isnan(), -math.inf, values)
+    drop = torch.sort(values, descending=True, stable=True).indices[:n_drop]
+    if labels is None:  # every position counts: any label but ignore_index marks it
+        kept = torch.zeros(batch, length, dtype=torch.long, device=rows.device)
+    else:
+        kept = labels.to(rows.device, copy=True)
+    kept[rows[drop], cols[drop] + int(shift)] = ignore_index
+    return kept, n_real - n_drop, n_real
 
 
 def forward_kl(student_logits, teacher_logits, labels=None, temperature=1.0, **kw) -> torch.Tensor:

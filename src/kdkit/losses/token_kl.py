@@ -28,6 +28,15 @@ class TokenKL(Loss):
     A teacher read from the offline top-k cache (teacher.sparse, kdkit.data.lm_cache) is compared over its k ids
     plus one bucket for the rest (Ft.sparse_token_divergence); its ids must lie within the student's (shared)
     logits, and the cache must have been built at this temperature (the cache's manifest records it).
+    drop_hardest: AdaSPEC's token filter (Ft.drop_hardest_labels), 0 ≤ x < 1. In each call, of the n_real positions
+    that count (labels ≠ -100 after the shift), the floor(x · n_real) with the largest divergence (this direction,
+    β and temperature, computed without gradient, chunk_size positions at a time) get no loss and no gradient; ties
+    drop the earlier position in row-major (b, t) order first. The loss is Σ_kept D / N' with N' = kept when no
+    count is given (the mean over the kept positions), else N' = N · kept / n_real for the given (global) count N:
+    the scale stays that of a mean per kept token, and the micro-batches of an accumulation step add up to
+    Σ_kept D / (kept tokens of the step) exactly when each keeps the same share (each is weighted by its real
+    tokens, as without the filter). Both teachers (dense logits and the cached top-k); not the fused head
+    (token_term gives None, so the loss runs on whole logits). 0 (the default) is the loss without the filter.
     """
 
     name = "token_kl"
@@ -41,11 +50,13 @@ class TokenKL(Loss):
         shift: bool = True,
         num_real_tokens: int | None = None,
         vocab_size: int | None = None,
+        drop_hardest: float = 0.0,
     ):
         super().__init__()
         choice("direction", direction, Ft.DIRECTIONS)
         beta = number("beta", beta, lambda v: 0 <= v <= 1, "0 <= beta <= 1")
         temperature = positive("temperature", temperature)
+        drop_hardest = number("drop_hardest", drop_hardest, lambda v: 0 <= v < 1, "0 <= drop_hardest < 1")
         for param, value, what in (
             ("chunk_size", chunk_size, "a positive number of positions or null"),
             ("vocab_size", vocab_size, "a positive number of shared ids or null"),
@@ -62,6 +73,7 @@ class TokenKL(Loss):
         self.shift = bool(shift)
         self.num_real_tokens = num_real_tokens
         self.vocab_size = vocab_size
+        self.drop_hardest = drop_hardest
         self._checked_widths: set[int] = set()
 
     def forward(
@@ -73,36 +85,66 @@ class TokenKL(Loss):
     ):
         if num_real_tokens is None:  # the engine's share of the optimizer step's global count, for this shift
             num_real_tokens = Ft.step_count(batch, self.shift)
+        count = self.num_real_tokens if num_real_tokens is None else num_real_tokens
         if teacher.sparse is not None:
-            return self._sparse(student, teacher.sparse, batch, num_real_tokens)
+            return self._sparse(student, teacher.sparse, batch, count)
         s, t = align_vocab(student.logits, teacher.logits, self.vocab_size, where=self.name)
+
+        def values_at(r, c):
+            return Ft.per_position_divergence(s[r, c], t[r, c], self.direction, self.beta, self.temperature)
+
+        labels, count = self._keep(s, values_at, batch.labels, count)
         return Ft.token_divergence(
             s,
             t,
-            batch.labels,
+            labels,
             direction=self.direction,
             beta=self.beta,
             temperature=self.temperature,
             shift=self.shift,
-            num_real_tokens=self.num_real_tokens if num_real_tokens is None else num_real_tokens,
+            num_real_tokens=count,
             chunk_size=self.chunk_size,
         )
 
-    def _sparse(self, student: ModelOutputs, sparse: SparseLogprobs, batch: Batch, num_real_tokens):
+    def _sparse(self, student: ModelOutputs, sparse: SparseLogprobs, batch: Batch, count):
         """The top-k teacher of the offline cache: Ft.sparse_token_divergence over the student's shared ids."""
         s = student.logits if self.vocab_size is None else student.logits[..., : self.vocab_size]
         self._check_ids(sparse, s.shape[-1])
+        labels = batch.labels
+        if self.drop_hardest > 0:
+            Ft._check_sparse(s, sparse)  # the shapes, named, before the filter indexes the entries
+            ids, lp, rest = (x.detach().to(s.device) for x in (sparse.ids, sparse.logprobs, sparse.rest))
+
+            def values_at(r, c):
+                return Ft.sparse_per_position_divergence(
+                    s[r, c], ids[r, c], lp[r, c], rest[r, c], self.direction, self.beta, self.temperature
+                )
+
+            labels, count = self._keep(s, values_at, labels, count)
         return Ft.sparse_token_divergence(
             s,
             sparse,
-            batch.labels,
+            labels,
             direction=self.direction,
             beta=self.beta,
             temperature=self.temperature,
             shift=self.shift,
-            num_real_tokens=self.num_real_tokens if num_real_tokens is None else num_real_tokens,
+            num_real_tokens=count,
             chunk_size=self.chunk_size,
         )
+
+    def _keep(self, s: torch.Tensor, values_at, labels: torch.Tensor | None, count):
+        """(labels, count) for the loss: with drop_hardest, the hardest positions' labels set to -100
+        (Ft.drop_hardest_labels) and a given count scaled by kept / real (see the class docstring)."""
+        if self.drop_hardest == 0:
+            return labels, count
+        b, t = s.shape[:2]
+        labels, kept, n_real = Ft.drop_hardest_labels(
+            values_at, labels, b, t, self.drop_hardest, self.shift, self.chunk_size, device=s.device
+        )
+        if count is None or kept == n_real:
+            return labels, count
+        return labels, count * (kept / n_real)
 
     def _check_ids(self, sparse: SparseLogprobs, width: int) -> None:
         # An id ≥ width cannot be read. Checked on the first batch only: .max() waits for the device, and a cache
@@ -119,9 +161,10 @@ class TokenKL(Loss):
         self, teacher: ModelOutputs, batch: Batch, n_real: int, weight: float, vocab: int
     ) -> TokenTerm | None:
         """This loss for the fused head (kdkit.losses.fused_head), or None where it cannot run there (a padded
-        vocabulary). Dense teacher: per_position_divergence on the teacher's chunk, forward KL in closed form;
-        the cached top-k teacher: sparse_per_position_divergence on its entries at the chunk's positions."""
-        if self.vocab_size is not None:
+        vocabulary; drop_hardest > 0, which must rank all of a batch's positions before the first chunk). Dense
+        teacher: per_position_divergence on the teacher's chunk, forward KL in closed form; the cached top-k
+        teacher: sparse_per_position_divergence on its entries at the chunk's positions."""
+        if self.vocab_size is not None or self.drop_hardest > 0:
             return None
         count = Ft.step_count(batch, self.shift)
         count = self.num_real_tokens if count is None else count
@@ -152,4 +195,5 @@ class TokenKL(Loss):
 
     def describe(self) -> str:
         what = f"jsd, beta={self.beta:g}" if self.direction == "jsd" else self.direction
-        return f"token_kl({what}, T={self.temperature:g})"
+        drop = f", drop {100 * self.drop_hardest:g}%" if self.drop_hardest > 0 else ""
+        return f"token_kl({what}, T={self.temperature:g}{drop})"
