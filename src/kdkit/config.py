@@ -496,7 +496,15 @@ class DraftConfig(Section):
     prompts: int = Field(
         4, ge=1, description="Held-out prompts (the test blocks' first llm.prompt_tokens) timed end to end."
     )
-    max_new_tokens: int = Field(32, ge=1, description="Tokens generated per prompt in the end-to-end check.")
+    max_new_tokens: int = Field(
+        32, ge=1, description="Tokens generated per prompt in the end-to-end check and the target's continuations."
+    )
+    continuations: int = Field(
+        16,
+        ge=1,
+        description="Held-out prompts the target continues (greedy) to measure acceptance on its own text, "
+        "teacher-forced, for every seed's drafts.",
+    )
 
 
 class LLMConfig(Section):

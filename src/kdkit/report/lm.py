@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt
 from kdkit.atomic import write_text
 from kdkit.evaluate.schema import mean_of, std_of
 from kdkit.report import plots
+from kdkit.report.draft import draft_section
 from kdkit.report.markdown import _code_block, _table, speedup_note
 from kdkit.report.table import LM_COLUMNS, ROWS, summary_headers
 from kdkit.report.table import summary_rows as _summary_rows
@@ -111,51 +112,6 @@ def acceptance_section(metrics: dict) -> str | None:
         "(acceptance Σ min(p, q) per position, or argmax agreement for greedy; kdkit.evaluate.acceptance).\n\n"
         + _table(["draft", *(f"k={k}" for k in ks)], rows)
     )
-
-
-DRAFTS = (("untrained", "untrained draft"), ("baseline_student", "text-only draft"), ("student", "distilled draft"))
-
-
-def draft_section(metrics: dict) -> str | None:
-    """llm.draft: the student as the draft of speculative decoding for its target (metrics["draft"]): acceptance
-    and expected tokens per target call at k of the untrained, text-only and distilled drafts, then the measured
-    end-to-end speed-up with HF assisted generation and the check that its output is the target's own."""
-    draft = metrics.get("draft")
-    if not draft:
-        return None
-    k, target = draft["k"], draft["target"]
-    rows = []
-    for key, label in DRAFTS:
-        if key in draft:
-            curve = draft[key]["curve"]
-            at_k = [curve.get(mode, {}).get(str(k)) for mode in ("temperature_1", "greedy")]
-            rows.append([label, f"{draft[key]['acceptance']:.3f}",
-                         *("—" if v is None else f"{v:.2f}" for v in at_k)])
-    parts = [
-        "## Draft for speculative decoding",
-        f"Made for the target **{target['name']}** (teacher fingerprint `{target['fingerprint']}`). Acceptance: "
-        "Σ min(p_target, q_draft) per position of the test text at T = 1 (1 − TVD); expected tokens per target "
-        f"call when the draft proposes k = {k} tokens, estimated teacher-forced (at most {k + 1}).",
-        _table(["draft", "acceptance (T = 1)", f"tokens/call, k={k}, T = 1", f"tokens/call, k={k}, greedy"], rows),
-    ]
-    assisted = [(label, draft[key]) for key, label in (("assisted", "distilled draft"),
-                                                       ("assisted_baseline", "text-only draft")) if key in draft]
-    if assisted:
-        parts.append(
-            f"Measured end to end: Hugging Face assisted generation (greedy, batch 1, k = {k}) on "
-            f"{assisted[0][1]['prompts']} held-out prompts, {assisted[0][1]['max_new_tokens']} new tokens each, one "
-            "timed run each, alternating with the target alone (a wall-clock figure of this machine and its load).\n\n"
-            + _table(["draft", "target tokens/s", "assisted tokens/s", "speed-up", "tokens/target call",
-                      "output = target's"],
-                     [[label, f"{a['target_tokens_per_s']:.1f}", f"{a['assisted_tokens_per_s']:.1f}",
-                       f"{a['speedup']:.2f}×", f"{a['tokens_per_target_call']:.2f}",
-                       "yes" if a["identical"] else f"**NO: {a['mismatches']} prompt(s) differ**"]
-                      for label, a in assisted])
-        )
-        if not all(a["identical"] for _, a in assisted):
-            parts.append("**WARNING: greedy assisted generation changed the output on some prompts; speculative "
-                         "decoding must give exactly the target's output. Do not ship this draft before finding why.**")
-    return "\n\n".join(parts)
 
 
 def plot_val_loss(histories: dict[str, list[dict]], path: pathlib.Path) -> pathlib.Path | None:

@@ -64,9 +64,11 @@ def evaluate(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, results: d
         info["teacher_cache"] = cache | topk.summary()
     info["acceptance_curve"] = curves.summary()
     if draft_curves is not None:
-        models.pop(UNTRAINED).cpu()
+        from kdkit.tasks.draft_eval import draft_metrics
+
         phases = {"untrained": UNTRAINED, **drafts}
-        info["draft"] = draft_metrics(cfg, data, teacher, results, phases, scores, draft_curves.summary(), device, log)
+        info["draft"] = draft_metrics(cfg, data, teacher, results, phases, scores, draft_curves.summary(),
+                                      models.pop(UNTRAINED), device, log)
     per_seed = {key: [scores[r.phase.name] for r in results[kind]] for kind, key in KINDS if results[kind]}
     seeds = [r.phase.seed for r in results["student"]]
     cost = costs(cfg, data, teacher, results, device)
@@ -135,60 +137,6 @@ class TopKError:
 UNTRAINED = "draft-untrained"  # the untrained draft's key among the evaluated models
 
 
-def draft_metrics(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, results: dict, phases: dict[str, str],
-                  scores: dict, curves: dict, device: str, log: Callable[[str], None]) -> dict:
-    """metrics.json's "draft" (llm.draft.enabled): the student as the draft of speculative decoding for the teacher.
-
-    target: the teacher's name and fingerprint (its first 12 hex digits); k: draft tokens per target call.
-    untrained / baseline_student / student: {"acceptance": Σ min(p, q) per position at T = 1, "curve": {mode:
-    {k: expected tokens per target call}}} on the test text, for the draft before training, trained on the text
-    alone and distilled (the best seed's). assisted (assisted_baseline): HF greedy assisted generation of the first
-    llm.draft.prompts test prompts, target alone vs target + draft (AssistedComparison as a dict), with the check that
-    the outputs are the target's own: identical False is logged loudly, not raised, so the run keeps its figures.
-    """
-    d = cfg.llm.draft
-    out: dict = {
-        "target": {"name": cfg.teacher.members[0].model.path, "fingerprint": teacher.fingerprint()[:12]},
-        "k": d.k,
-    }
-    for key, phase in phases.items():
-        curve = {mode: by_key[key] for mode, by_key in curves.items()}
-        out[key] = {"acceptance": round(scores[phase]["acceptance"], 4), "curve": curve}
-    lengths = data.test.lengths.tolist()
-    p = cfg.llm.prompt_tokens
-    prompts = [data.test.ids[i, : min(p, lengths[i])].tolist() for i in range(min(d.prompts, len(data.test)))]
-    trained = {r.phase.name: r.model for kind, _ in KINDS for r in results[kind]}
-    for key, name in (("student", "assisted"), ("baseline_student", "assisted_baseline")):
-        if key in phases:
-            out[name] = assisted(teacher.members[0].model, trained[phases[key]].to(device), prompts, d.k,
-                                 d.max_new_tokens, data.test.eos_id, f"{name} ({phases[key]})", log)
-    return out
-
-
-def assisted(target: nn.Module, draft: nn.Module, prompts: list[list[int]], k: int, max_new_tokens: int, eos_id,
-             what: str, log: Callable[[str], None]) -> dict:
-    """compare_assisted (greedy, batch 1, one timed run of each prompt, not strict) as a dict for metrics.json."""
-    from kdkit.generation.assisted import compare_assisted
-
-    c = compare_assisted(target, draft, prompts, max_new_tokens, k, repeats=1, strict=False, eos_token_id=eos_id)
-    if not c.identical:
-        log(f"WARNING draft: {what}: greedy assisted generation differs from the target's own output on prompts "
-            f"{c.mismatches}; speculative decoding must not change the output")
-    log(f"draft: {what}: {c.speedup:.2f}× the target's tokens/s at k = {k} ({c.tokens_per_target_call:.2f} tokens "
-        f"per target call), outputs {'identical' if c.identical else 'NOT IDENTICAL'}")
-    return {
-        "prompts": len(prompts),
-        "max_new_tokens": max_new_tokens,
-        "new_tokens": c.new_tokens,
-        "target_tokens_per_s": round(c.target_tokens_per_s, 2),
-        "assisted_tokens_per_s": round(c.assisted_tokens_per_s, 2),
-        "speedup": round(c.speedup, 3),
-        "tokens_per_target_call": round(c.tokens_per_target_call, 3),
-        "identical": c.identical,
-        "mismatches": len(c.mismatches),
-    }
-
-
 class AcceptanceCurves:
     """The teacher as the target of speculative decoding, each draft (the best seed's distilled student, the
     baseline of the same seed) as its draft: the expected tokens per target call for k = 1 … 8 draft tokens,
@@ -253,5 +201,13 @@ def report(cfg: KDConfig, run, metrics: dict, histories: dict, recipe, extras: d
 
     path = write_lm_report(run.path, metrics=metrics, histories=histories, formula=recipe.formula,
                            config_yaml=dump_config(cfg), env=run.env, samples=extras["samples"])
-    run.write_text("student/README.md", path.read_text().replace("](plots/", "](../plots/"))
+    from kdkit.report.draft import draft_card
+
+    card = path.read_text().replace("](plots/", "](../plots/")
+    head = draft_card(metrics, str(run.path / "student"))
+    run.write_text("student/README.md", card if head is None else head + "\n\n" + card)
+    if head is not None:
+        run.write_json("student/draft.json", {key: metrics["draft"][key] for key in ("target", "k")}
+                       | {"on_target_text": metrics["draft"].get("on_target_text"),
+                          "assisted": metrics["draft"].get("assisted"), "sampled": metrics["draft"].get("sampled")})
     append_disk_section(run.path)

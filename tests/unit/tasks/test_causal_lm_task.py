@@ -191,18 +191,19 @@ def draft_config(corpus, teacher, tmp_path, **sections) -> dict:
     """The LM run above as a draft run: DistillSpec's TVD with a little token_ce, k = 3, two prompts end to end."""
     losses = [{"name": "token_ce", "weight": 0.1}, {"name": "token_kl", "weight": 0.9, "params": {"direction": "tvd"}}]
     cfg = lm_config(corpus, teacher, tmp_path, distill={"losses": losses}, train={"epochs": 1},
-                    llm={"draft": {"enabled": True, "k": 3, "prompts": 2, "max_new_tokens": 8}})
+                    llm={"draft": {"enabled": True, "k": 3, "prompts": 2, "max_new_tokens": 8, "continuations": 2}})
     for name, values in sections.items():
         cfg[name] = {**cfg.get(name, {}), **values}
     return cfg
 
 
 def test_draft_run_reports_acceptance_and_assisted_generation(lm_world, tmp_path):
-    from kdkit.evaluate.schema import mean_of
+    from kdkit.evaluate.schema import per_seed_of
 
     corpus, teacher, _ = lm_world
     said = []
-    result = distill(draft_config(corpus, teacher, tmp_path), out=tmp_path / "run", log=said.append)
+    cfg = draft_config(corpus, teacher, tmp_path, run={"seeds": [0, 1]})
+    result = distill(cfg, out=tmp_path / "run", log=said.append)
     m = result.metrics
     check_metrics(m)
     d = m["draft"]
@@ -215,8 +216,9 @@ def test_draft_run_reports_acceptance_and_assisted_generation(lm_world, tmp_path
             assert [int(k) for k in curve] == list(range(1, 9))
             assert all(1.0 <= e <= int(k) + 1 for k, e in curve.items()), (key, mode, curve)
     # The trained drafts' figures are the ones the run's own acceptance metrics hold; training moved the draft.
-    assert d["student"]["acceptance"] == pytest.approx(mean_of(m["student"]["acceptance"]), abs=1e-4)
-    assert d["baseline_student"]["acceptance"] == pytest.approx(mean_of(m["baseline_student"]["acceptance"]), abs=1e-4)
+    best = m["seeds"].index(m["best_seed"]["seed"])
+    for key in ("student", "baseline_student"):
+        assert d[key]["acceptance"] == pytest.approx(per_seed_of(m[key]["acceptance"])[best], abs=1e-4)
     for mode in ("temperature_1", "greedy"):
         assert d["student"]["curve"][mode] == m["acceptance_curve"][mode]["student"]
     assert d["untrained"]["acceptance"] != pytest.approx(d["student"]["acceptance"], abs=1e-6)
@@ -226,7 +228,30 @@ def test_draft_run_reports_acceptance_and_assisted_generation(lm_world, tmp_path
         assert a["prompts"] == 2 and a["max_new_tokens"] == 8 and 0 < a["new_tokens"] <= 2 * 8
         assert 1.0 <= a["tokens_per_target_call"] <= 3 + 1
         assert a["target_tokens_per_s"] > 0 and a["assisted_tokens_per_s"] > 0 and a["speedup"] > 0
-    assert any("draft: assisted (student-s0)" in s and "identical" in s for s in said)
+    for key in ("sampled", "sampled_baseline"):
+        s = d[key]
+        assert s["temperature"] == 1.0 and s["prompts"] == 2 and 0 < s["new_tokens"] <= 2 * 8
+        assert 0.0 <= s["acceptance"] <= 1.0 and 1.0 <= s["tokens_per_target_call"] <= 3 + 1
+    assert 0.0 <= d["assisted"]["acceptance"] <= 1.0
+    # Acceptance on the target's own greedy continuations: every seed of both drafts, the paired gain.
+    own = d["on_target_text"]
+    assert own["prompts"] == 2 and 0 < own["tokens"] <= 2 * 8
+    for mode in ("temperature_1", "greedy"):
+        assert 0.0 <= own["untrained"][mode] <= 1.0
+        for key in ("student", "baseline_student"):
+            assert len(own[key][mode]["per_seed"]) == 2
+        gain = own["gain"][mode]
+        assert gain["n"] == 2
+        assert gain["mean"] == pytest.approx(own["student"][mode]["mean"] - own["baseline_student"][mode]["mean"],
+                                             abs=2e-4)
+    assert any(f"draft: distilled draft ({m['best_seed']['phase']})" in s and "identical" in s for s in said)
+    assert any("acceptance on the target's own continuations" in s for s in said)
+    card = (tmp_path / "run" / "student" / "README.md").read_text()
+    assert card.startswith(f"# Draft model for speculative decoding of {teacher}")
+    assert "assistant_model=draft" in card and "num_assistant_tokens = 3" in card
+    assert "# kdkit report" in card  # the run's report follows the card
+    saved = json.loads((tmp_path / "run" / "student" / "draft.json").read_text())
+    assert saved["target"] == d["target"] and saved["k"] == 3 and saved["assisted"] == d["assisted"]
     report = (tmp_path / "run" / "report.md").read_text()
     assert "## Draft for speculative decoding" in report
     assert d["target"]["fingerprint"] in report and str(teacher) in report
@@ -266,7 +291,7 @@ def result_model(folder):
 
 
 def test_draft_section_reads_k_and_flags_a_changed_output():
-    from kdkit.report.lm import draft_section
+    from kdkit.report.draft import draft_section
 
     curve = {"temperature_1": {"1": 1.5, "2": 1.75}, "greedy": {"1": 1.25, "2": 1.5}}
     assisted = {"prompts": 2, "max_new_tokens": 8, "new_tokens": 16, "target_tokens_per_s": 100.0,
@@ -279,7 +304,7 @@ def test_draft_section_reads_k_and_flags_a_changed_output():
     assert "**t** (teacher fingerprint `abcdef012345`)" in text
     assert "| untrained draft | 0.250 | 1.75 | 1.50 |" in text and "| distilled draft | 0.500 | 1.75 | 1.50 |" in text
     assert "text-only draft" not in text  # no baseline was trained
-    assert "| distilled draft | 100.0 | 150.0 | 1.50× | 2.50 | yes |" in text and "WARNING" not in text
+    assert "| distilled draft | 100.0 | 150.0 | 1.50× | 2.50 | — | — | yes |" in text and "WARNING" not in text
     changed = {**draft, "assisted": {**assisted, "identical": False, "mismatches": 1}}
     text = draft_section({"draft": changed})
     assert "**NO: 1 prompt(s) differ**" in text and "WARNING" in text
