@@ -177,8 +177,10 @@ class TrainConfig(Section):
         "fp32", description="Autocast precision of the forward passes (losses are always computed in fp32)."
     )
     eval_every_epochs: int = Field(1, gt=0, description="Evaluate on the validation split every so many epochs.")
-    keep_best: Literal["accuracy", "f1_macro", "loss", "none"] = Field(
-        "accuracy", description="Keep the weights of the best validation epoch by this metric; none keeps the last."
+    keep_best: Literal["accuracy", "f1_macro", "loss", "acceptance", "none"] = Field(
+        "accuracy",
+        description="Keep the weights of the best validation epoch by this metric; none keeps the last. acceptance: "
+        "a draft's acceptance by its target on the validation text (llm.draft.enabled).",
     )
     early_stopping_patience: int | None = Field(
         None, gt=0, description="Stop after this many evaluations without improvement of keep_best."
@@ -593,6 +595,9 @@ class KDConfig(Section):
     @model_validator(mode="after")
     def _causal_lm(self) -> KDConfig:
         lm = self.data.task == "causal_lm"
+        if not lm and self.train.keep_best == "acceptance":
+            raise ValueError("train.keep_best: 'acceptance' is a draft's metric (data.task: causal_lm with "
+                             "llm.draft.enabled); expected accuracy, f1_macro, loss or none")
         if not lm:
             if self.llm != LLMConfig():
                 raise ValueError("llm: settings for language models; set data.task: causal_lm or remove them")
@@ -620,6 +625,10 @@ class KDConfig(Section):
             )
         if self.distill.mutual.enabled:
             raise ValueError("distill.mutual: not available for causal_lm; set distill.mutual.enabled: false")
+        if self.train.keep_best == "acceptance" and not self.llm.draft.enabled:
+            raise ValueError(
+                "train.keep_best: acceptance is a draft's metric; set llm.draft.enabled: true or keep_best: loss"
+            )
         return self
 
     @model_validator(mode="after")

@@ -165,3 +165,14 @@ def test_apply_overrides_is_public_and_leaves_the_raw_dict_alone():
     assert tree == {"x": [{"y": 5, "z": 6}]}
     with pytest.raises(ConfigError, match="index 3 out of range"):
         set_dotted(tree, "x.3.y", 1)
+
+
+def test_keep_best_acceptance_is_a_drafts_metric_only():
+    """keep_best: acceptance reads the target's acceptance of a draft; a classifier has none: one line, named."""
+    from importlib.resources import files
+
+    from kdkit.config import load_config
+    from kdkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train.keep_best: 'acceptance' is a draft's metric \(data.task: causal_lm"):
+        load_config(Path(str(files("kdkit") / "configs" / "demo.yaml")), ("train.keep_best=acceptance",))

@@ -182,12 +182,14 @@ def lm_recipe(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, run: RunD
     on_policy = make_on_policy(cfg, data.tokenizer, teacher)
     info["data"] = data_info(cfg, data, kd_data)
 
+    target = teacher.logits if cfg.llm.draft.enabled else None  # both drafts are validated the same way
+
     def fit(phase: Phase):
         model = build_lm_student(cfg, teacher, phase.seed)
         if phase.kind == "baseline":
-            return train_lm(cfg, data, data.train, run, phase, model, base_loss, on_epoch=on_epoch)
+            return train_lm(cfg, data, data.train, run, phase, model, base_loss, on_epoch=on_epoch, target=target)
         return train_lm(cfg, data, kd_data, run, phase, model, lm_loss(cfg), teacher,
-                        teacher_outputs, schedules, on_policy, on_epoch)
+                        teacher_outputs, schedules, on_policy, on_epoch, target)
 
     def load(folder: Path) -> nn.Module:
         return load_causal_lm(str(folder), f"phases/{folder.name}")[0]
@@ -234,8 +236,10 @@ def lm_loss(cfg: KDConfig):
 
 
 def train_lm(cfg: KDConfig, data: LMBundle, train_data: LMData, run: RunDir, phase: Phase, model: nn.Module, loss,
-             teacher=None, teacher_outputs=None, schedules=(), transform=None, on_epoch=None) -> tuple[nn.Module, dict]:
-    """Train one language-model student with the engine; returns (model on CPU, the phase summary)."""
+             teacher=None, teacher_outputs=None, schedules=(), transform=None, on_epoch=None,
+             target=None) -> tuple[nn.Module, dict]:
+    """Train one language-model student with the engine; returns (model on CPU, the phase summary). target: the
+    target's logits for a draft (llm.draft): validation adds its acceptance of the student (keep_best: acceptance)."""
     width = model.get_output_embeddings().weight.shape[0]
     if width < len(data.tokenizer):
         raise CompatibilityError(
@@ -252,9 +256,13 @@ def train_lm(cfg: KDConfig, data: LMBundle, train_data: LMData, run: RunDir, pha
     def on_eval(m: nn.Module) -> dict[str, float]:
         was = m.training
         m.eval()
-        r = lm_metrics({"m": m}, data.val, cfg.eval.batch_size, run.device)["m"]
+        models = {"m": m} if target is None else {"m": m, "target": target}
+        r = lm_metrics(models, data.val, cfg.eval.batch_size, run.device, teacher=None if target is None else "target")
+        r = r["m"]
         m.train(was)
         metrics = {"loss": r["nll"], "perplexity": r["perplexity"], "accuracy": r["accuracy"]}
+        if target is not None:
+            metrics["acceptance"] = r["acceptance"]
         evaluations.append(metrics)
         if on_epoch is not None:
             on_epoch(phase.name, len(evaluations), metrics)

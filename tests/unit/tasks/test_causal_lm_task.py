@@ -190,7 +190,8 @@ def test_hidden_state_with_a_learned_projection_on_decoder_layers(lm_world, tmp_
 def draft_config(corpus, teacher, tmp_path, **sections) -> dict:
     """The LM run above as a draft run: DistillSpec's TVD with a little token_ce, k = 3, two prompts end to end."""
     losses = [{"name": "token_ce", "weight": 0.1}, {"name": "token_kl", "weight": 0.9, "params": {"direction": "tvd"}}]
-    cfg = lm_config(corpus, teacher, tmp_path, distill={"losses": losses}, train={"epochs": 1},
+    train = {"epochs": 2, "keep_best": "acceptance"}
+    cfg = lm_config(corpus, teacher, tmp_path, distill={"losses": losses}, train=train,
                     llm={"draft": {"enabled": True, "k": 3, "prompts": 2, "max_new_tokens": 8, "continuations": 2}})
     for name, values in sections.items():
         cfg[name] = {**cfg.get(name, {}), **values}
@@ -216,6 +217,12 @@ def test_draft_run_reports_acceptance_and_assisted_generation(lm_world, tmp_path
             assert [int(k) for k in curve] == list(range(1, 9))
             assert all(1.0 <= e <= int(k) + 1 for k, e in curve.items()), (key, mode, curve)
     # The trained drafts' figures are the ones the run's own acceptance metrics hold; training moved the draft.
+    # Both drafts are validated by the target's acceptance and kept by it (keep_best: acceptance).
+    assert m["best_seed"]["by"] == "val/acceptance"
+    for phase in ("baseline-s0", "student-s1"):
+        history = json.loads((tmp_path / "run" / "phases" / phase / "result.json").read_text())["history"]
+        accepted = [h["val/acceptance"] for h in history if "val/acceptance" in h]
+        assert len(accepted) == 2 and all(0.0 < a < 1.0 for a in accepted), phase
     best = m["seeds"].index(m["best_seed"]["seed"])
     for key in ("student", "baseline_student"):
         assert d[key]["acceptance"] == pytest.approx(per_seed_of(m[key]["acceptance"])[best], abs=1e-4)
@@ -278,6 +285,8 @@ def test_draft_bad_input_is_named_in_one_line(lm_world, tmp_path):
     foreign = draft_config(corpus, teacher, tmp_path, student={"model": {"source": "hf", "path": str(other)}})
     with pytest.raises(CompatibilityError, match=r"^student.model: draft vocab_size: \d+; expected the target's"):
         distill(foreign, out=tmp_path / "foreign", log=lambda m: None)
+    with pytest.raises(ConfigError, match="train.keep_best: acceptance is a draft's metric; set llm.draft.enabled"):
+        load_config(lm_config(corpus, teacher, tmp_path, train={"keep_best": "acceptance"}))
     two = draft_config(corpus, teacher, tmp_path)
     two["teacher"]["members"].append({"model": {"source": "hf", "path": str(teacher)}})
     with pytest.raises(ConfigError, match="teacher.members: 2 members; llm.draft.enabled needs one target"):
