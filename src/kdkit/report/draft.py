@@ -35,7 +35,13 @@ def draft_section(metrics: dict) -> str | None:
     own = target_text_table(draft.get("on_target_text"))
     if own:
         parts.append(own)
+    speed = speed_table(draft.get("speed_model"))
+    if speed:
+        parts.append(speed)
     assisted = [(label, draft[f"assisted{s}"]) for s, label in END_TO_END if f"assisted{s}" in draft]
+    if "assisted_chosen_k" in draft:
+        chosen = draft["speed_model"]["chosen_k"]
+        assisted.insert(1, (f"distilled draft, chosen k = {chosen}", draft["assisted_chosen_k"]))
     if assisted:
         parts.append(
             f"Measured end to end: Hugging Face assisted generation (greedy, batch 1, k = {k}) on "
@@ -64,6 +70,25 @@ def draft_section(metrics: dict) -> str | None:
                        f"{s['tokens_per_target_call']:.2f}"] for label, s in sampled])
         )
     return "\n\n".join(parts)
+
+
+def speed_table(model: dict | None) -> str | None:
+    """The measured step costs and the expected greedy speed-up by k of each draft (kdkit.evaluate.draft_speed)."""
+    if not model:
+        return None
+    c = model["costs"]
+    rows = [[label, *(f"{v:.2f}×" for v in model["expected_speedup"][key].values())]
+            for key, label in DRAFTS if key in model["expected_speedup"]]
+    ks = list(next(iter(model["expected_speedup"].values())))
+    return (
+        f"Speed model on this machine: one target step {c['target_token_ms']:.1f} ms, one draft step "
+        f"{c['draft_token_ms']:.1f} ms ({c['draft_cost_ratio']:.2f}× the target's), the target verifying k + 1 "
+        "tokens " + ", ".join(f"{v:.1f}" for v in c["verify_ms"].values()) + f" ms for k = {ks[0]} … {ks[-1]}. "
+        "Expected greedy speed-up E(k)·t_target / (k·t_draft + t_verify(k)), with E(k) from each draft's curve on "
+        "the target's own text (an upper bound: generation's own per-round work is left out). Chosen "
+        f"k = {model['chosen_k']} (expected {model['chosen_expected']:.2f}×).\n\n"
+        + _table(["draft", *(f"k={k}" for k in ks)], rows)
+    )
 
 
 def target_text_table(own: dict | None) -> str | None:
@@ -129,6 +154,10 @@ def draft_card(metrics: dict, folder_hint: str = "path/to/draft") -> str | None:
         facts.append(["output identical to the target's", "yes" if a["identical"] else "NO"])
     if "sampled" in draft:
         facts.append(["accepted draft tokens, sampling at T = 1", _pct(draft["sampled"]["acceptance"])])
+    if "speed_model" in draft:
+        sm = draft["speed_model"]
+        facts.append(["k with the largest expected greedy speed-up (the machine that trained it)",
+                      f"{sm['chosen_k']} ({sm['chosen_expected']:.2f}×, an upper bound)"])
     lines.append(_table(["", "value"], facts, numeric=False))
     lines.append("The run's full report follows.")
     return "\n\n".join(lines)

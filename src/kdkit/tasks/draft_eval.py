@@ -25,6 +25,7 @@ from kdkit.run.phases import KINDS
 from kdkit.teachers import TeacherEnsemble
 
 DRAFT_MODES = (("temperature_1", 1.0), ("greedy", 0.0))  # acceptance at T = 1 (Σ min(p, q)) and greedy (argmax)
+KS = tuple(range(1, 9))  # draft tokens per target call the curves and the cost model cover
 
 
 def draft_metrics(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, results: dict, phases: dict[str, str],
@@ -49,18 +50,42 @@ def draft_metrics(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, resul
     for key, phase in phases.items():
         curve = {mode: by_key[key] for mode, by_key in curves.items()}
         out[key] = {"acceptance": round(scores[phase]["acceptance"], 4), "curve": curve}
-    out["on_target_text"] = target_text_acceptance(cfg, data, target, results, untrained, device, log)
+    best_seed = next(r.phase.seed for r in results["student"] if r.phase.name == phases["student"])
+    own = target_text_acceptance(cfg, data, target, results, untrained, best_seed, device, log)
+    out["on_target_text"] = own
     prompts = held_out_prompts(cfg, data, d.prompts)
     trained = {r.phase.name: r.model for kind, _ in KINDS for r in results[kind]}
+    out["speed_model"] = speed_model(target, trained[phases["student"]].to(device), prompts[0], own, log)
+    chosen = out["speed_model"]["chosen_k"]
     for key, suffix in (("student", ""), ("baseline_student", "_baseline")):
         if key in phases:
             model = trained[phases[key]].to(device)
             what = f"{'distilled' if key == 'student' else 'text-only'} draft ({phases[key]})"
             out[f"assisted{suffix}"] = assisted(target, model, prompts, d.k, d.max_new_tokens, data.test.eos_id,
                                                 what, log)
+            if key == "student" and chosen != d.k:
+                out["assisted_chosen_k"] = assisted(target, model, prompts, chosen, d.max_new_tokens,
+                                                    data.test.eos_id, f"{what} at the chosen k = {chosen}", log)
             out[f"sampled{suffix}"] = sampled(target, model, prompts, d.k, d.max_new_tokens, data.test.eos_id,
                                               what, log)
     return out
+
+
+def speed_model(target: nn.Module, draft: nn.Module, prompt: list[int], own: dict,
+                log: Callable[[str], None]) -> dict:
+    """The costs of one decoding step of each model and of the target's verifying pass for every k, measured on this
+    machine (kdkit.evaluate.draft_speed), and the expected speed-up by k from each draft's greedy curve on the
+    target's own text; chosen_k: the k with the largest expected speed-up of the distilled draft."""
+    from kdkit.evaluate.draft_speed import best_k, measure_decode_costs, speedup_by_k
+
+    costs = measure_decode_costs(target, draft, prompt, KS)
+    expected = {key: {str(k): round(v, 3) for k, v in speedup_by_k(own[key]["curve_greedy"], costs).items()}
+                for key in ("untrained", "baseline_student", "student") if key in own}
+    k, speed = best_k(own["student"]["curve_greedy"], costs)
+    log(f"draft: one target step {1e3 * costs.target_token_s:.1f} ms, one draft step {1e3 * costs.draft_token_s:.1f} "
+        f"ms ({costs.draft_token_s / costs.target_token_s:.2f}×), verifying k = {k} tokens "
+        f"{1e3 * costs.verify_s[k]:.1f} ms; expected greedy speed-up at most {speed:.2f}× at k = {k}")
+    return {"costs": costs.as_dict(), "expected_speedup": expected, "chosen_k": k, "chosen_expected": round(speed, 3)}
 
 
 def held_out_prompts(cfg: KDConfig, data: LMBundle, n: int) -> list[list[int]]:
@@ -71,13 +96,14 @@ def held_out_prompts(cfg: KDConfig, data: LMBundle, n: int) -> list[list[int]]:
 
 
 def target_text_acceptance(cfg: KDConfig, data: LMBundle, target: nn.Module, results: dict, untrained: nn.Module,
-                           device: str, log: Callable[[str], None]) -> dict:
+                           best_seed: int, device: str, log: Callable[[str], None]) -> dict:
     """Acceptance on the target's own greedy continuations of llm.draft.continuations test prompts
     (llm.draft.max_new_tokens each), teacher-forced, at T = 1 and greedy, for the untrained draft and every seed
     of the distilled and text-only drafts; gain: distilled − text-only, paired by seed.
 
     {"prompts", "tokens", "untrained": {mode: α}, "student" / "baseline_student": {mode: spread over seeds},
-    "gain": {mode: {"mean", "std", "n"}}}. Only the continuation's positions count (the prompt is context).
+    "gain": {mode: {"mean", "std", "n"}}}; each draft's "curve_greedy" ({k: expected tokens per target call}) is
+    the best seed's. Only the continuation's positions count (the prompt is context).
     """
     from kdkit.generation.generate import GenerationSettings, generate
 
@@ -91,13 +117,18 @@ def target_text_acceptance(cfg: KDConfig, data: LMBundle, target: nn.Module, res
     for kind, key in KINDS:
         if results[kind]:
             drafts[key] = [r.model for r in results[kind]]
-    per_draft = {key: [continuation_acceptance(target, m, inputs, labels, device) for m in models]
-                 for key, models in drafts.items()}
+    scored = {key: [continuation_acceptance(target, m, inputs, labels, device) for m in models]
+              for key, models in drafts.items()}
+    per_draft = {key: [acceptance for acceptance, _ in runs] for key, runs in scored.items()}
     out: dict = {"prompts": len(prompts), "tokens": int((labels[:, 1:] != -100).sum())}
-    out["untrained"] = per_draft.pop("untrained")[0]
+    out["untrained"] = {**per_draft.pop("untrained")[0], "curve_greedy": scored["untrained"][0][1]}
+    seeds = [r.phase.seed for r in results["student"]]
     for key, per_seed in per_draft.items():
         out[key] = {mode: {k: (round(v, 4) if isinstance(v, float) else [round(x, 4) for x in v])
                            for k, v in spread([s[mode] for s in per_seed]).items()} for mode, _ in DRAFT_MODES}
+        # the greedy curve of the best seed's draft (the one assisted generation runs), for choosing k
+        index = seeds.index(best_seed) if best_seed in seeds else 0
+        out[key]["curve_greedy"] = scored[key][index][1]
     if "student" in per_draft and "baseline_student" in per_draft:
         gain = paired_gain(per_draft["student"], per_draft["baseline_student"], [m for m, _ in DRAFT_MODES])
         out["gain"] = {mode: {k: round(v, 4) if isinstance(v, float) else v for k, v in g.items()}
@@ -123,9 +154,10 @@ def continuation_batch(prompts: list[list[int]], completions: list[list[int]],
 
 
 def continuation_acceptance(target: nn.Module, draft: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
-                            device: str) -> dict[str, float]:
-    """{mode: mean acceptance} of `draft` for `target` on (inputs, labels), teacher-forced (shift=True)."""
-    from kdkit.evaluate.acceptance import mean_acceptance, token_acceptance
+                            device: str, ks: tuple[int, ...] = KS) -> tuple[dict[str, float], dict[str, float]]:
+    """({mode: mean acceptance}, {k: expected tokens per target call, greedy}) of `draft` for `target` on
+    (inputs, labels), teacher-forced (shift=True)."""
+    from kdkit.evaluate.acceptance import acceptance_curve, mean_acceptance, token_acceptance
 
     with torch.inference_mode():
         ids = inputs.to(device)
@@ -133,8 +165,9 @@ def continuation_acceptance(target: nn.Module, draft: nn.Module, inputs: torch.T
         q = draft.to(device).eval()(ids).logits
         v = min(t.shape[-1], q.shape[-1])  # a padded output layer: the shared ids
         y = labels.to(device)
-        return {mode: mean_acceptance(token_acceptance(q[..., :v], t[..., :v], y, temperature=tau))
-                for mode, tau in DRAFT_MODES}
+        alpha = {mode: token_acceptance(q[..., :v], t[..., :v], y, temperature=tau).cpu() for mode, tau in DRAFT_MODES}
+    curve = {str(k): round(e, 4) for k, e in acceptance_curve(alpha["greedy"], ks).items()}
+    return {mode: mean_acceptance(a) for mode, a in alpha.items()}, curve
 
 
 def assisted(target: nn.Module, draft: nn.Module, prompts: list[list[int]], k: int, max_new_tokens: int, eos_id,

@@ -251,7 +251,22 @@ def test_draft_run_reports_acceptance_and_assisted_generation(lm_world, tmp_path
         assert gain["n"] == 2
         assert gain["mean"] == pytest.approx(own["student"][mode]["mean"] - own["baseline_student"][mode]["mean"],
                                              abs=2e-4)
+    # The speed model: measured step costs, the expected speed-up by k from the target-text curves, the chosen k.
+    speed = d["speed_model"]
+    assert set(speed["costs"]["verify_ms"]) == {str(k) for k in range(1, 9)}
+    assert speed["costs"]["target_token_ms"] > 0 and speed["costs"]["draft_token_ms"] > 0
+    chosen = speed["chosen_k"]
+    assert speed["chosen_expected"] == max(speed["expected_speedup"]["student"].values())
+    assert speed["expected_speedup"]["student"][str(chosen)] == speed["chosen_expected"]
+    for key in ("untrained", "student", "baseline_student"):
+        curve = own[key]["curve_greedy"]
+        assert [int(k) for k in curve] == list(range(1, 9)) and all(1.0 <= e <= int(k) + 1 for k, e in curve.items())
+    if chosen != 3:
+        assert d["assisted_chosen_k"]["identical"] is True
+    else:
+        assert "assisted_chosen_k" not in d
     assert any(f"draft: distilled draft ({m['best_seed']['phase']})" in s and "identical" in s for s in said)
+    assert "Speed model on this machine" in (tmp_path / "run" / "report.md").read_text()
     assert any("acceptance on the target's own continuations" in s for s in said)
     card = (tmp_path / "run" / "student" / "README.md").read_text()
     assert card.startswith(f"# Draft model for speculative decoding of {teacher}")
