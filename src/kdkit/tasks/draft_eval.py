@@ -117,7 +117,9 @@ def target_text_acceptance(cfg: KDConfig, data: LMBundle, target: nn.Module, res
     for kind, key in KINDS:
         if results[kind]:
             drafts[key] = [r.model for r in results[kind]]
-    scored = {key: [continuation_acceptance(target, m, inputs, labels, device) for m in models]
+    with torch.inference_mode():  # the target's logits once, for every draft
+        target_logits = target.to(device).eval()(inputs.to(device)).logits
+    scored = {key: [continuation_acceptance(target_logits, m, inputs, labels, device) for m in models]
               for key, models in drafts.items()}
     per_draft = {key: [acceptance for acceptance, _ in runs] for key, runs in scored.items()}
     out: dict = {"prompts": len(prompts), "tokens": int((labels[:, 1:] != -100).sum())}
@@ -153,15 +155,15 @@ def continuation_batch(prompts: list[list[int]], completions: list[list[int]],
     return inputs, labels
 
 
-def continuation_acceptance(target: nn.Module, draft: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
+def continuation_acceptance(target_logits: torch.Tensor, draft: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
                             device: str, ks: tuple[int, ...] = KS) -> tuple[dict[str, float], dict[str, float]]:
-    """({mode: mean acceptance}, {k: expected tokens per target call, greedy}) of `draft` for `target` on
-    (inputs, labels), teacher-forced (shift=True)."""
+    """({mode: mean acceptance}, {k: expected tokens per target call, greedy}) of `draft` for the target
+    whose logits on `inputs` are target_logits, on (inputs, labels), teacher-forced (shift=True)."""
     from kdkit.evaluate.acceptance import acceptance_curve, mean_acceptance, token_acceptance
 
     with torch.inference_mode():
         ids = inputs.to(device)
-        t = target.to(device).eval()(ids).logits
+        t = target_logits
         q = draft.to(device).eval()(ids).logits
         v = min(t.shape[-1], q.shape[-1])  # a padded output layer: the shared ids
         y = labels.to(device)
