@@ -3,7 +3,7 @@ read it.
 
     {"schema": 1, "task": ..., "seeds": [...],
      "teacher": {metric: value}, "baseline_student": {metric: value}, "student": {metric: value},
-     "gain": {metric: {"mean", "std", "n"}}, "cost": {model: C}, "best_seed": {...}, ...task extras}
+     "gain": {metric: {"mean", "std", "n", "ci95"}}, "cost": {model: C}, "best_seed": {...}, ...task extras}
 
 A value is a plain number when the run has one seed, and {"mean", "std" (population, ddof=0), "per_seed": [one
 number per seed, in `seeds` order]} with several. Readers never look inside a value themselves: mean_of, std_of and
@@ -62,10 +62,11 @@ def paired_gain(
     baseline_per_seed: Sequence[Mapping[str, Any]],
     keys: Sequence[str] | None = None,
 ) -> dict:
-    """{metric: {"mean", "std", "n"}} of student − baseline, paired seed by seed (same position = same seed).
+    """{metric: {"mean", "std", "n", "ci95"}} of student − baseline, paired seed by seed (same position = same seed).
 
     keys: the metrics to compare (each must be a number in every seed of both); None: every metric both have.
     Pairing removes what the seed does to both (initialisation, data order), so the spread is that of the gain.
+    ci95: the 95% interval of the mean difference, [low, high] (paired_interval); None with one seed.
     """
     if len(student_per_seed) != len(baseline_per_seed):
         raise ValueError(
@@ -84,8 +85,26 @@ def paired_gain(
             raise ValueError(f"paired_gain: {key!r} is {bad[0]!r} in some seed; expected a number in every seed")
         differences = [float(s[key]) - float(b[key]) for s, b in zip(student_per_seed, baseline_per_seed, strict=True)]
         d = spread(differences)
-        result[key] = {"mean": d["mean"], "std": d["std"], "n": len(differences)}
+        result[key] = {"mean": d["mean"], "std": d["std"], "n": len(differences), "ci95": paired_interval(differences)}
     return result
+
+
+def paired_interval(differences: Sequence[float], level: float = 0.95) -> list[float] | None:
+    """[low, high]: Student's t interval of the mean of paired differences, mean ± t(level, n−1)·s/√n with s the
+    sample standard deviation (ddof=1). None with fewer than two differences (no spread to estimate); a NaN gives NaNs.
+
+    The interval answers "could the gain be zero?": it excludes 0 when the paired t-test rejects no-gain at 1 − level.
+    """
+    n = len(differences)
+    if n < 2:
+        return None
+    from scipy.stats import t as student_t  # scipy comes with scikit-learn; imported when a gain is built
+
+    floats = [float(v) for v in differences]
+    mean = math.fsum(floats) / n
+    sample_std = math.sqrt(math.fsum((v - mean) ** 2 for v in floats) / (n - 1))
+    half = float(student_t.ppf(0.5 + level / 2, n - 1)) * sample_std / math.sqrt(n)
+    return [mean - half, mean + half]
 
 
 def with_speedups(costs: Mapping[str, Mapping[str, Any]], teacher: str = "teacher") -> dict:
@@ -294,12 +313,12 @@ def _check_gain(metrics: Mapping[str, Any], n: int | None, problems: list[str]) 
         problems.append("gain: present without a baseline_student (nothing to pair with)")
         return
     if not isinstance(gain, Mapping):
-        problems.append(f"gain: {gain!r}, expected {{metric: {{mean, std, n}}}}")
+        problems.append(f"gain: {gain!r}, expected {{metric: {{mean, std, n, ci95}}}}")
         return
     for key, entry in gain.items():
         where = f"gain.{key}"
-        if not isinstance(entry, Mapping) or set(entry) != {"mean", "std", "n"}:
-            problems.append(f"{where}: {entry!r}, expected {{'mean', 'std', 'n'}}")
+        if not isinstance(entry, Mapping) or set(entry) - {"ci95"} != {"mean", "std", "n"}:
+            problems.append(f"{where}: {entry!r}, expected {{'mean', 'std', 'n', 'ci95'}} (ci95 absent in runs before it)")
             continue
         if not (_is_number(entry["mean"]) and _is_number(entry["std"])):
             problems.append(f"{where}: mean {entry['mean']!r} and std {entry['std']!r} must be numbers")
@@ -314,12 +333,22 @@ def _check_gain(metrics: Mapping[str, Any], n: int | None, problems: list[str]) 
         except (KeyError, TypeError, ValueError):
             continue  # reported above
         if len(student) == len(baseline) == n and _is_number(entry["mean"]) and _is_number(entry["std"]):
-            expected = spread([s - b for s, b in zip(student, baseline)])
+            differences = [s - b for s, b in zip(student, baseline)]
+            expected = spread(differences)
             for stat in ("mean", "std"):
                 if not _close(entry[stat], expected[stat]):
                     problems.append(
                         f"{where}.{stat}: {entry[stat]!r}, but the paired per-seed differences give {expected[stat]!r}"
                     )
+            if "ci95" in entry:
+                interval = paired_interval(differences)
+                given = entry["ci95"]
+                if not (
+                    given is None
+                    if interval is None
+                    else isinstance(given, Sequence) and len(given) == 2 and all(_is_number(g) and _close(g, i) for g, i in zip(given, interval))
+                ):
+                    problems.append(f"{where}.ci95: {given!r}, but the paired per-seed differences give {interval!r}")
 
 
 def _check_cost(cost: Any, present: list[str], problems: list[str]) -> None:

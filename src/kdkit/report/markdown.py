@@ -18,6 +18,7 @@ from kdkit.report.table import (
     MISSING,
     ROWS,
     Column,
+    gain_interval,
     gain_numbers,
     percent,
     summary_headers,
@@ -133,10 +134,12 @@ def speedup_note(metrics: dict) -> str:
 
 
 def _gain_lines(metrics: dict) -> list[str]:
-    """One line per key of metrics["gain"], e.g. "Distillation gain (accuracy): +0.80 ± 0.31 points over 3 seeds".
+    """One line per key of metrics["gain"], e.g. "Distillation gain (accuracy): +0.80 ± 0.31 points over 3 seeds,
+    95% CI [+0.03, +1.57]".
 
     Differences are paired by seed (distilled − baseline with the same seed). Accuracy and F1 are in percentage
-    points; ECE is absolute, and negative is better. With one seed there is no spread to show.
+    points; ECE is absolute, and negative is better. With one seed there is no spread and no interval to show; an
+    interval that contains 0 says so.
     """
     lines = []
     for key in metrics["gain"]:
@@ -146,7 +149,14 @@ def _gain_lines(metrics: dict) -> list[str]:
         else:
             name, scale, digits, unit = _LABELS.get(key, key), 100, 2, " points"
         value = f"{scale * mean:+.{digits}f}" + (f" ± {scale * std:.{digits}f}" if n > 1 else "")
-        lines.append(f"- Distillation gain ({name}): {value}{unit} over {n} seed{'s' if n != 1 else ''}")
+        line = f"- Distillation gain ({name}): {value}{unit} over {n} seed{'s' if n != 1 else ''}"
+        interval = gain_interval(metrics, key)
+        if interval is not None:
+            low, high = interval
+            line += f", 95% CI [{scale * low:+.{digits}f}, {scale * high:+.{digits}f}]"
+            if low <= 0.0 <= high:
+                line += " (contains 0: not distinguishable from no gain)"
+        lines.append(line)
     return lines
 
 

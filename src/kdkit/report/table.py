@@ -154,11 +154,12 @@ def summary_table(metrics: dict, columns: Sequence[Column] | None = None) -> Tab
 
 
 def gain_line(metrics: dict, columns: Sequence[Column] | None = None) -> str:
-    """One line on the first column that has a paired gain, e.g. "distillation gain: accuracy +0.80 ± 0.31 pts
-    (3 seeds)"; "" if metrics has no gain entry.
+    """One line on the first column that has a paired gain, e.g. "distillation gain: accuracy +0.80 ± 0.31 pts,
+    95% CI [+0.03, +1.57] (3 seeds)"; "" if metrics has no gain entry.
 
     The difference is formatted like the column (percent columns in percentage points, "pts"). With one seed there
-    is no spread, so "± std" is left out.
+    is no spread and no interval, so both are left out; an interval that contains 0 adds "not distinguishable from
+    no gain", whatever the mean's sign.
     """
     gain = metrics.get("gain") or {}
     column = next((c for c in _columns(columns) if not c[0].startswith(COST_PREFIX) and c[0] in gain), None)
@@ -166,11 +167,28 @@ def gain_line(metrics: dict, columns: Sequence[Column] | None = None) -> str:
         return ""
     key, header, fmt = column
     mean, std, n = gain_numbers(metrics, key)
-    magnitude = fmt(abs(mean))
-    value = magnitude if magnitude == MISSING else ("-" if mean < 0 else "+") + magnitude
     spread = f" ± {fmt(std)}" if n > 1 else ""
     unit = " pts" if fmt is percent else ""
-    return f"distillation gain: {header} {value}{spread}{unit} ({n} seed{'s' if n != 1 else ''})"
+    interval = gain_interval(metrics, key)
+    ci = ""
+    if interval is not None:
+        low, high = interval
+        ci = f", 95% CI [{_signed(low, fmt)}, {_signed(high, fmt)}]"
+        if low <= 0.0 <= high:
+            ci += ", not distinguishable from no gain"
+    return f"distillation gain: {header} {_signed(mean, fmt)}{spread}{unit}{ci} ({n} seed{'s' if n != 1 else ''})"
+
+
+def _signed(value: float, fmt) -> str:
+    """fmt(|value|) with its sign: "+0.80", "-4.00"; the missing mark stays unsigned."""
+    magnitude = fmt(abs(value))
+    return magnitude if magnitude == MISSING else ("-" if value < 0 else "+") + magnitude
+
+
+def gain_interval(metrics: dict, key: str) -> tuple[float, float] | None:
+    """(low, high) of metrics["gain"][key]["ci95"]; None with one seed or in a run written before the interval."""
+    interval = metrics["gain"][key].get("ci95")
+    return None if interval is None else (float(interval[0]), float(interval[1]))
 
 
 def gain_numbers(metrics: dict, key: str) -> tuple[float, float, int]:

@@ -64,7 +64,7 @@ def test_one_seed_round_trip_gives_plain_numbers():
     assert m["schema"] == 1 and m["task"] == "classification" and m["seeds"] == [7]
     assert m["student"] == {"accuracy": 0.90, "f1_macro": pytest.approx(0.88), "ece": 0.05}  # "phase" is no metric
     assert m["teacher"]["accuracy"] == 0.95
-    assert m["gain"]["accuracy"] == {"mean": pytest.approx(0.02), "std": 0.0, "n": 1}
+    assert m["gain"]["accuracy"] == {"mean": pytest.approx(0.02), "std": 0.0, "n": 1, "ci95": None}  # no spread
     assert set(m["gain"]) == {"accuracy", "f1_macro", "ece"}  # gain_keys None: every shared metric
     assert m["data"] == {"rows": 10} and "robustness" not in m  # None extras are left out
     value = m["student"]["accuracy"]
@@ -84,6 +84,12 @@ def test_three_seed_round_trip_gives_mean_std_and_per_seed_in_seed_order():
     assert m["gain"]["accuracy"]["mean"] == pytest.approx(statistics.mean(differences))
     assert m["gain"]["accuracy"]["std"] == pytest.approx(statistics.pstdev(differences))
     assert m["gain"]["accuracy"]["n"] == 3
+    # 95% interval: mean ± t·s/√3, s the sample std; with 2 degrees of freedom t(0.975) has the closed form
+    # (2p − 1)/√(2p(1 − p)) = 0.95/√0.04875 = 4.3027.
+    half = 0.95 / (2 * 0.975 * 0.025) ** 0.5 * statistics.stdev(differences) / 3**0.5
+    mean = statistics.mean(differences)
+    assert m["gain"]["accuracy"]["ci95"] == [pytest.approx(mean - half), pytest.approx(mean + half)]
+    assert m["gain"]["accuracy"]["ci95"][0] < 0 < m["gain"]["accuracy"]["ci95"][1]  # +2.7 pts that 3 seeds can't tell
     assert set(m["gain"]) == {"accuracy", "ece"}
     assert m["best_seed"] == BEST and m["teacher_cache"] == {"bytes": 10}
     c = m["cost"]
@@ -185,6 +191,9 @@ def test_check_metrics_refuses_other_departures():
     def unpaired_gain(m):
         m["gain"]["accuracy"]["mean"] = 0.05
 
+    def narrow_interval(m):
+        m["gain"]["accuracy"]["ci95"] = [0.02, 0.03]
+
     def bad_best(m):
         m["best_seed"]["seed"] = 9
 
@@ -195,6 +204,10 @@ def test_check_metrics_refuses_other_departures():
     assert "gain.accuracy.n: 2, expected 3" in broken(gain_n)
     assert "gain: present without a baseline_student" in broken(no_baseline)
     assert "gain.accuracy.mean: 0.05, but the paired per-seed differences give" in broken(unpaired_gain)
+    assert "gain.accuracy.ci95: [0.02, 0.03], but the paired per-seed differences give" in broken(narrow_interval)
+    readable = copy.deepcopy(three_seeds())
+    del readable["gain"]["accuracy"]["ci95"]  # a run written before the interval existed still reads
+    check_metrics(readable)  # no error
     assert "best_seed.seed: 9" in broken(bad_best)
     assert "schema: 2" in broken(lambda m: m.update(schema=2))
     assert "cost.baseline_student: missing" in broken(lambda m: m["cost"].pop("baseline_student"))

@@ -123,7 +123,7 @@ def test_report_has_the_summary_and_every_plot(tmp_path):
     assert "The teacher is an ensemble of 2 members." in text
     assert "Students: mean ± std (population) over 3 seeds." in text
     assert "| 1 | 94.50 | 92.50 | 0.031 | 95.50 | 94.00 | 92.00 | 0.031 | +0.50 |" in text  # per seed: seed 1
-    assert "Distillation gain (accuracy): +0.70 ± 0.16 points over 3 seeds" in text
+    assert "Distillation gain (accuracy): +0.70 ± 0.16 points over 3 seeds, 95% CI [+0.20, +1.20]\n" in text
     assert "```yaml\ntask: classification" in text
     assert "| device | cpu |" in text
     for name in ALWAYS_DRAWN + ["confusion.png"]:
@@ -201,7 +201,8 @@ def test_terminal_table_and_gain_line():
     console.print(summary_table(metrics))
     rendered = console.export_text()
     assert "distilled student" in rendered and "94.13 ± 0.29" in rendered
-    assert gain_line(metrics) == "distillation gain: accuracy +0.70 ± 0.16 pts (3 seeds)"
+    # Differences 0.5, 0.7, 0.9 pts (hand-checked): sample std 0.2, t(0.975, 2) = 4.3027, half-width 0.50.
+    assert gain_line(metrics) == "distillation gain: accuracy +0.70 ± 0.16 pts, 95% CI [+0.20, +1.20] (3 seeds)"
     assert gain_line(fabricated_metrics(with_baseline=False)) == ""
 
 
@@ -209,6 +210,17 @@ def test_gain_line_with_one_seed_has_no_spread():
     costs = {"teacher": model_cost(1.0), "student": model_cost(0.2), "baseline_student": model_cost(0.2)}
     metrics = classification([0], seed_metrics(0.99), [seed_metrics(0.95)], [seed_metrics(0.94)], costs)
     assert gain_line(metrics) == "distillation gain: accuracy +1.00 pts (1 seed)"
+
+
+def test_gain_line_says_when_the_interval_contains_zero():
+    costs = {"teacher": model_cost(1.0), "student": model_cost(0.2), "baseline_student": model_cost(0.2)}
+    students, baselines = [seed_metrics(0.96), seed_metrics(0.93)], [seed_metrics(0.94), seed_metrics(0.94)]
+    metrics = classification([0, 1], seed_metrics(0.99), students, baselines, costs)
+    # Differences +2 and -1 pts: mean +0.50, sample std 2.12, t(0.975, 1) = 12.706, half-width 19.06 pts.
+    assert gain_line(metrics) == (
+        "distillation gain: accuracy +0.50 ± 1.50 pts, 95% CI [-18.56, +19.56], not distinguishable from no gain "
+        "(2 seeds)"
+    )
 
 
 def test_evaluate_and_report_import_nothing_above_them():
@@ -368,7 +380,8 @@ def test_lm_summary_table_reads_the_schema():
     console.print(summary_table(metrics, LM_COLUMNS))
     assert "21.00 ± 0.82" in console.export_text()
     # The generic gain line on the LM's headline column: paired perplexity differences -4, -3, -5.
-    assert gain_line(metrics, LM_COLUMNS) == "distillation gain: perplexity -4.00 ± 0.82 (3 seeds)"
+    # Sample std 1, t(0.975, 2) = 4.3027: half-width 4.3027/√3 = 2.48.
+    assert gain_line(metrics, LM_COLUMNS) == "distillation gain: perplexity -4.00 ± 0.82, 95% CI [-6.48, -1.52] (3 seeds)"
     assert gain_line(lm_metrics([0], with_baseline=False), LM_COLUMNS) == ""
 
 
