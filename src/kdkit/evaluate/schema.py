@@ -318,7 +318,7 @@ def _check_gain(metrics: Mapping[str, Any], n: int | None, problems: list[str]) 
     for key, entry in gain.items():
         where = f"gain.{key}"
         if not isinstance(entry, Mapping) or set(entry) - {"ci95"} != {"mean", "std", "n"}:
-            problems.append(f"{where}: {entry!r}, expected {{'mean', 'std', 'n', 'ci95'}} (ci95 absent in runs before it)")
+            problems.append(f"{where}: {entry!r}, expected {{'mean', 'std', 'n', 'ci95'}} (no ci95 in older runs)")
             continue
         if not (_is_number(entry["mean"]) and _is_number(entry["std"])):
             problems.append(f"{where}: mean {entry['mean']!r} and std {entry['std']!r} must be numbers")
@@ -340,15 +340,11 @@ def _check_gain(metrics: Mapping[str, Any], n: int | None, problems: list[str]) 
                     problems.append(
                         f"{where}.{stat}: {entry[stat]!r}, but the paired per-seed differences give {expected[stat]!r}"
                     )
-            if "ci95" in entry:
-                interval = paired_interval(differences)
-                given = entry["ci95"]
-                if not (
-                    given is None
-                    if interval is None
-                    else isinstance(given, Sequence) and len(given) == 2 and all(_is_number(g) and _close(g, i) for g, i in zip(given, interval))
-                ):
-                    problems.append(f"{where}.ci95: {given!r}, but the paired per-seed differences give {interval!r}")
+            expected_interval = paired_interval(differences)
+            if "ci95" in entry and not _same_interval(entry["ci95"], expected_interval):
+                problems.append(
+                    f"{where}.ci95: {entry['ci95']!r}, but the paired per-seed differences give {expected_interval!r}"
+                )
 
 
 def _check_cost(cost: Any, present: list[str], problems: list[str]) -> None:
@@ -388,6 +384,14 @@ def _check_cost(cost: Any, present: list[str], problems: list[str]) -> None:
         for key in ("speedup_latency", "speedup_throughput"):
             if _is_number(cost[model].get(key)) and not _close(cost[model][key], c[key]):
                 problems.append(f"cost.{model}.{key}: {cost[model][key]!r}, expected {c[key]!r} (with_speedups)")
+
+
+def _same_interval(given: Any, expected: list[float] | None) -> bool:
+    if expected is None:
+        return given is None
+    if not isinstance(given, Sequence) or len(given) != 2:
+        return False
+    return all(_is_number(g) and _close(g, e) for g, e in zip(given, expected))
 
 
 def _close(a: Any, b: float) -> bool:

@@ -381,7 +381,8 @@ def test_lm_summary_table_reads_the_schema():
     assert "21.00 ± 0.82" in console.export_text()
     # The generic gain line on the LM's headline column: paired perplexity differences -4, -3, -5.
     # Sample std 1, t(0.975, 2) = 4.3027: half-width 4.3027/√3 = 2.48.
-    assert gain_line(metrics, LM_COLUMNS) == "distillation gain: perplexity -4.00 ± 0.82, 95% CI [-6.48, -1.52] (3 seeds)"
+    expected = "distillation gain: perplexity -4.00 ± 0.82, 95% CI [-6.48, -1.52] (3 seeds)"
+    assert gain_line(metrics, LM_COLUMNS) == expected
     assert gain_line(lm_metrics([0], with_baseline=False), LM_COLUMNS) == ""
 
 
