@@ -48,6 +48,10 @@ def _show(metrics: dict) -> None:
         from kdkit.report.draft import draft_summary
 
         console.print(draft_summary(metrics))
+    if metrics.get("auto"):
+        from kdkit.search.auto import auto_line
+
+        console.print(auto_line(metrics["auto"]))
 
 
 DEMOS = {
@@ -116,9 +120,12 @@ def train_cmd(
     out: Path = typer.Option(None, help="Run directory (default: run.out_dir/run.name)."),
     set_: Optional[list[str]] = SetOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoints."),
+    auto: bool = typer.Option(
+        False, "--auto", help="No-regret distillation (distill.auto): choose how much to distil on validation first."
+    ),
 ) -> None:
     """Train the teacher (if needed), the baseline and the distilled student from a config (any task)."""
-    _train(config, out, set_, resume)
+    _train(config, out, [*(set_ or ()), *(["distill.auto.enabled=true"] if auto else [])], resume)
 
 
 @app.command("cache-teacher")

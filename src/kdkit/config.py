@@ -367,6 +367,48 @@ class MutualConfig(Section):
     )
 
 
+class AutoConfig(Section):
+    """No-regret distillation: how much to distil is chosen on the validation split, labels alone among the choices."""
+
+    enabled: bool = Field(
+        False,
+        description="Before training, try settings of the distillation loss on the validation split (Optuna) and "
+        "train with the best: the teacher's share of the loss (0 = labels alone, always tried), the temperature "
+        "and the feature losses' scale. The chosen student is never worse than labels alone on validation.",
+    )
+    trials: int = Field(
+        8, ge=2, description="Settings to try, including the config as given and labels alone (both tried first)."
+    )
+    shares: list[Annotated[float, Field(ge=0, lt=1)]] = Field(
+        default_factory=lambda: [0.25, 0.5, 0.75, 0.9],
+        min_length=1,
+        description="Teacher shares to choose from: the teacher losses weigh `share` and the label loss 1 − share "
+        "(each group keeps its configured ratios). 0 (labels alone) and the configured share are always added.",
+    )
+    temperature: tuple[float, float] = Field(
+        (1.0, 8.0), description="Range of the distillation temperature (log scale), for losses that take one."
+    )
+    feature_scales: list[Annotated[float, Field(ge=0)]] = Field(
+        default_factory=lambda: [0.0, 0.1, 1.0, 10.0],
+        min_length=1,
+        description="Multipliers of the feature losses' configured weights to choose from (0 turns them off).",
+    )
+    metric: Literal["accuracy", "f1_macro", "loss"] | None = Field(
+        None, description="Validation metric to optimise (loss is minimised); default: the task's first "
+        "(accuracy for classifiers, loss for language models)."
+    )
+    seeds: list[int] | None = Field(
+        None, min_length=1, description="Seeds per trial (their mean decides); default: the run's first seed."
+    )
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1]:
+            raise ValueError(f"got {list(value)}; expected [low, high] with 0 < low <= high")
+        return value
+
+
 class DistillConfig(Section):
     """How the student learns from the teacher."""
 
@@ -391,6 +433,11 @@ class DistillConfig(Section):
         ge=0,
         description="With augmentation: store the teacher's outputs for this many augmented views per example and "
         "replay them in training (augmentation-consistent cache); 0: the cache holds un-augmented outputs.",
+    )
+    auto: AutoConfig = Field(
+        default_factory=AutoConfig,
+        description="No-regret distillation: choose the teacher's share, temperature and feature-loss scale on the "
+        "validation split, labels alone among the candidates (kdkit train --auto).",
     )
     mutual: MutualConfig = Field(
         default_factory=MutualConfig,
@@ -589,6 +636,18 @@ class KDConfig(Section):
             raise ValueError(
                 "data.transfer / data.label_fraction: mutual learning trains every peer on labels; unlabelled "
                 "examples need a fixed teacher (set distill.mutual.enabled: false)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _auto(self) -> KDConfig:
+        if not self.distill.auto.enabled:
+            return self
+        if self.distill.mutual.enabled:
+            raise ValueError("distill.auto: mutual learning has no teacher share to choose; disable one of the two")
+        if self.data.val_fraction <= 0:
+            raise ValueError(
+                "distill.auto: chooses on the validation split, but data.val_fraction is 0; expected > 0 (e.g. 0.1)"
             )
         return self
 

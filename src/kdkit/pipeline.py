@@ -2,6 +2,8 @@
 
     config → data → teacher → phases (seeds × baseline / distilled student) → best seed → evaluation → report
 
+(with distill.auto, the distillation setting is chosen on the validation split between teacher and phases)
+
 What differs per task (classification, causal_lm, tabular) comes from the task's object in kdkit.tasks.TASKS;
 this file names no task. A run directory holds:
     config.yaml  env.json  metrics.json  history.json  report.md  plots/*.png  tb/
@@ -17,9 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kdkit.atomic import write_text
 from kdkit.engine.runtime import init_processes, resolve_device
 from kdkit.errors import ConfigError
+from kdkit.report.auto import auto_section
 from kdkit.run import Phase, PhaseResult, RunDir, best_seed, collect_histories, open_run_dir, run_phases
+from kdkit.search import auto as search_auto
 from kdkit.tasks import load_task
 
 Log = Callable[[str], None]
@@ -54,17 +59,24 @@ def distill(
     )
     data = task.load_data(cfg, run)
     teacher = task.build_teacher(cfg, data, run)
+    auto = None
+    if search_auto.wanted(cfg):  # no-regret: how much to distil is chosen on validation first
+        cfg, auto = search_auto.choose(task, config, overrides, cfg, data, teacher, run)
     recipe = task.recipe(cfg, data, teacher, run)
     results = run_phases(run, list(cfg.run.seeds), recipe)
     best, chosen = best_seed(results["student"], recipe.selection)
     metrics: dict = {}
     if run.is_main:  # one process evaluates and writes; the others wait at the barrier
         metrics, extras = task.evaluate(cfg, data, teacher, results, run, chosen, recipe)
+        if auto is not None:
+            metrics["auto"] = auto
         task.save_student(best.model, run.path / "student", data, cfg)
         histories = collect_histories(run, results)
         run.write_json("metrics.json", metrics)
         run.write_json("history.json", histories)
         task.report(cfg, run, metrics, histories, recipe, extras)
+        if auto is not None:
+            write_text(run.path / "report.md", (run.path / "report.md").read_text() + auto_section(metrics))
     run.barrier()
     return RunResult(run.path, metrics, best.model, teacher)
 

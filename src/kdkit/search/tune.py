@@ -81,24 +81,31 @@ def checked_space(task, cfg, raw: dict, overrides) -> dict:
 
 
 def make_objective(task, raw: dict, overrides, space: dict, data, teacher, run: RunDir, direction: str):
-    """One trial: its overrides, the distilled student for every search seed, pruned on the first seed's curve."""
-    import optuna
-
+    """One trial: its overrides sampled from the space, the distilled student for every search seed."""
     from kdkit.search.study import sample_overrides
 
     cfg = task.load_config(raw, overrides)
     sc = cfg.search
-    seeds = sc.seeds or cfg.run.seeds
+    return trial_objective(task, raw, overrides, lambda trial: sample_overrides(trial, space), data, teacher, run,
+                           sc.metric, direction, sc.seeds or cfg.run.seeds)
+
+
+def trial_objective(task, raw: dict, overrides, suggest: Callable, data, teacher, run: RunDir, metric: str,
+                    direction: str, seeds):
+    """The objective of a study whose trials are config overrides: suggest(trial) → ["path=value", ...]; each
+    trial trains the distilled student for every seed in RUN_DIR/trials/trial_NNNN, is pruned on the first seed's
+    per-epoch validation curve, and scores the mean over seeds of the best validation `metric`."""
+    import optuna
 
     def objective(trial: optuna.Trial) -> float:
-        trial_overrides = sample_overrides(trial, space)
-        tcfg = task.load_config(raw, (*overrides, *trial_overrides, f"run.seeds={json.dumps(seeds)}",
+        trial_overrides = suggest(trial)
+        tcfg = task.load_config(raw, (*overrides, *trial_overrides, f"run.seeds={json.dumps(list(seeds))}",
                                       "run.progress=false"))
         run.log(f"trial {trial.number}: " + " ".join(trial_overrides))
 
         def on_epoch(phase: str, epoch: int, metrics: dict) -> None:
             if phase == f"student-s{seeds[0]}":
-                trial.report(metrics[sc.metric], epoch)
+                trial.report(metrics[metric], epoch)
                 if trial.should_prune():
                     raise optuna.TrialPruned()
 
@@ -108,11 +115,11 @@ def make_objective(task, raw: dict, overrides, space: dict, data, teacher, run: 
             results = run_phases(trial_run, list(seeds), recipe)
         finally:
             shutil.rmtree(trial_run.path / "checkpoints", ignore_errors=True)
-        stats = trial_stats(results["student"], sc.metric, direction, trial_overrides)
+        stats = trial_stats(results["student"], metric, direction, trial_overrides)
         for k, v in stats.items():
             trial.set_user_attr(k, v)
         run.log(
-            f"trial {trial.number}: {sc.metric} best {stats['best_mean']:.4f} ± {stats['best_std']:.4f}, "
+            f"trial {trial.number}: {metric} best {stats['best_mean']:.4f} ± {stats['best_std']:.4f}, "
             f"last epoch {stats['last_mean']:.4f} ± {stats['last_std']:.4f}"
         )
         return stats["best_mean"]
