@@ -128,6 +128,24 @@ def train_cmd(
     _train(config, out, [*(set_ or ()), *(["distill.auto.enabled=true"] if auto else [])], resume)
 
 
+@app.command("sweep")
+def sweep_cmd(
+    config: Path = typer.Argument(..., help="YAML config with a sweep.grid section."),
+    out: Path = typer.Option(None, help="Sweep directory (default: run.out_dir/<run.name>-sweep)."),
+    set_: Optional[list[str]] = SetOpt,
+    resume: bool = typer.Option(False, "--resume", help="Reuse the finished points and continue the others."),
+) -> None:
+    """Train a family of students (sweep.grid), each distilled and on labels alone over the seeds; print the
+    cost/quality table, the frontier and the smallest student within sweep.tolerance of the teacher."""
+    from kdkit.report.sweep import smallest_line, sweep_table
+    from kdkit.sweep import sweep
+
+    summary = sweep(config, out=out, overrides=tuple(set_ or ()), resume=resume, log=_console().print)
+    if summary:
+        _console().print(sweep_table(summary))
+        _console().print(smallest_line(summary))
+
+
 @app.command("cache-teacher")
 def cache_teacher_cmd(
     config: Path = typer.Argument(..., help="YAML config with distill.cache_teacher: true."),

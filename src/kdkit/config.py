@@ -522,6 +522,31 @@ class SearchConfig(Section):
     sampler_seed: int = Field(0, description="Seed of the sampler.")
 
 
+class SweepConfig(Section):
+    """`kdkit sweep`: a family of students on a cost/quality frontier."""
+
+    grid: dict[str, list[Any]] = Field(
+        default_factory=dict,
+        description="Dotted config path → values; every combination is a student, distilled and trained on labels "
+        "alone over run.seeds, e.g. student.model.kwargs.hidden: [[16], [64], [64, 64]] or "
+        "student.model.teacher_layers: [[0], [0, 5]]. The teacher, the data and the run stay fixed.",
+    )
+    tolerance: float = Field(
+        0.01,
+        ge=0,
+        description="The smallest distilled student within this of the teacher is named: accuracy at most this "
+        "below the teacher's (0.01 = one point); perplexity at most (1 + tolerance) × the teacher's.",
+    )
+
+    @field_validator("grid")
+    @classmethod
+    def _values(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for path, values in grid.items():
+            if not values:
+                raise ValueError(f"{path}: no values; expected a list of one or more")
+        return grid
+
+
 class GenerationConfig(Section):
     """How a model writes continuations (sequence-level and on-policy distillation, report samples)."""
 
@@ -618,6 +643,7 @@ class KDConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training of the student (and baseline).")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Final evaluation.")
     search: SearchConfig = Field(default_factory=SearchConfig, description="Hyperparameter search (kdkit search).")
+    sweep: SweepConfig = Field(default_factory=SweepConfig, description="Student family (kdkit sweep).")
     llm: LLMConfig = Field(default_factory=LLMConfig, description="Language-model distillation (causal_lm).")
 
     @model_validator(mode="after")

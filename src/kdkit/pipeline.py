@@ -59,6 +59,13 @@ def distill(
     )
     data = task.load_data(cfg, run)
     teacher = task.build_teacher(cfg, data, run)
+    return train_students(task, cfg, config, overrides, data, teacher, run)
+
+
+def train_students(task, cfg, config, overrides: tuple[str, ...], data, teacher, run: RunDir) -> RunResult:
+    """Everything after the teacher, in an open run directory: [distill.auto's choice,] the seeds' phases, the best
+    seed, the evaluation, the kept student, metrics.json, history.json and the report. config and overrides are
+    what cfg was loaded from (auto's trials load variants of them). kdkit sweep calls it once per student."""
     auto = None
     if search_auto.wanted(cfg):  # no-regret: how much to distil is chosen on validation first
         cfg, auto = search_auto.choose(task, config, overrides, cfg, data, teacher, run)

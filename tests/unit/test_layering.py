@@ -1,4 +1,4 @@
-"""Imports run one way: cli → pipeline → serve/search/export → tasks → run → evaluate/report → engine → llm →
+"""Imports run one way: cli → sweep → pipeline → serve/search/export → tasks → run → evaluate/report → engine → llm →
 validate → losses → teachers → models → data → types/registry → config → errors/atomic. A module may import only
 modules of its own layer or below, and no module reaches itself through imports (inside functions too)."""
 
@@ -12,6 +12,7 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "kdkit"
 LAYER = {
     "cli": 10,
     "__main__": 10,
+    "sweep": 9.5,
     "pipeline": 9,
     "serve": 8,
     "search": 8,

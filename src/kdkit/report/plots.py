@@ -263,6 +263,45 @@ def plot_robustness(robustness: dict, path: Path) -> Path | None:
         plt.close(fig)
 
 
+def frontier_plot(summary: dict, cost: str, cost_label: str, path: Path) -> Path | None:
+    """A sweep's quality against one cost (log scale): distilled and labels-only students with their seed spread,
+    each group's frontier as a line, the teacher as a dashed line. None when no point has both figures."""
+    key = summary["metric"]
+    scale = 100.0 if key in ("accuracy", "f1_macro", "agreement") else 1.0
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    drawn = False
+    for group, label, colour in (("student", "distilled", "tab:blue"), ("baseline", "labels only", "tab:grey")):
+        rows = [r for r in summary["rows"] if r.get(group) is not None and r.get(cost) is not None]
+        if not rows:
+            continue
+        drawn = True
+        x = [float(r[cost]) for r in rows]
+        y = [scale * r[group] for r in rows]
+        err = [scale * (r.get(f"{group}_std") or 0.0) for r in rows]
+        ax.errorbar(x, y, yerr=err, fmt="o", color=colour, label=label, capsize=3)
+        front = sorted((r for r in rows if r["name"] in summary["frontier"][cost][group]), key=lambda r: r[cost])
+        ax.plot([float(r[cost]) for r in front], [scale * r[group] for r in front], "-", color=colour, alpha=0.6)
+        if group == "student":
+            for r in rows:
+                ax.annotate(r["name"], (float(r[cost]), scale * r[group]), fontsize=7, xytext=(4, 4),
+                            textcoords="offset points")
+    if not drawn:
+        plt.close(fig)
+        return None
+    if summary.get("teacher") is not None:
+        ax.axhline(scale * summary["teacher"], color="tab:red", linestyle="--", label="teacher")
+    ax.set_xscale("log")
+    ax.set_xlabel(cost_label)
+    ax.set_ylabel(f"{key}{' %' if scale == 100.0 else ''} (test)" + (", lower is better" if summary.get(
+        "lower_is_better") else ""))
+    ax.set_title(f"Sweep: {key} against {cost_label}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
 def _save(fig: plt.Figure, path: Path) -> Path:
     return write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight"))
 
