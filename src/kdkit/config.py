@@ -531,6 +531,11 @@ class SweepConfig(Section):
         "alone over run.seeds, e.g. student.model.kwargs.hidden: [[16], [64], [64, 64]] or "
         "student.model.teacher_layers: [[0], [0, 5]]. The teacher, the data and the run stay fixed.",
     )
+    points: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="More students, each a mapping of dotted paths to values, e.g. {student.model.name: small_cnn, "
+        "student.model.kwargs: {width: 8}} (after the grid's): for families a grid cannot express.",
+    )
     tolerance: float = Field(
         0.01,
         ge=0,
@@ -545,6 +550,14 @@ class SweepConfig(Section):
             if not values:
                 raise ValueError(f"{path}: no values; expected a list of one or more")
         return grid
+
+    @field_validator("points")
+    @classmethod
+    def _points(cls, points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for i, point in enumerate(points):
+            if not point:
+                raise ValueError(f"{i}: empty; expected paths and values, e.g. {{student.model.name: small_cnn}}")
+        return points
 
 
 class GenerationConfig(Section):

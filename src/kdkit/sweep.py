@@ -8,7 +8,8 @@ Every point is a whole run (baseline and distilled student per seed, metrics.jso
 the kept student), so `kdkit eval`, `export` and `serve` take a point's folder as they take any run; its
 `teachers/` is a link to the sweep's, trained once. The teacher's output cache (distill.cache_teacher) is keyed by
 teacher and data, so the points share it too. `--resume` reuses the finished points and continues the unfinished
-one from its checkpoints.
+one from its checkpoints; points may be added to the config between runs (the folder is keyed by position and name,
+so add them at the end).
 """
 
 from __future__ import annotations
@@ -34,17 +35,24 @@ Log = Callable[[str], None]
 FIXED_IN_SWEEP = ("teacher.", "data.", "sweep.", "run.", "search.")
 
 
-def grid_points(grid: dict[str, list[Any]]) -> list[tuple[str, list[str]]]:
-    """Every combination of the grid's values, in the order given (the last path varies fastest), as
-    (name, ["path=value", ...]); the name joins the paths' last parts and values, e.g. "hidden=[64, 64]"."""
+def grid_points(grid: dict[str, list[Any]], extra: list[dict[str, Any]] = ()) -> list[tuple[str, list[str]]]:
+    """Every combination of the grid's values, in the order given (the last path varies fastest), then the extra
+    points, as (name, ["path=value", ...]); the name joins the paths' last parts and values, e.g. "hidden=[64, 64]"."""
     paths = list(grid)
-    points = []
-    for values in itertools.product(*(grid[p] for p in paths)):
-        overrides = [f"{p}={json.dumps(v)}" for p, v in zip(paths, values)]
-        name = " ".join(f"{p.rsplit('.', 1)[-1]}={json.dumps(v).replace(',', ', ').replace(',  ', ', ')}"
-                        for p, v in zip(paths, values))
-        points.append((name, overrides))
-    return points
+    settings = [dict(zip(paths, values)) for values in itertools.product(*(grid[p] for p in paths))] if paths else []
+    return [_point(setting) for setting in [*settings, *extra]]
+
+
+def _point(setting: dict[str, Any]) -> tuple[str, list[str]]:
+    overrides = [f"{p}={json.dumps(v)}" for p, v in setting.items()]
+    name = " ".join(f"{p.rsplit('.', 1)[-1]}={_short(v)}" for p, v in setting.items())
+    return name, overrides
+
+
+def _short(value: Any) -> str:
+    """A value as a name: JSON with ", " between items and no quotes, e.g. [64, 64] or {width: 8}."""
+    text = json.dumps(value, separators=(", ", ": "))
+    return text.replace('"', "")
 
 
 def folder_name(index: int, name: str) -> str:
@@ -58,17 +66,23 @@ def sweep(config: str | Path | dict, *, out: str | Path | None = None, overrides
     """Train every point of sweep.grid; return (and write) the sweep's summary."""
     task, cfg = load_task(config, overrides)
     grid = getattr(getattr(cfg, "sweep", None), "grid", None)
+    extra = getattr(getattr(cfg, "sweep", None), "points", None) or []
     if not task.search_metrics or grid is None:
         raise ConfigError(f"sweep: a {task.name} run has no sweep; kdkit sweep takes classification and causal_lm "
                           "configs")
-    if not grid:
-        raise ConfigError("sweep.grid: empty; expected paths and values, e.g. student.model.kwargs.hidden: "
-                          "[[16], [64], [64, 64]]")
-    for path in grid:
+    if not grid and not extra:
+        raise ConfigError("sweep.grid: empty (and no sweep.points); expected paths and values, e.g. "
+                          "student.model.kwargs.hidden: [[16], [64], [64, 64]]")
+    for where, path in [*((f"grid.{p}", p) for p in grid), *((f"points.{i}.{p}", p) for i, pt in enumerate(extra)
+                                                              for p in pt)]:
         if path.startswith(FIXED_IN_SWEEP):
-            raise ConfigError(f"sweep.grid.{path}: the teacher, the data and the run stay fixed in a sweep; "
+            raise ConfigError(f"sweep.{where}: the teacher, the data and the run stay fixed in a sweep; "
                               "vary the student, the losses or the training")
-    points = grid_points(grid)
+    points = grid_points(grid, extra)
+    names = [name for name, _ in points]
+    if len(set(names)) < len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise ConfigError(f"sweep: the point {twice!r} comes twice (grid and points); expected distinct students")
     point_cfgs = []
     for name, point_overrides in points:  # every point checked before anything trains
         try:
@@ -78,8 +92,11 @@ def sweep(config: str | Path | dict, *, out: str | Path | None = None, overrides
             raise ConfigError(f"sweep point {name!r}: {exc.details[0] if exc.details else exc}") from None
         point_cfgs.append(pcfg)
     path = Path(out) if out else Path(cfg.run.out_dir) / f"{cfg.run.name}-sweep"
-    run = open_run_dir(path, task.dump_config(cfg), resume, cfg.run.device, cfg.run.threads, log,
-                       list(cfg.run.seeds), cfg.data.split_seed)
+    # The sweep folder's config.yaml is what the points share (teacher, data, run): points may be added or
+    # removed on --resume; each point's folder checks its own config.
+    shared = task.dump_config(cfg.model_copy(update={"sweep": type(cfg.sweep)()}))
+    run = open_run_dir(path, shared, resume, cfg.run.device, cfg.run.threads, log, list(cfg.run.seeds),
+                       cfg.data.split_seed)
     data = task.load_data(cfg, run)
     teacher = task.build_teacher(cfg, data, run)
     rows = []

@@ -38,6 +38,12 @@ def test_grid_points_are_every_combination_last_path_fastest():
     ]
     assert points[2][1] == ["student.model.kwargs.hidden=[8, 8]", "train.lr=0.1"]
     assert folder_name(2, "hidden=[8, 8] lr=0.1") == "02_hidden=_8_8_lr=0_1"
+    # Explicit points follow the grid: for families a grid cannot express (another model with its own kwargs).
+    more = grid_points({"student.model.kwargs.hidden": [[8]]},
+                       [{"student.model.name": "small_cnn", "student.model.kwargs": {"width": 4}}])
+    assert more == [("hidden=[8]", ["student.model.kwargs.hidden=[8]"]),
+                    ("name=small_cnn kwargs={width: 4}",
+                     ['student.model.name="small_cnn"', 'student.model.kwargs={"width": 4}'])]
 
 
 def row(name, params, latency, student, baseline=None):
@@ -94,6 +100,13 @@ def test_a_tiny_sweep_end_to_end_and_resumed(tmp_path):
     resumed = sweep(copy.deepcopy(TINY), out=out, resume=True, log=logs.append)
     assert sum("(finished: reused)" in line for line in logs) == 2
     assert resumed["rows"] == summary["rows"]
+    # A point added to the config later: the finished ones are reused, only the new one trains.
+    grown = copy.deepcopy(TINY)
+    grown["sweep"]["points"] = [{"student.model.kwargs.hidden": [8, 4]}]
+    logs.clear()
+    third = sweep(grown, out=out, resume=True, log=logs.append)
+    assert sum("(finished: reused)" in line for line in logs) == 2 and len(third["rows"]) == 3
+    assert third["rows"][:2] == summary["rows"]
 
 
 def test_bad_sweeps_are_refused_in_one_line(tmp_path):
@@ -105,6 +118,11 @@ def test_bad_sweeps_are_refused_in_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"sweep point 'lr=-1': config: train.lr: got -1; input should be greater"):
         sweep(with_grid({"train.lr": [0.1, -1]}), out=tmp_path / "b", log=lambda m: None)
     assert not (tmp_path / "b").exists()  # every point is checked before anything is trained
+    twice = {**TINY, "sweep": {"grid": {"train.lr": [0.1]}, "points": [{"train.lr": 0.1}]}}
+    with pytest.raises(ConfigError, match=r"sweep: the point 'lr=0.1' comes twice"):
+        sweep(twice, out=tmp_path / "e", log=lambda m: None)
+    with pytest.raises(ConfigError, match=r"sweep.points.0.data.limit: the teacher, the data and the run stay"):
+        sweep({**TINY, "sweep": {"points": [{"data.limit": 100}]}}, out=tmp_path / "f", log=lambda m: None)
     with pytest.raises(ConfigError, match=r"sweep.grid: empty"):
         sweep({**TINY, "sweep": {}}, out=tmp_path / "c", log=lambda m: None)
     with pytest.raises(ConfigError, match=r"sweep.grid: student.model.kwargs.hidden: no values; expected a list"):

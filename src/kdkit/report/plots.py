@@ -291,6 +291,7 @@ def frontier_plot(summary: dict, cost: str, cost_label: str, path: Path) -> Path
     if summary.get("teacher") is not None:
         ax.axhline(scale * summary["teacher"], color="tab:red", linestyle="--", label="teacher")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # the decades only: minor labels collide
     ax.set_xlabel(cost_label)
     ax.set_ylabel(f"{key}{' %' if scale == 100.0 else ''} (test)" + (", lower is better" if summary.get(
         "lower_is_better") else ""))

@@ -10,7 +10,7 @@ __all__ = ["frontier_plot", "smallest_line", "sweep_markdown", "sweep_table"]
 def smallest_line(summary: dict) -> str:
     """One line: the smallest distilled student within tolerance of the teacher, or that there is none."""
     key, tol, teacher = summary["metric"], summary["tolerance"], summary["teacher"]
-    gap = f"{100 * tol:g} points" if not summary["lower_is_better"] else f"{100 * tol:g}%"
+    gap = f"{100 * tol:g} point{'' if tol == 0.01 else 's'}" if not summary["lower_is_better"] else f"{100 * tol:g}%"
     name = summary["smallest_within_tolerance"]
     if teacher is None:
         return "sweep: no teacher figure to compare with"
@@ -56,8 +56,8 @@ def sweep_markdown(summary: dict) -> str:
             f"{_pm(r['student'], r['student_std'], key)} | {_pm(r['baseline'], r['baseline_std'], key)} | "
             f"{gain} | {interval} |"
         )
-    lines += ["", f"Teacher: {_quality(summary['teacher'], key)}. " + smallest_line(summary).removeprefix("sweep: ")
-              + ".", ""]
+    verdict = smallest_line(summary).removeprefix("sweep: ")
+    lines += ["", f"Teacher: {_quality(summary['teacher'], key)}. {verdict[:1].upper()}{verdict[1:]}.", ""]
     lines += [f"![{p}]({p})" for p in summary.get("plots", [])]
     return "\n".join(lines) + "\n"
 
