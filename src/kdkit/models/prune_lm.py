@@ -119,8 +119,9 @@ def lm_importance(model: nn.Module, batches: Iterable[Any], where: str = "prune.
     """Activation importance of `model`'s MLP channels, KV groups and hidden channels over `batches`.
 
     batches: (B, T) LongTensors of input_ids, or dicts with input_ids and attention_mask (1: real token). Padded
-    positions count nowhere; left padding is fine too (positions are counted from each row's first real token, as
-    `generate` does). The model runs in eval mode without gradients; its mode is restored afterwards.
+    positions count nowhere; left padding is fine too (rotary attention depends on relative positions only, so a
+    row shifted right by its padding gives the same activations). The model runs in eval mode without gradients;
+    its mode is restored afterwards.
     """
     layers = llama_layers(model, where)
     config = model.config
@@ -155,9 +156,8 @@ def lm_importance(model: nn.Module, batches: Iterable[Any], where: str = "prune.
         for batch in batches:
             ids, mask = _batch_inputs(batch, device, where)
             real["mask"] = mask
-            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
             # The base model only: the final norm is its last module, and the logits are not needed.
-            model.model(input_ids=ids, attention_mask=mask.long(), position_ids=positions, use_cache=False)
+            model.model(input_ids=ids, attention_mask=mask.long(), use_cache=False)
             tokens += int(mask.sum())
     finally:
         for hook in hooks:
