@@ -25,6 +25,25 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class PruneSpec(Section):
+    """Width pruning of a causal-LM student taken from the teacher (Minitron: prune, then distil)."""
+
+    intermediate_size: int | None = Field(
+        None, gt=0, description="MLP channels kept per layer, the most active on the calibration text (None: all)."
+    )
+    num_key_value_heads: int | None = Field(
+        None,
+        gt=0,
+        description="Key-value heads kept per layer, each with the query heads that read it (None: all).",
+    )
+    hidden_size: int | None = Field(
+        None, gt=0, description="Hidden (embedding) channels kept in the whole residual stream (None: all)."
+    )
+    calibration_blocks: int = Field(
+        64, gt=0, description="Training blocks the activation importance is measured on (the first ones)."
+    )
+
+
 class ModelSpec(Section):
     """How to build one network."""
 
@@ -47,6 +66,12 @@ class ModelSpec(Section):
         description="hf students: DistilBERT-style init from the teacher's (member 0) layers with these indices, "
         "plus its embeddings and head, e.g. [0, 5].",
     )
+    prune: PruneSpec | None = Field(
+        None,
+        description="causal_lm students from the teacher (member 0, or its `teacher_layers`): keep the most "
+        "important MLP channels, KV heads and hidden channels by activations on training text, e.g. "
+        "{intermediate_size: 512}; then distil (Minitron).",
+    )
     trained: bool = Field(
         False, description="Teachers: the model is already trained for this task; use it as is (no training)."
     )
@@ -62,6 +87,8 @@ class ModelSpec(Section):
             raise ValueError(f"source {self.source!r} needs `path`")
         if self.teacher_layers is not None and self.source != "hf":
             raise ValueError("teacher_layers needs source: hf (a transformers student)")
+        if self.prune is not None and (self.source != "hf" or not self.pretrained):
+            raise ValueError("prune needs source: hf with pretrained weights (it slices the teacher's)")
         if self.source not in ("kdkit", "hf") and not self.name:
             raise ValueError(f"source {self.source!r} needs `name`")
         return self
@@ -696,7 +723,14 @@ class KDConfig(Section):
         if not lm and self.train.keep_best == "acceptance":
             raise ValueError("train.keep_best: 'acceptance' is a draft's metric (data.task: causal_lm with "
                              "llm.draft.enabled); expected accuracy, f1_macro, loss or none")
+        for i, m in enumerate(self.teacher.members):
+            if m.model.prune is not None:
+                raise ValueError(f"teacher.members.{i}.model.prune: pruning makes students; remove it from the "
+                                 "teacher")
         if not lm:
+            if self.student.model.prune is not None:
+                raise ValueError("student.model.prune: width pruning of a language-model teacher; needs data.task: "
+                                 "causal_lm")
             if self.llm != LLMConfig():
                 raise ValueError("llm: settings for language models; set data.task: causal_lm or remove them")
             return self

@@ -1,10 +1,11 @@
 """Causal language models (data.task: causal_lm): a teacher's next-token distributions taught to a smaller LM.
 
 Data: corpus blocks (kdkit.data.lm). Teacher: AutoModelForCausalLM members sharing one vocabulary, frozen, or their
-top-k cache on disk. Students: the teacher's own layers, a smaller config of its family, or a folder. The baseline
-learns the text alone (token_ce); the distilled student the configured token losses, optionally with the teacher's
-continuations (sequence-level KD) and the student's own continuations (on-policy, GKD). Evaluation on held-out
-text: perplexity, agreement, KL to the teacher, cost; the student folder is an HF folder.
+top-k cache on disk. Students (tasks/lm_student.py): the teacher's own layers, pruned in width or not, a smaller
+config of its family, or a folder. The baseline learns the text alone (token_ce); the distilled student the
+configured token losses, optionally with the teacher's continuations (sequence-level KD) and the student's own
+continuations (on-policy, GKD). Evaluation on held-out text: perplexity, agreement, KL to the teacher, cost; the
+student folder is an HF folder.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from kdkit.errors import CompatibilityError, ConfigError
 from kdkit.evaluate import footprint
 from kdkit.evaluate.lm import lm_metrics
 from kdkit.losses import build_loss
-from kdkit.models.causal_lm import load_causal_lm, save_lm_folder, smaller_lm, student_from_teacher_lm
+from kdkit.models.causal_lm import load_causal_lm, save_lm_folder
 from kdkit.models.vocab import check_tokenizers
 from kdkit.run import Phase, Recipe, RunDir
 from kdkit.run.features import wire_features
@@ -33,6 +34,7 @@ from kdkit.run.teacher import LiveTeacher, frozen
 from kdkit.tasks import causal_lm_eval
 from kdkit.tasks.base import CACHE_OFF
 from kdkit.tasks.causal_lm_eval import context_length
+from kdkit.tasks.lm_student import LMStudents
 from kdkit.teachers import TeacherEnsemble
 
 
@@ -76,7 +78,7 @@ class CausalLM:
         return lm_recipe(cfg, data, teacher, run, on_epoch)
 
     def evaluate(self, cfg, data, teacher, results, run, best, recipe):
-        untrained = (lambda seed: build_lm_student(cfg, teacher, seed)) if cfg.llm.draft.enabled else None
+        untrained = LMStudents(cfg, teacher, data) if cfg.llm.draft.enabled else None
         return causal_lm_eval.evaluate(cfg, data, teacher, results, run.device, best, recipe,
                                        untrained_draft=untrained, log=run.log)
 
@@ -149,30 +151,14 @@ def tokenizer_example(tokenizer) -> torch.Tensor:
     return torch.tensor([[tokenizer.eos_token_id or 0] * 4] * 2)
 
 
-def build_lm_student(cfg: KDConfig, teacher: TeacherEnsemble, seed: int) -> nn.Module:
-    """teacher_layers: a copy of member 0 with those decoder layers; pretrained false: a random-init config of the
-    teacher's family changed by kwargs; else the model at student.model.path."""
-    s = cfg.student.model
-    torch.manual_seed(seed)
-    base = teacher.members[0].model
-    if s.teacher_layers is not None:
-        model = student_from_teacher_lm(base, s.teacher_layers, "student.model.teacher_layers")
-    elif not s.pretrained:
-        model = smaller_lm(base, where="student.model.kwargs", **s.kwargs)
-    else:
-        model, _ = load_causal_lm(s.path, "student.model.path")
-    for p in model.parameters():  # a copy of the frozen teacher's layers must learn
-        p.requires_grad_(True)
-    return model.train()
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Students
 
 
 def lm_recipe(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, run: RunDir, on_epoch) -> Recipe:
     """Per seed: a baseline on the text alone (token_ce) and the distilled student, same initialisation and order."""
-    check_draft(cfg, teacher, run)
+    students = LMStudents(cfg, teacher, data, run.log)
+    check_draft(cfg, teacher, run, students)
     kd_data = with_sequence_kd(cfg, data, teacher, run)
     losses = cfg.distill.losses
     loss, schedules, base_loss = lm_loss(cfg), loss_schedules(losses), baseline_loss("token_ce", ())
@@ -185,7 +171,7 @@ def lm_recipe(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, run: RunD
     target = teacher.logits if cfg.llm.draft.enabled else None  # both drafts are validated the same way
 
     def fit(phase: Phase):
-        model = build_lm_student(cfg, teacher, phase.seed)
+        model = students(phase.seed)
         if phase.kind == "baseline":
             return train_lm(cfg, data, data.train, run, phase, model, base_loss, on_epoch=on_epoch, target=target)
         return train_lm(cfg, data, kd_data, run, phase, model, lm_loss(cfg), teacher,
@@ -201,7 +187,7 @@ def lm_recipe(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, run: RunD
                   selection, info)
 
 
-def check_draft(cfg: KDConfig, teacher: TeacherEnsemble, run: RunDir) -> None:
+def check_draft(cfg: KDConfig, teacher: TeacherEnsemble, run: RunDir, students: LMStudents) -> None:
     """llm.draft.enabled: the student is the draft of speculative decoding for the teacher, so it must have fewer
     parameters than the target (one member) and its vocabulary. Checked on the first seed's student as the recipe
     builds it (the architecture is the same for every seed), before anything is generated or trained."""
@@ -214,7 +200,7 @@ def check_draft(cfg: KDConfig, teacher: TeacherEnsemble, run: RunDir) -> None:
     from kdkit.generation.assisted import check_pair
 
     with torch.random.fork_rng(devices=[]):  # building seeds torch; the run's random state stays as it was
-        target, draft = teacher.members[0].model, build_lm_student(cfg, teacher, cfg.run.seeds[0])
+        target, draft = teacher.members[0].model, students(cfg.run.seeds[0])
     t_params, d_params = (sum(p.numel() for p in m.parameters()) for m in (target, draft))
     if d_params >= t_params:
         raise CompatibilityError(
