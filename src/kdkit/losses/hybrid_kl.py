@@ -1,0 +1,232 @@
+"""Hybrid cross-tokenizer distillation: exact KL on the tokens both vocabularies share, ULD on the rest.
+
+TRL's GOLD trainer (trl/experimental/gold, "hybrid ULD": uld_use_hybrid_loss) maps the teacher's and the student's
+tokens that are the same string, compares their probabilities id by id, and compares the remaining, unmatched
+probabilities as sorted vectors (ULD, Boizard et al. 2024, arXiv 2402.12030). GOLD weights the two parts by the
+share of the vocabulary that matched and uses a JSD on the unnormalised matched probabilities. kdkit instead splits
+the KL divergence exactly by the chain rule of relative entropy (Cover & Thomas, "Elements of Information Theory",
+Thm 2.5.3) over the partition {shared ids, the rest}, and replaces only the one term that cannot be computed across
+vocabularies by ULD. Forward (teacher p, student q):
+
+    KL(p ‖ q) = KL(Bern(m_p) ‖ Bern(m_q))  +  m_p · KL(p̃_shared ‖ q̃_shared)  +  (1 − m_p) · KL(p̃_rest ‖ q̃_rest)
+
+    hybrid   = T² · [ KL(Bern(m_p) ‖ Bern(m_q))  +  m_p · KL(p̃_shared ‖ q̃_shared)  +  (1 − m_p) · ULD(p̃_rest, q̃_rest) ]
+
+m_p, m_q: each side's probability mass on the shared ids; p̃_shared = p restricted to the shared ids and renormalised
+by m_p (likewise q̃ by m_q, and the rest by 1 − m); the shared ids are paired by the map, so the shared KL is exact.
+The first term is the KL of the two-way split itself (how much mass each side puts on shared ids): without it the
+student could move mass between shared and unmatched ids unseen. Reverse: the same with p and q exchanged in the
+KL terms and weights m_q, 1 − m_q (ULD is symmetric). With identical tokenizers (identity map, no rest) the mass and
+rest terms vanish and the hybrid is exactly kdkit's token_kl (kdkit.losses.token_functional) at the same positions.
+A map that leaves ids unmatched on one side only is refused: that side's rest mass would be 0 and the split KL
+infinite.
+
+The shared map (shared_vocab) pairs tokens by their decoded text, not their vocabulary strings: byte-level BPE's
+"Ġthe" is " the", WordPiece's "##ing" is "ing" and its word-initial "the" is " the" (each tokenizer's own decoder
+says so, see token_surfaces).
+
+Conventions as kdkit.losses.token_functional: fp32 softmax, T², teacher detached, sum over real aligned positions
+divided by their number (or num_real).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from kdkit.data.align import AlignedBatch, take
+from kdkit.losses import token_functional as Ft
+from kdkit.losses.base import Loss, choice, positive
+from kdkit.losses.uld import alignment_of, sorted_l1
+from kdkit.types import Batch, ModelOutputs
+
+HYBRID_DIRECTIONS = ("forward", "reverse")
+ANCHOR = "a"  # a plain word decoded before each token, so that decoders keep a token's leading space
+
+
+def _backend(tokenizer: Any):
+    from tokenizers import Tokenizer
+
+    return tokenizer if isinstance(tokenizer, Tokenizer) else tokenizer.backend_tokenizer
+
+
+def token_surfaces(tokenizer: Any) -> list[str | None]:
+    """The text each id adds after a word, by the tokenizer's own decoder: decode([anchor, id]) minus decode([anchor])
+    with anchor = the tokens of "a". Byte-level BPE "Ġthe" → " the", "the" → "the"; WordPiece "the" → " the",
+    "##ing" → "ing"; SentencePiece "▁the" → " the". None for a special token, an id with no token, an empty
+    surface, and a piece of a character (a byte token, which decodes to U+FFFD)."""
+    backend = _backend(tokenizer)
+    vocab = backend.get_vocab(with_added_tokens=True)
+    size = max(vocab.values(), default=-1) + 1
+    special = {i for i, tok in backend.get_added_tokens_decoder().items() if tok.special}
+    anchor = backend.encode(ANCHOR, add_special_tokens=False).ids
+    prefix = backend.decode(anchor, skip_special_tokens=False)
+    present = set(vocab.values())
+    decoded = backend.decode_batch([anchor + [i] for i in range(size)], skip_special_tokens=False)
+    out: list[str | None] = []
+    for i, text in enumerate(decoded):
+        surface = text[len(prefix) :] if text.startswith(prefix) else ""
+        ok = i in present and i not in special and surface and "\ufffd" not in surface
+        out.append(surface if ok else None)
+    return out
+
+
+def shared_vocab(teacher_tokenizer: Any, student_tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(teacher_ids, student_ids): int64 (K,) pairs of ids with the same token_surfaces text, by teacher id.
+
+    Identical vocabularies (get_vocab() equal): the identity over every id. Otherwise, where several ids of one
+    side decode to the same text (a byte-fallback "<0x41>" and "A"), the lowest id is kept."""
+    t_backend, s_backend = _backend(teacher_tokenizer), _backend(student_tokenizer)
+    t_vocab = t_backend.get_vocab(with_added_tokens=True)
+    if t_vocab == s_backend.get_vocab(with_added_tokens=True):
+        ids = torch.arange(max(t_vocab.values(), default=-1) + 1, dtype=torch.long)
+        return ids, ids.clone()
+    firsts = []
+    for tokenizer in (teacher_tokenizer, student_tokenizer):
+        first: dict[str, int] = {}
+        for i, surface in enumerate(token_surfaces(tokenizer)):
+            if surface is not None:
+                first.setdefault(surface, i)
+        firsts.append(first)
+    t_first, s_first = firsts
+    pairs = sorted((t_first[x], s_first[x]) for x in t_first.keys() & s_first.keys())
+    t_ids = torch.tensor([a for a, _ in pairs], dtype=torch.long)
+    s_ids = torch.tensor([b for _, b in pairs], dtype=torch.long)
+    return t_ids, s_ids
+
+
+def _rest(ids: torch.Tensor, width: int) -> torch.Tensor:
+    keep = torch.ones(width, dtype=torch.bool, device=ids.device)
+    keep[ids] = False
+    return keep.nonzero().squeeze(-1)
+
+
+def _check_map(teacher_ids: torch.Tensor, student_ids: torch.Tensor, v_teacher: int, v_student: int) -> None:
+    if teacher_ids.dim() != 1 or teacher_ids.shape != student_ids.shape:
+        raise ValueError(
+            f"teacher_ids {tuple(teacher_ids.shape)} and student_ids {tuple(student_ids.shape)}: expected two (K,) "
+            "vectors of paired ids"
+        )
+    for side, ids, width in (("teacher", teacher_ids, v_teacher), ("student", student_ids, v_student)):
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= width):
+            raise ValueError(f"{side}_ids range over [{int(ids.min())}, {int(ids.max())}]; expected ids < {width}")
+        if ids.unique().numel() != ids.numel():
+            raise ValueError(f"{side}_ids repeat an id; expected a one-to-one map")
+
+
+def hybrid_per_position(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    student_ids: torch.Tensor,
+    direction: str = "forward",
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """The hybrid divergence of the module docstring per row, × T²: (N, V_s), (N, V_t), (K,), (K,) → (N,) float32."""
+    if direction not in HYBRID_DIRECTIONS:
+        raise ValueError(f"direction={direction!r}; expected one of {', '.join(HYBRID_DIRECTIONS)}")
+    v_s, v_t = student_logits.shape[-1], teacher_logits.shape[-1]
+    _check_map(teacher_ids, student_ids, v_t, v_s)
+    t = float(temperature)
+    log_q = F.log_softmax(Ft._upcast(student_logits) / t, dim=-1)
+    log_p = F.log_softmax(Ft._upcast(teacher_logits.detach()) / t, dim=-1)
+    t_ids, s_ids = teacher_ids.to(log_p.device), student_ids.to(log_q.device)
+    t_rest, s_rest = _rest(t_ids, v_t), _rest(s_ids, v_s)
+    if t_rest.numel() == 0 and s_rest.numel() == 0:  # every id shared: m = 1 exactly, the KL itself
+        return Ft._divergence(log_p[:, t_ids], log_q[:, s_ids], direction, 0.5) * (t * t)
+    if t_rest.numel() == 0 or s_rest.numel() == 0:
+        side, n = ("student", t_rest.numel()) if s_rest.numel() == 0 else ("teacher", s_rest.numel())
+        raise ValueError(
+            f"hybrid_kl: every {side} id is shared but the other side has {n} unmatched ids; the split KL would be "
+            "infinite. Expected unmatched ids on both sides or on neither (use uld otherwise)"
+        )
+    lowest = torch.finfo(log_p.dtype).min  # a side with no mass on a part: its normaliser stays finite
+
+    def split(log_x: torch.Tensor, shared: torch.Tensor, rest: torch.Tensor):
+        log_sh, log_rest = log_x[:, shared], log_x[:, rest]
+        log_m, log_r = log_sh.logsumexp(-1, keepdim=True), log_rest.logsumexp(-1, keepdim=True)
+        return (
+            log_sh - log_m.clamp_min(lowest),
+            (log_rest - log_r.clamp_min(lowest)).exp(),
+            torch.cat([log_m, log_r], dim=-1),
+        )
+
+    p_sh, p_rest, p_mass = split(log_p, t_ids, t_rest)
+    q_sh, q_rest, q_mass = split(log_q, s_ids, s_rest)
+    mass = Ft._divergence(p_mass, q_mass, direction, 0.5)
+    shared = Ft._divergence(p_sh, q_sh, direction, 0.5)
+    weight = (p_mass if direction == "forward" else q_mass).exp()  # (N, 2): shared mass, rest mass
+    return (mass + weight[:, 0] * shared + weight[:, 1] * sorted_l1(p_rest, q_rest)) * (t * t)
+
+
+def hybrid_kl_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    student_positions: torch.Tensor,
+    teacher_positions: torch.Tensor,
+    mask: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    student_ids: torch.Tensor,
+    direction: str = "forward",
+    temperature: float = 1.0,
+    num_real: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Σ over real aligned positions of hybrid_per_position / N (N = their number, or num_real).
+
+    student_logits (B, T_s, V_s), teacher_logits (B, T_t, V_t); positions and mask (B, S) (kdkit.data.align.SpanIndex);
+    teacher_ids, student_ids (K,): the shared map (shared_vocab)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature}; expected > 0")
+    s = take(student_logits, student_positions, mask)
+    t = take(teacher_logits.detach(), teacher_positions, mask)
+    denom = Ft.denominator(s.shape[0], num_real, student_logits.device)
+    return hybrid_per_position(s, t, teacher_ids, student_ids, direction, temperature).sum() / denom
+
+
+class HybridKL(Loss):
+    """hybrid_kl_loss at each span's last token. The shared map is set once the tokenizers are known:
+    loss.set_vocab_map(*shared_vocab(teacher_tokenizer, student_tokenizer)) (not a config value: it is derived)."""
+
+    name = "hybrid_kl"
+
+    def __init__(self, direction: str = "forward", temperature: float = 1.0):
+        super().__init__()
+        self.direction = choice("direction", direction, HYBRID_DIRECTIONS)
+        self.temperature = positive("temperature", temperature)
+        self.register_buffer("teacher_ids", torch.zeros(0, dtype=torch.long), persistent=False)
+        self.register_buffer("student_ids", torch.zeros(0, dtype=torch.long), persistent=False)
+        self._has_map = False
+
+    def set_vocab_map(self, teacher_ids: torch.Tensor, student_ids: torch.Tensor) -> None:
+        self.teacher_ids = teacher_ids.to(self.teacher_ids.device, torch.long)
+        self.student_ids = student_ids.to(self.student_ids.device, torch.long)
+        self._has_map = True
+
+    def forward(
+        self,
+        student: ModelOutputs,
+        teacher: ModelOutputs | None,
+        batch: Batch,
+        alignment: AlignedBatch | None = None,
+        num_real_tokens: int | torch.Tensor | None = None,
+    ):
+        if not self._has_map:
+            raise ValueError("hybrid_kl: no vocabulary map; expected set_vocab_map(*shared_vocab(teacher, student))")
+        index = alignment_of(self, batch, alignment).index
+        return hybrid_kl_loss(
+            student.logits,
+            teacher.logits,
+            index.student_last,
+            index.teacher_last,
+            index.mask,
+            self.teacher_ids,
+            self.student_ids,
+            self.direction,
+            self.temperature,
+            num_real_tokens,
+        )
+
+    def describe(self) -> str:
+        return f"hybrid_kl({self.direction}, T={self.temperature:g}, shared={self.teacher_ids.numel()})"

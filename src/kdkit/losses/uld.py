@@ -1,0 +1,116 @@
+"""Universal Logit Distillation across tokenizers: the L1 distance between sorted probability vectors.
+
+Boizard et al. 2024, "Towards Cross-Tokenizer Distillation: the Universal Logit Distillation Loss for LLMs"
+(arXiv 2402.12030). Two vocabularies share no ids, so the teacher's and the student's next-token distributions cannot
+be compared id by id. ULD compares them as distributions of probability values: with both vectors sorted in
+descending order and the shorter zero-padded to the longer vocabulary,
+
+    ULD(p, q) = Σ_i | p_(i) − q_(i) |
+
+the closed form of the Wasserstein-1 distance that the paper derives (its eq. 5, with a uniform transport cost and
+a sum over the vocabulary). It is zero when the two distributions are the same up to a renaming of the ids, and
+symmetric.
+
+kdkit's conventions (as kdkit.losses.token_functional): logits upcast to float32 (float64 kept) before the softmax;
+p = softmax(teacher / T) and q = softmax(student / T), and the distance is multiplied by T² like every kdkit token
+loss (the paper uses T = 1; at T ≠ 1 this is T² times TRL's GOLD ULD term); the teacher is detached; the loss is the
+sum over the real aligned positions divided by their number, or by the global count num_real when given.
+
+Positions come from the alignment (kdkit.data.align.SpanIndex): each span's last token on each side, where both
+models have read the same text, so both predict what follows it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kdkit.data.align import AlignedBatch, take
+from kdkit.losses import token_functional as Ft
+from kdkit.losses.base import Loss, positive
+from kdkit.types import Batch, ModelOutputs
+
+
+def sorted_l1(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Σ_i |p_(i) − q_(i)|, p and q sorted descending, the narrower zero-padded: (N, V₁), (N, V₂) → (N,)."""
+    width = max(p.shape[-1], q.shape[-1])
+    p_sorted = F.pad(p.sort(dim=-1, descending=True).values, (0, width - p.shape[-1]))
+    q_sorted = F.pad(q.sort(dim=-1, descending=True).values, (0, width - q.shape[-1]))
+    return (p_sorted - q_sorted).abs().sum(-1)
+
+
+def uld_per_position(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """T² · ULD(softmax(teacher / T), softmax(student / T)) per row: (N, V_student), (N, V_teacher) → (N,) float32."""
+    t = float(temperature)
+    q = F.softmax(Ft._upcast(student_logits) / t, dim=-1)
+    p = F.softmax(Ft._upcast(teacher_logits.detach()) / t, dim=-1)
+    return sorted_l1(p, q) * (t * t)
+
+
+def uld_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    student_positions: torch.Tensor,
+    teacher_positions: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float = 1.0,
+    num_real: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Σ over real aligned positions of uld_per_position / N.
+
+    student_logits (B, T_s, V_s), teacher_logits (B, T_t, V_t); student_positions, teacher_positions, mask (B, S):
+    the positions compared (SpanIndex.student_last, teacher_last) and which are real. N = the number of real
+    positions, or num_real (a global count over micro-batches and processes). No real position: 0 (with a graph).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature}; expected > 0")
+    s = take(student_logits, student_positions, mask)
+    t = take(teacher_logits.detach(), teacher_positions, mask)
+    denom = Ft.denominator(s.shape[0], num_real, student_logits.device)
+    return uld_per_position(s, t, temperature).sum() / denom
+
+
+def alignment_of(loss: Loss, batch: Batch, alignment: AlignedBatch | None) -> AlignedBatch:
+    """The AlignedBatch a cross-tokenizer loss reads: the one passed, else batch.alignment; a one-line error else."""
+    alignment = alignment if alignment is not None else getattr(batch, "alignment", None)
+    if alignment is None:
+        raise ValueError(
+            f"{loss.name}: no alignment; expected an AlignedBatch (kdkit.data.align.align_batch) passed as "
+            "alignment= or set as batch.alignment"
+        )
+    return alignment
+
+
+class ULD(Loss):
+    """uld_loss at each span's last token (kdkit.data.align): the teacher's and the student's next-token distributions
+    after the same text, compared as sorted probability vectors. temperature: kd temperature T (× T²)."""
+
+    name = "uld"
+
+    def __init__(self, temperature: float = 1.0):
+        super().__init__()
+        self.temperature = positive("temperature", temperature)
+
+    def forward(
+        self,
+        student: ModelOutputs,
+        teacher: ModelOutputs | None,
+        batch: Batch,
+        alignment: AlignedBatch | None = None,
+        num_real_tokens: int | torch.Tensor | None = None,
+    ):
+        index = alignment_of(self, batch, alignment).index
+        return uld_loss(
+            student.logits,
+            teacher.logits,
+            index.student_last,
+            index.teacher_last,
+            index.mask,
+            self.temperature,
+            num_real_tokens,
+        )
+
+    def describe(self) -> str:
+        return f"uld(T={self.temperature:g})"
