@@ -121,11 +121,23 @@ def train_cmd(
     set_: Optional[list[str]] = SetOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoints."),
     auto: bool = typer.Option(
-        False, "--auto", help="No-regret distillation (distill.auto): choose how much to distil on validation first."
+        False,
+        "--auto",
+        help="No-regret distillation (distill.auto; student.auto for a tabular config): choose how much to distil "
+        "on validation first.",
     ),
 ) -> None:
     """Train the teacher (if needed), the baseline and the distilled student from a config (any task)."""
-    _train(config, out, [*(set_ or ()), *(["distill.auto.enabled=true"] if auto else [])], resume)
+    _train(config, out, [*(set_ or ()), *([_auto_override(config)] if auto else [])], resume)
+
+
+def _auto_override(config: Path) -> str:
+    """The `--set` that turns no-regret distillation on, where the config's task keeps it (distill.auto, or the
+    task's `auto_switch`, e.g. student.auto for tabular)."""
+    from kdkit.config import read_yaml
+    from kdkit.tasks import task_of
+
+    return f"{getattr(task_of(read_yaml(config)), 'auto_switch', 'distill.auto')}.enabled=true"
 
 
 @app.command("sweep")
@@ -220,11 +232,48 @@ def config_docs() -> None:
 def export_cmd(
     run_dir: Path = typer.Argument(..., help="A run directory written by kdkit train/demo."),
     format_: str = typer.Option("onnx", "--format", "-f", help="safetensors, onnx, torchscript or hf."),
-    out: Path = typer.Option(None, help="Export folder (default: RUN_DIR/export/<format>); replaced as a whole."),
+    out: Path = typer.Option(
+        None,
+        help="Export folder (default: RUN_DIR/export/<format>, or export/onnx-<mode> with --quantize); replaced "
+        "as a whole.",
+    ),
+    quantize: Optional[str] = typer.Option(
+        None,
+        "--quantize",
+        help="int8 (static: QDQ, per-channel weights, activations calibrated on training examples) or dynamic (int8 "
+        "weights of the linear layers): an int8 ONNX student measured against the fp32 one on the test split.",
+    ),
+    calibration_examples: Optional[int] = typer.Option(
+        None, "--calibration-examples", help="Training examples that calibrate --quantize int8 (default 256)."
+    ),
+    max_accuracy_drop: Optional[float] = typer.Option(
+        None, "--max-accuracy-drop", help="--quantize: most test-accuracy points int8 may lose vs fp32 (default 1.0)."
+    ),
+    min_agreement: Optional[float] = typer.Option(
+        None, "--min-agreement", help="--quantize: least % of test examples where int8 and fp32 agree (default 95)."
+    ),
 ) -> None:
-    """Export the student alone (no adapters or projectors), parity-checked against eager PyTorch, with a model card."""
+    """Export the student alone (no adapters or projectors), parity-checked against eager PyTorch, with a model card;
+    --quantize: an int8 ONNX student, exit 2 (nothing written) when it misses the accuracy or agreement bound."""
+    from kdkit.errors import ConfigError
     from kdkit.export import export_run
 
+    options = {
+        "calibration_examples": calibration_examples,
+        "max_accuracy_drop": max_accuracy_drop,
+        "min_agreement": min_agreement,
+    }
+    given = {k: v for k, v in options.items() if v is not None}
+    if quantize is not None:
+        if format_ != "onnx":
+            raise ConfigError(f"--quantize: int8 students are ONNX models; got --format {format_}, expected onnx")
+        from kdkit.export.quantize import export_quantized
+
+        quantized = export_quantized(run_dir, quantize, out, log=_console().print, **given)  # logs the figures
+        _console().print(f"exported to {quantized.path}: {', '.join(quantized.files)}")
+        return
+    if given:
+        raise ConfigError(f"--{next(iter(given)).replace('_', '-')}: only with --quantize int8 or dynamic")
     result = export_run(run_dir, format_, out, log=_console().print)
     _console().print(
         f"{result.format}: max abs diff vs eager PyTorch {result.max_abs_diff:.3g} on {result.parity_inputs} held-out "

@@ -72,7 +72,7 @@ def export_run(
         )
     run = open_run(run_dir)
     final = Path(out) if out is not None else run.run_dir / "export" / fmt
-    _check_out(final, run)
+    check_out(final, run)
     held = held_out(run, n_parity)
     if held.note:
         log(f"export: parity on random inputs, {held.note}")
@@ -130,7 +130,7 @@ def export_run(
     return ExportResult(final, fmt, parity.max_abs_diff, parity.label_agreement, parity.n, held.source, listed)
 
 
-def _check_out(final: Path, run: Run) -> None:
+def check_out(final: Path, run: Run) -> None:
     """Refuse to replace a folder that is not an earlier export (the run directory, a student folder, $HOME...)."""
     if final.exists() and not final.is_dir():
         raise ConfigError(f"--out: {str(final)!r} is a file; expected a folder for the export")

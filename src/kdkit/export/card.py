@@ -56,18 +56,21 @@ def model_card(
     files: list[str],
     provenance: dict,
     columns: list[Column] | None = None,
+    quantization: dict | None = None,
 ) -> str:
     """README.md of an export. metrics: the run's metrics.json (docs/metrics.md), or {}; columns: the summary's
-    columns (None: the classification columns)."""
+    columns (None: the classification columns); quantization: export.json's "quantization" part of an int8 export
+    (kdkit.export.quantize), which adds its section and makes `parity` the check of the fp32 model it came from."""
     arch = spec.get("name") or spec.get("source")
     shape = "(batch, " + ", ".join(str(d) for d in spec.get("in_shape", [])) + ")"
     kwargs = ", ".join(f"{k}={v}" for k, v in (spec.get("kwargs") or {}).items())
     config_text = _read(run_dir / "config.yaml")
+    variant = f", int8 {quantization['method']}" if quantization else ""
     lines = []
     if fmt == "hf":
         lines += ["---", "library_name: transformers", "tags:", "- kdkit", "- knowledge-distillation", "---", ""]
     lines += [
-        f"# {run_name}: distilled student ({fmt})",
+        f"# {run_name}: distilled student ({fmt}{variant})",
         "",
         f"A `{spec.get('source')}/{arch}` classifier{f' ({kwargs})' if kwargs else ''} with "
         f"{spec.get('num_classes')} classes, distilled by kdkit from the run in `{run_dir}`. This folder holds the "
@@ -111,9 +114,11 @@ def model_card(
         f"- Output: logits (batch, {spec.get('num_classes')}); softmax gives class probabilities.",
         "- Classes (id: name): " + ", ".join(f"{i}: {name}" for i, name in enumerate(class_names)),
         "",
+        *(_quantization_section(quantization) if quantization else []),
         "## Export check",
         "",
-        f"Max abs difference of the logits against eager PyTorch on {parity.n} held-out inputs ({parity_source}): "
+        ("The fp32 ONNX model that was quantized: max abs" if quantization else "Max abs")
+        + f" difference of the logits against eager PyTorch on {parity.n} held-out inputs ({parity_source}): "
         f"**{parity.max_abs_diff:.3g}** (tolerance {parity.tolerance:g}); same top-1 class on "
         f"{100 * parity.label_agreement:.2f}% of them.",
         "",
@@ -137,6 +142,36 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def _quantization_section(q: dict) -> list[str]:
+    """fp32 ONNX vs int8 ONNX on the test split (export.json's "quantization": kdkit.export.quantize)."""
+    speed, size = q["throughput"], q["size_bytes"]
+    rows = [
+        ["accuracy (%)", f"{q['accuracy_fp32']:.2f}", f"{q['accuracy_int8']:.2f}"],
+        ["agreement with fp32 (%)", "100.00", f"{q['agreement']:.2f}"],
+        ["size (MB)", f"{size['fp32'] / 1e6:.3g}", f"{size['int8'] / 1e6:.3g} ({size['ratio']:.2f}×)"],
+        [
+            f"CPU throughput (examples/s, batch {speed['batch_size']})",
+            f"{speed['fp32']:,.0f}",
+            f"{speed['int8']:,.0f} ({speed['speedup']:.2f}×)",
+        ],
+    ]
+    bounds = q["bounds"]
+    return [
+        "## Int8 quantization",
+        "",
+        f"{q['method'].capitalize()} quantization with `{q['tool']}` ({q['format']}): weights {q['weights']}; "
+        f"activations {q['activations']}; calibration: {q['calibration']}. Measured on the {q['test_examples']} "
+        f"examples of the test split against the fp32 ONNX student, throughput with ONNX Runtime on "
+        f"{q.get('machine', 'this CPU')}, the two models timed in turn over {speed['rounds']} rounds (median).",
+        "",
+        _table(["", "fp32 ONNX", "int8 ONNX"], rows),
+        "",
+        f"Bounds: accuracy drop ≤ {bounds['max_accuracy_drop']:g} pt (here {q['accuracy_drop_points']:.2f} pt), "
+        f"agreement ≥ {bounds['min_agreement']:g}% (here {q['agreement']:.2f}%): passed.",
+        "",
+    ]
 
 
 def _loss_formula(report: Path) -> str:

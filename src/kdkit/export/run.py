@@ -11,6 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -21,6 +22,9 @@ from kdkit.models import load_model_folder
 from kdkit.models.build import read_model_json
 from kdkit.tasks import load_task
 from kdkit.teachers import TeacherEnsemble
+
+if TYPE_CHECKING:
+    from kdkit.data import DataBundle
 
 
 @dataclass
@@ -116,11 +120,7 @@ def held_out(run: Run, n: int = 256, seed: int = 0) -> HeldOut:
         x = torch.randn((n, *run.in_shape), generator=gen)
         names = [str(i) for i in range(run.num_classes)]
         return HeldOut(x, names, "random normal", f"the run's data could not be rebuilt: {exc}".splitlines()[0])
-    if tuple(data.input_shape) != run.in_shape:
-        raise ConfigError(
-            f"RUN_DIR: the data now gives inputs of shape {tuple(data.input_shape)}, the student expects "
-            f"{run.in_shape}; was config.yaml edited after the run?"
-        )
+    _check_input_shape(data, run)
     test = data.test
     # Tensors as stored, or (texts of different lengths) padded per batch as training pads them.
     x = test.x[:n] if hasattr(test, "x") else data.collate([test[i] for i in range(min(n, len(test)))]).inputs
@@ -128,3 +128,26 @@ def held_out(run: Run, n: int = 256, seed: int = 0) -> HeldOut:
     if len(names) != run.num_classes:
         names = [str(i) for i in range(run.num_classes)]
     return HeldOut(x.float().contiguous(), names, "test split")
+
+
+def run_data(run: Run) -> DataBundle:
+    """The run's data rebuilt from its config (the same splits and the normalisation fitted on its training split),
+    checked against the student's input shape. Unlike held_out there is no random stand-in: what needs it
+    (calibration, accuracy) means nothing on random inputs, so a run whose data is gone is refused in one line."""
+    from kdkit.data import build_data
+
+    try:
+        data = build_data(**run.cfg.data.model_dump())
+    except (KdkitError, ImportError, OSError) as exc:
+        message = f"RUN_DIR: the run's data (data.source {run.cfg.data.source!r}) could not be rebuilt here: {exc}"
+        raise ConfigError(message.splitlines()[0]) from None
+    _check_input_shape(data, run)
+    return data
+
+
+def _check_input_shape(data: DataBundle, run: Run) -> None:
+    if tuple(data.input_shape) != run.in_shape:
+        raise ConfigError(
+            f"RUN_DIR: the data now gives inputs of shape {tuple(data.input_shape)}, the student expects "
+            f"{run.in_shape}; was config.yaml edited after the run?"
+        )
