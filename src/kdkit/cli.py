@@ -132,12 +132,12 @@ def train_cmd(
 
 
 def _auto_override(config: Path) -> str:
-    """The `--set` that turns no-regret distillation on, where the config's task keeps it (distill.auto, or the
-    task's `auto_switch`, e.g. student.auto for tabular)."""
+    """The `--set` that turns no-regret distillation on where the config's task keeps it (Task.auto_switch:
+    distill.auto, or student.auto for tabular)."""
     from kdkit.config import read_yaml
     from kdkit.tasks import task_of
 
-    return f"{getattr(task_of(read_yaml(config)), 'auto_switch', 'distill.auto')}.enabled=true"
+    return f"{task_of(read_yaml(config)).auto_switch}.enabled=true"
 
 
 @app.command("sweep")

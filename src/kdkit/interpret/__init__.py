@@ -7,7 +7,8 @@ through the one pipeline like every task:
     probs = predict_table(result.run_dir, new_rows_frame)      # the kept student, from RUN_DIR/student
 
 config.py (InterpretConfig, no torch, no scikit-learn) → tabular.py (reading, the encoder) → teachers.py →
-neighbourhood.py (synthetic points) → students.py (STUDENTS) → fidelity.py → predict.py (a fitted student with its
+neighbourhood.py (synthetic points) → students.py (STUDENTS) → auto.py (student.auto: the setting chosen on
+validation folds, labels alone among the candidates) → fidelity.py → predict.py (a fitted student with its
 encoder, its folder) → report.py. Names are resolved lazily, so validating a config imports neither scikit-learn
 nor plots.
 """

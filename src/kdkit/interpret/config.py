@@ -10,7 +10,7 @@ kdkit.tasks.task_of tells it from a classification or language-model config.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, ValidationInfo, field_validator, model_validator
@@ -219,12 +219,54 @@ class LogisticConfig(Section):
     )
 
 
+class StudentAutoConfig(Section):
+    """No-regret distillation: per seed, the student's setting is chosen by cross-validation within the training
+    split, the student on labels alone among the candidates (kdkit.interpret.auto)."""
+
+    enabled: bool = Field(
+        False,
+        description="Per seed, score on validation folds of the training split (the test split is never seen) the "
+        "student on labels alone, the configured setting and every pair of `points` × `targets`, and fit the best "
+        "on the whole training split; ties go to the simpler (labels alone, then fewer points, then hard targets). "
+        "The chosen student is never worse than labels alone on validation (kdkit train --auto).",
+    )
+    points: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=lambda: [0, 2000, 5000, 20000],
+        min_length=1,
+        description="Synthetic points (neighbourhood.points) to try; the configured number is always added.",
+    )
+    targets: list[Literal["soft", "hard"]] = Field(
+        default_factory=lambda: ["hard", "soft"],
+        min_length=1,
+        description="Teacher targets to try (student.tree.targets or student.logistic.targets); the configured "
+        "targets are always added.",
+    )
+    metric: Literal["accuracy", "f1_macro"] = Field(
+        "accuracy",
+        description="Validation metric of the choice, pooled over the folds. Not the log loss: a tree's pure leaves "
+        "on labels say probability 0 for a class, so any hedging student (even one taught by a useless teacher) "
+        "would beat labels alone on it.",
+    )
+    folds: int = Field(
+        3,
+        ge=2,
+        le=20,
+        description="Stratified folds of each seed's training split: the teacher and every candidate are fit on "
+        "the other folds and scored on this one, so every training row is a validation row once (a single 20% split "
+        "of a few hundred rows is too noisy to choose by).",
+    )
+
+
 class InterpretStudentConfig(Section):
     """The interpretable student; the same student is also fit on the labels alone, for comparison."""
 
     kind: Literal["decision_tree", "logistic_l1"] = Field("decision_tree", description="Which student.")
     tree: TreeConfig = Field(default_factory=TreeConfig, description="Settings of kind: decision_tree.")
     logistic: LogisticConfig = Field(default_factory=LogisticConfig, description="Settings of kind: logistic_l1.")
+    auto: StudentAutoConfig = Field(
+        default_factory=StudentAutoConfig,
+        description="No-regret distillation: choose the neighbourhood size and targets per seed on validation.",
+    )
 
 
 class NeighbourhoodConfig(Section):

@@ -14,10 +14,11 @@ import numpy as np
 
 from kdkit.atomic import write_text
 from kdkit.evaluate.schema import mean_of, n_seeds, per_seed_of, std_of
+from kdkit.interpret.auto import describe
 from kdkit.interpret.students import coefficients_text, tree_rules
 from kdkit.report.markdown import speedup_note
 from kdkit.report.plots import _save, plt
-from kdkit.report.table import MISSING, TABULAR_COLUMNS, gain_line, summary_headers, summary_rows
+from kdkit.report.table import MISSING, TABULAR_COLUMNS, gain_interval, gain_line, summary_headers, summary_rows
 
 MAX_RULES_IN_REPORT = 40
 
@@ -64,6 +65,7 @@ def write_interpret_report(run_dir: Path, *, cfg, metrics: dict, kept, x_train: 
     tree_drawn = any(p is not None and p.name == "tree.png" for p in drawn)
     lines = [f"# kdkit tabular: {cfg.run.name}", ""]
     lines += _summary_section(cfg, metrics)
+    lines += auto_section(metrics) if metrics.get("student_auto") else []
     lines += _per_class_section(metrics)
     lines += _student_section(cfg, metrics, kept, x_train, tree_drawn)
     lines += _data_section(cfg, kept.encoder)
@@ -99,8 +101,12 @@ def _summary_section(cfg, metrics: dict) -> list[str]:
     lines = [
         f"Teacher **{' + '.join(metrics['teacher_kinds'])}** distilled into a **{kind}** "
         f"({metrics['student_model']['settings']}) on {data['rows']} rows "
-        f"({data['train_rows']} train / {data['test_rows']} test), with {nb.points} synthetic points ({nb.method}, "
-        f"scale {nb.scale}) labelled by the teacher. The baseline is the same {name} fit on the labels alone. "
+        f"({data['train_rows']} train / {data['test_rows']} test), with "
+        + (f"{nb.points} synthetic points" if not metrics.get("student_auto") else "synthetic points")
+        + f" ({nb.method}, scale {nb.scale}) labelled by the teacher"
+        + (" (how many, and soft or hard targets, chosen per seed on validation: see student.auto below)"
+           if metrics.get("student_auto") else "")
+        + f". The baseline is the same {name} fit on the labels alone. "
         f"Seeds: {', '.join(map(str, seeds))}"
         + (" (each with its own train/test split)." if cfg.data.resplit_each_seed else "."),
         "",
@@ -274,6 +280,93 @@ def _size_note(metrics: dict, baseline: dict | None, kind: str) -> list[str]:
         "while the teacher's soft labels on the synthetic points give the distilled tree more to split.",
         "",
     ]
+
+
+def auto_section(metrics: dict) -> list[str]:
+    """student.auto: how the setting was chosen, each candidate's validation figure and the seeds that chose it,
+    and a verdict on validation and on test (with the likely reason when distillation did not pay)."""
+    record = metrics["student_auto"]
+    metric, n = record["metric"], record["seeds"]
+    lines = [
+        "## Automatic distillation setting (student.auto)",
+        "",
+        f"Chosen per seed, before its distilled student was fit, by {record['folds']}-fold stratified "
+        "cross-validation within the seed's training split (the test split is never seen; the teacher is fit again "
+        f"on each fold's other rows): every candidate below is scored by the {metric} of its held-out predictions, "
+        "pooled over the folds, and the best is fit on the whole training split. A tie goes to the simpler "
+        "candidate (labels alone first), so each seed's choice is never worse than labels alone on validation. "
+        "The candidates are a literal grid, each one scored.",
+        "",
+        _table(
+            ["candidate", f"validation {metric}" + (" (mean ± std over seeds)" if n > 1 else ""), "chosen by seeds"],
+            [
+                [
+                    describe(c["name"]) + (" (as configured)" if c["given"] else ""),
+                    _pm(c["validation"]),
+                    ", ".join(map(str, c["chosen_by"])) or "—",
+                ]
+                for c in record["candidates"]
+            ],
+        ),
+        "",
+        auto_verdict(metrics),
+        "",
+    ]
+    return lines
+
+
+def auto_verdict(metrics: dict) -> str:
+    """One paragraph: did distillation pay on validation (in how many seeds) and on test; if not, why that may be."""
+    record = metrics["student_auto"]
+    metric, n, k = record["metric"], record["seeds"], record["distils"]
+    name = _name(metrics["student_model"]["kind"])
+    chosen = 100 * float(np.mean([r["value"] for r in record["per_seed"]]))
+    labels = 100 * float(np.mean([r["labels_only"] for r in record["per_seed"]]))
+    figures = f"validation {metric} {chosen:.2f}% against {labels:.2f}% for labels alone (mean over seeds)"
+    if k == 0:
+        text = (
+            f"Distillation did not pay on validation: labels alone scored best in every seed, so the student is the "
+            f"{name} on labels alone. {auto_reason(metrics)}"
+        )
+    elif k == n:
+        text = f"Distillation paid on validation in every seed: {figures}."
+    else:
+        text = (
+            f"Distillation paid on validation in {k} of {n} seeds ({figures}); the other seeds keep the {name} on "
+            "labels alone."
+        )
+    if k:
+        text += " The chosen figure is the best of several, so it flatters the choice; the test figure does not."
+    gain = (metrics.get("gain") or {}).get("accuracy")
+    if gain is not None:
+        interval = gain_interval(metrics, "accuracy")
+        ci = f" (95% CI [{100 * interval[0]:+.2f}, {100 * interval[1]:+.2f}])" if interval else ""
+        text += (
+            f" On test, the chosen student minus the one on labels alone: accuracy {100 * gain['mean']:+.2f} "
+            f"points{ci}."
+        )
+    return text
+
+
+def auto_reason(metrics: dict) -> str:
+    """Why distillation may not pay, from the run's own test figures."""
+    teacher = mean_of((metrics.get("teacher") or {}).get("accuracy"))
+    baseline = mean_of((metrics.get("baseline_student") or {}).get("accuracy"))
+    name = _name(metrics["student_model"]["kind"])
+    if teacher is None or baseline is None:
+        return f"Possible reasons: the {name} may be too small to follow the teacher, or the teacher no better."
+    if baseline >= 0.99:
+        return f"The data saturates: the {name} on labels alone reaches {100 * baseline:.2f}% on test."
+    if teacher - baseline < 0.01:
+        return (
+            f"The teacher is not better than the {name} on labels alone ({100 * teacher:.2f}% vs {100 * baseline:.2f}% "
+            "on test): it has little to teach."
+        )
+    more = "more depth or leaves (student.tree)" if name == "tree" else "a larger C (student.logistic)"
+    return (
+        f"The teacher is better ({100 * teacher:.2f}% vs {100 * baseline:.2f}% on test), so the {name} may be too "
+        f"small to follow it; try {more}."
+    )
 
 
 def _percent(value: float) -> str:

@@ -38,6 +38,7 @@ class Task(Protocol):
     columns: ClassVar[list]  # headline metrics for the summary table: [(key, header, format)]
     search_metrics: ClassVar[tuple[str, ...]]  # validation metrics a search may optimise
     shipping: ClassVar[str | None]  # None: kdkit export/serve take its runs; else why not and what to use instead
+    auto_switch: ClassVar[str]  # the config section whose `enabled` `kdkit train --auto` turns on
 
     def load_config(self, config: str | Path | dict, overrides: tuple[str, ...]) -> Any:
         """Read and validate a YAML file (or a mapping) with `--set` overrides; every problem at once."""

@@ -42,6 +42,7 @@ class CausalLM:
     name = "causal_lm"
     columns = causal_lm_eval.COLUMNS
     search_metrics = ("loss", "accuracy")
+    auto_switch = "distill.auto"  # `kdkit train --auto` sets <auto_switch>.enabled (kdkit.search.auto)
     shipping = (
         "a language-model run's student is already an HF folder (RUN_DIR/student: "
         "AutoModelForCausalLM.from_pretrained and AutoTokenizer load it, with its report as README.md); serve it "

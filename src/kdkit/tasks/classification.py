@@ -39,6 +39,7 @@ class Classification:
     name = "classification"
     columns = classification_eval.COLUMNS
     search_metrics = ("accuracy", "f1_macro", "loss")
+    auto_switch = "distill.auto"  # `kdkit train --auto` sets <auto_switch>.enabled (kdkit.search.auto)
     shipping = None  # kdkit export and serve take its runs
 
     def load_config(self, config: str | Path | dict, overrides: tuple[str, ...]) -> KDConfig:

@@ -19,6 +19,7 @@ class Tabular:
     name = "tabular"
     columns = TABULAR_COLUMNS
     search_metrics: tuple[str, ...] = ()  # no validation split: nothing for a search to optimise
+    auto_switch = "student.auto"  # `kdkit train --auto` sets <auto_switch>.enabled (kdkit.interpret.auto)
     shipping = (
         "its student is a readable model (RUN_DIR/student: student.json, encoder.json, rules.txt, and student.skops "
         "when skops is installed); predict with kdkit.interpret.predict_table(RUN_DIR, frame), no torch needed"
@@ -53,9 +54,11 @@ class Tabular:
 
         check_teacher(cfg.teacher)
         kinds = "+".join(m.kind for m in cfg.teacher.members)
+        auto = cfg.student.auto
         run.log(
             f"teacher: {kinds} → student: {cfg.student.kind} ({student_settings(cfg.student)}); "
             f"{cfg.neighbourhood.points} synthetic points"
+            + (f"; student.auto: chosen per seed by {auto.folds}-fold validation {auto.metric}" if auto.enabled else "")
         )
         return TabularTeachers(cfg, data, run)
 

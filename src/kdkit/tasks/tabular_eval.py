@@ -1,6 +1,7 @@
 """The tabular task's evaluation and report: the seeds' figures gathered from the phases (each phase measured its
 student on its seed's test rows when it was fit), the cost of teacher and students measured the same way as for
-every task (kdkit.evaluate.cost), and metrics.json in the one schema (kdkit.evaluate.schema)."""
+every task (kdkit.evaluate.cost), and metrics.json in the one schema (kdkit.evaluate.schema); with student.auto,
+its `student_auto` entry gathers the seeds' choices (kdkit.interpret.auto.summarise)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 from kdkit.errors import TrainingError
 from kdkit.evaluate.cost import measure_cost
 from kdkit.evaluate.schema import assemble, mean_of
+from kdkit.interpret.auto import auto_line, summarise
 from kdkit.interpret.fidelity import fidelity, quality
 from kdkit.interpret.predict import FittedStudent, load_student_folder
 from kdkit.interpret.report import write_interpret_report
@@ -42,6 +44,8 @@ def evaluate(cfg, data, teachers, results: dict[str, list[PhaseResult]], run: Ru
         fresh = measure(done.model, teachers(seed), data.class_names, math.nan)
         if saved is not None:
             fresh["test"]["seconds"] = saved["test"]["seconds"]  # fitting time: the run's, not measured here
+            if "auto" in saved:  # student.auto's choice, made when the phase was fit
+                fresh["auto"] = saved["auto"]
         else:
             del fresh["test"]["seconds"]
         return fresh
@@ -58,6 +62,10 @@ def evaluate(cfg, data, teachers, results: dict[str, list[PhaseResult]], run: Ru
     for warning in warnings:
         run.log(f"warning: {warning}")
     encoder = kept.encoder
+    records = [s.get("auto") for s in summaries["student"]]
+    auto = {"student_auto": summarise(records, seeds)} if records and all(records) else {}
+    if auto:
+        run.log(auto_line(auto["student_auto"]))
     metrics = assemble(
         "tabular", seeds, [s["teacher"] for s in summaries["student"]], student_figures,
         [s["test"] for s in summaries["baseline"]] or None, costs(cfg, teachers(kept_seed), kept, baseline),
@@ -78,6 +86,7 @@ def evaluate(cfg, data, teachers, results: dict[str, list[PhaseResult]], run: Ru
         student_model={"kind": cfg.student.kind, "settings": student_settings(cfg.student)},
         per_class=per_class,
         low_fidelity=warnings,
+        **auto,
     )
     return metrics, {"kept": kept, "x_train": train_matrix(data, kept)}
 

@@ -9,6 +9,8 @@ interpretable model on the labels alone; "student" fits it on the teacher's clas
 rows plus synthetic points around them (kdkit.interpret.neighbourhood). Each phase measures its student on the test
 rows and on synthetic points around them when it is fit, and keeps the figures in its result.json, so evaluation
 aggregates them (tabular_eval). The first seed's student is the one kept (there is no validation score to choose).
+With student.auto the student phase first chooses its setting within the seed's training split
+(kdkit.interpret.auto) and keeps the choice in its result.json.
 """
 
 from __future__ import annotations
@@ -18,11 +20,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kdkit.interpret.auto import (
+    LABELS_ALONE,
+    candidates,
+    choose,
+    chosen_setting,
+    describe,
+    fit_setting,
+    given_setting,
+    student_targets,
+    teacher_fitter,
+    value_of,
+)
 from kdkit.interpret.config import InterpretConfig
 from kdkit.interpret.fidelity import quality
 from kdkit.interpret.neighbourhood import sample_codes
 from kdkit.interpret.predict import FittedStudent, load_student_folder, save_student_folder
-from kdkit.interpret.students import build_student
 from kdkit.interpret.tabular import TabularEncoder, encode_target, load_frame, select_columns, split_rows
 from kdkit.interpret.teachers import TRAINED, TabularTeacher, build_teacher, have_skops, save_skops
 from kdkit.run import Phase, Recipe, RunDir
@@ -154,28 +167,45 @@ class TabularTeachers:
 
 def tabular_recipe(cfg: InterpretConfig, data: TabularData, teachers: TabularTeachers, run: RunDir) -> Recipe:
     """Per seed: the interpretable model on the labels alone (baseline), then on the teacher's soft labels over the
-    training rows and synthetic points around them (student)."""
-    nb, n_classes = cfg.neighbourhood, len(data.class_names)
+    training rows and synthetic points around them (student). With student.auto, the student's setting (labels
+    alone among the candidates) is chosen per seed by cross-validation within its training split first."""
+    nb, n_classes, auto = cfg.neighbourhood, len(data.class_names), cfg.student.auto
     formula = (
-        f"{cfg.student.kind} fit to the teacher's probabilities on the training rows + {nb.points} synthetic points"
+        f"{cfg.student.kind} fit to the teacher's {student_targets(cfg.student)} targets on the training rows + "
+        f"{nb.points} synthetic points"
     )
+    if auto.enabled:
+        names = ", ".join(describe(c.name) for c in candidates(cfg))
+        formula = (
+            f"{cfg.student.kind} whose setting is chosen per seed by {auto.folds}-fold validation {auto.metric} within "
+            f"the training split among: {names}"
+        )
     run.log(f"student: {formula}; baseline: the same on the labels")
 
     def fit(phase: Phase) -> tuple[FittedStudent, dict]:
         s = teachers(phase.seed)
         started = time.perf_counter()
-        student = build_student(cfg.student, n_classes, phase.seed)
+        record = None
         if phase.kind == "baseline":
-            student.fit_labels(s.encoder.matrix(s.num_tr, s.cat_tr), s.y_tr)
-        else:
-            # The transfer set: the real training rows plus synthetic points around them, labelled by the teacher.
-            syn_num, syn_cat = sample_codes(
-                s.encoder, s.num_tr, s.cat_tr, nb.points, nb.method, nb.scale, nb.category_resample, phase.seed
+            setting = LABELS_ALONE
+        elif auto.enabled:
+            fit_teacher = teacher_fitter(cfg.teacher, s.encoder, phase.seed, run.device)
+            record = choose(cfg, s.encoder, s.num_tr, s.cat_tr, s.y_tr, phase.seed, fit_teacher, data.class_names)
+            setting = chosen_setting(record)
+            chosen, labels = value_of(record, record["chosen"]), value_of(record, "labels")
+            run.log(
+                f"{phase.name}: auto chose {describe(record['chosen'])}: validation {auto.metric} "
+                f"{100 * chosen:.2f}% vs labels alone {100 * labels:.2f}%"
             )
-            fit_num, fit_cat = np.vstack([s.num_tr, syn_num]), np.vstack([s.cat_tr, syn_cat])
-            student.fit_teacher(s.encoder.matrix(fit_num, fit_cat), s.teacher.proba(fit_num, fit_cat))
+        else:
+            setting = given_setting(cfg)
+        student = fit_setting(
+            cfg.student, setting, n_classes, phase.seed, s.encoder, s.teacher, s.num_tr, s.cat_tr, s.y_tr, nb
+        )
         model = FittedStudent(student, s.encoder, phase.seed)
         summary = measure(model, s, data.class_names, time.perf_counter() - started)
+        if record is not None:
+            summary["auto"] = record
         f = summary["test"]
         run.log(
             f"{phase.name}: teacher {100 * s.figures['accuracy']:.2f}% | {phase.kind} {100 * f['accuracy']:.2f}% | "
