@@ -1,17 +1,23 @@
 """`kdkit serve` under load on loopback: requests/s and latency percentiles of the PyTorch and ONNX Runtime
-backends (and PyTorch with shadow monitoring at rate 0.1), each a real uvicorn server in its own process.
+backends (and PyTorch with shadow monitoring at rate 0.1), each a real uvicorn server in its own process; and, with
+--inputs, raw PNG requests (base64 in JSON, or a multipart upload) against tensor requests on the same server.
 
 Method: train a small run (MNIST-5k, a small-CNN teacher, an MLP 784→64→10 student) in a temp folder unless --run
 is given; start one server per configuration on 127.0.0.1 (free ports, token required); warm each up; then
 alternate the configurations A B C, C B A, ... (--rounds), each time sending --requests POST /predict requests of
-one example at --concurrency, and report the median over rounds of each figure. The client is a minimal asyncio
-HTTP/1.1 client in this process (see `load`). Latency is measured by the client (send to full answer), so it
-includes HTTP and JSON on both sides; the server's own mean time per request comes from its latency histogram.
+one example at --concurrency, and report the median over rounds of each figure. Each configuration is measured
+with every kind of request in --inputs (tensor: the preprocessed example as JSON numbers; png: {"images": [base64
+PNG]}; png-multipart: the PNG as a multipart/form-data file), alternated the same way; the PNGs are the same
+held-out test images as stored by the data set (the run's student/preprocess.json undone, whole pixel values).
+The client is a minimal asyncio HTTP/1.1 client in this process (see `load`). Latency is measured by the client
+(send to full answer), so it includes HTTP and JSON on both sides; the server's own mean time per request comes
+from its latency histogram.
 The client shares the machine's cores with the server: figures are for the pair, as a user on the same box sees.
 
     python bench/serve.py                 # prints one JSON object on stdout (~1-2 min on 2 cores)
     python bench/serve.py --write         # and appends a dated section to docs/benchmarks.md
     python bench/serve.py --quick         # a seconds-long smoke run on digits; figures mean nothing
+    python bench/serve.py --configs torch --inputs tensor,png,png-multipart   # PNG vs tensor requests/s
 
 Loopback only, bounded: a fixed number of requests per round, a timeout per request and for the servers to come
 up, and every server is stopped at the end (also on errors).
@@ -21,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import datetime as dt
+import io
 import json
 import os
 import platform
@@ -51,6 +59,9 @@ CONFIGS = {  # name: (backend, shadow rate)
     "onnx": ("onnx", 0.0),
     "torch+shadow0.1": ("torch", 0.1),
 }
+INPUT_KINDS = ("tensor", "png", "png-multipart")
+JSON = "application/json"
+BOUNDARY = "kdkit-bench-boundary"
 
 
 def log(message: str) -> None:
@@ -134,7 +145,40 @@ class Server:
         return self.proc.returncode
 
 
-async def load(url: str, bodies: list[bytes], n: int, concurrency: int, token: str) -> dict:
+def stored_pixels(x: np.ndarray, description: dict) -> np.ndarray:
+    """Preprocessed images (B, C, H, W) back to the whole pixel values the data set stores (uint8, (B, H, W[, C]))."""
+    mean = np.asarray(description["mean"], dtype=np.float64).reshape(-1, 1, 1)
+    std = np.asarray(description["std"], dtype=np.float64).reshape(-1, 1, 1)
+    pixels = np.rint((x.astype(np.float64) * std + mean) * description["scale"]).clip(0, 255).astype(np.uint8)
+    return pixels[:, 0] if pixels.shape[1] == 1 else pixels.transpose(0, 2, 3, 1)
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def request_bodies(kind: str, inputs: np.ndarray, description: dict | None) -> tuple[list[bytes], str]:
+    """One-example /predict bodies of `kind` for the held-out inputs, and their Content-Type."""
+    if kind == "tensor":
+        return [json.dumps({"inputs": [x.round(5).tolist()]}).encode() for x in inputs], JSON
+    if description is None or description.get("kind") != "image":
+        raise SystemExit(f"--inputs {kind}: the run's student/preprocess.json is missing or not for images")
+    pngs = [png_bytes(p) for p in stored_pixels(inputs, description)]
+    if kind == "png":
+        return [json.dumps({"images": [base64.b64encode(b).decode()]}).encode() for b in pngs], JSON
+    head = f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\n'
+    head += "Content-Type: image/png\r\n\r\n"
+    bodies = [head.encode() + b + f"\r\n--{BOUNDARY}--\r\n".encode() for b in pngs]
+    return bodies, f"multipart/form-data; boundary={BOUNDARY}"
+
+
+async def load(
+    url: str, bodies: list[bytes], n: int, concurrency: int, token: str, content_type: str = JSON
+) -> dict:
     """Send n requests (cycling through bodies) over `concurrency` keep-alive connections; per-request latency.
 
     The client is a minimal asyncio HTTP/1.1 client (one connection per worker, Content-Length framing, which is
@@ -148,7 +192,7 @@ async def load(url: str, bodies: list[bytes], n: int, concurrency: int, token: s
     def request(body: bytes) -> bytes:
         head = (
             f"POST /predict HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {token}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
         )
         return head.encode() + body
 
@@ -238,6 +282,7 @@ def run(args: argparse.Namespace) -> dict:
     import torch
 
     import kdkit
+    from kdkit.data.preprocess import load_preprocess
     from kdkit.export import held_out, open_run
 
     load_before = loadavg()
@@ -249,25 +294,38 @@ def run(args: argparse.Namespace) -> dict:
             log(f"training a small run to serve ({'digits' if args.quick else 'mnist5k'}, small-CNN teacher → MLP)")
             run_dir = make_run(base, args.quick)
         inputs = held_out(open_run(run_dir), 64).inputs.numpy()
-        bodies = [json.dumps({"inputs": [x.round(5).tolist()]}).encode() for x in inputs]
+        description = load_preprocess(run_dir / "student")
+        requests = {kind: request_bodies(kind, inputs, description) for kind in args.inputs}
         token = secrets.token_hex(16)
-        names = [c for c in CONFIGS if c in args.configs]
+        servers_named = [c for c in CONFIGS if c in args.configs]
+        # One measurement per (server, kind of request); the tensor one keeps the server's own name.
+        measures = {(n if k == "tensor" else f"{n}/{k}"): (n, k) for n in servers_named for k in args.inputs}
+        names = list(measures)
         servers: dict[str, Server] = {}
         try:
-            for name in names:
+            for name in servers_named:
                 backend, rate = CONFIGS[name]
                 servers[name] = Server(run_dir, backend, rate, args.threads, token, base / f"{name}.log")
             for name, server in servers.items():
                 server.wait_ready()
                 log(f"{name}: up on {server.url}")
-                asyncio.run(load(server.url, bodies, args.warmup, args.concurrency, token))
+                for kind in args.inputs:
+                    bodies, content_type = requests[kind]
+                    warm = asyncio.run(load(server.url, bodies, args.warmup, args.concurrency, token, content_type))
+                    if warm["errors"]:
+                        raise RuntimeError(f"{name} {kind}: warm-up errors: {warm['error_examples']}")
             rounds: dict[str, list[dict]] = {name: [] for name in names}
             for r in range(args.rounds):
                 order = names if r % 2 == 0 else names[::-1]
                 for name in order:
-                    before = server_counts(servers[name].url, token)
-                    result = asyncio.run(load(servers[name].url, bodies, args.requests, args.concurrency, token))
-                    after = server_counts(servers[name].url, token)
+                    server_name, kind = measures[name]
+                    server = servers[server_name]
+                    bodies, content_type = requests[kind]
+                    before = server_counts(server.url, token)
+                    result = asyncio.run(
+                        load(server.url, bodies, args.requests, args.concurrency, token, content_type)
+                    )
+                    after = server_counts(server.url, token)
                     handled = after["latency_count"] - before["latency_count"]
                     server_s = after["latency_sum_s"] - before["latency_sum_s"]
                     result["server_mean_ms"] = round(1000 * server_s / handled, 3) if handled else None
@@ -277,10 +335,10 @@ def run(args: argparse.Namespace) -> dict:
                         f"round {r + 1} {name}: {result['requests_per_s']} req/s, p50 {result['p50_ms']} ms, "
                         f"p99 {result['p99_ms']} ms, {result['errors']} errors"
                     )
-            counted = {name: server_counts(s.url, token) for name, s in servers.items()}
+            counted = {name: server_counts(servers[measures[name][0]].url, token) for name in names}
         finally:
             exits = {name: s.stop() for name, s in servers.items()}
-        body_bytes = len(bodies[0])
+        body_bytes = {kind: int(np.median([len(b) for b in requests[kind][0]])) for kind in args.inputs}
         in_shape = list(inputs.shape[1:])
     results = {}
     for name in names:
@@ -294,12 +352,19 @@ def run(args: argparse.Namespace) -> dict:
             "requests": sum(x["requests"] for x in rs),
             "rounds": rs,
             "server_counted": counted[name],
-            "server_exit_code": exits[name],
+            "server_exit_code": exits[measures[name][0]],
+            "inputs": measures[name][1],
+            "body_bytes": body_bytes[measures[name][1]],
         }
     ratio = None
     if "torch" in results and "onnx" in results:
         per_round = [o["requests_per_s"] / t["requests_per_s"] for o, t in zip(rounds["onnx"], rounds["torch"])]
         ratio = round(statistics.median(per_round), 3)
+    png_ratio = {}
+    for name, (server_name, kind) in measures.items():
+        if kind != "tensor" and server_name in results:  # raw images vs tensors, the same server, the same rounds
+            per_round = [p["requests_per_s"] / t["requests_per_s"] for p, t in zip(rounds[name], rounds[server_name])]
+            png_ratio[name] = round(statistics.median(per_round), 3)
     return {
         "benchmark": "serve",
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -311,7 +376,9 @@ def run(args: argparse.Namespace) -> dict:
             "warmup": args.warmup,
             "examples_per_request": 1,
             "input_shape": in_shape,
-            "body_bytes": body_bytes,
+            "inputs": list(args.inputs),
+            "body_bytes": body_bytes.get("tensor", next(iter(body_bytes.values()))),
+            "body_bytes_by_inputs": body_bytes,
             "server_threads": args.threads,
             "run": str(args.run) if args.run else "trained here (MLP 784→64→10 student)",
         },
@@ -328,6 +395,7 @@ def run(args: argparse.Namespace) -> dict:
         },
         "results": results,
         "onnx_over_torch_requests_per_s": ratio,
+        "raw_over_tensor_requests_per_s": png_ratio,
         "command": "python bench/serve.py " + " ".join(shlex.quote(a) for a in args.argv),
     }
 
@@ -346,23 +414,26 @@ def section(result: dict) -> str:
         "",
         f"Student: {s['run']}. {s['rounds']} round{'s' if s['rounds'] != 1 else ''} × "
         f"{s['requests_per_round']:,} POST /predict requests of one example "
-        f"({'×'.join(map(str, s['input_shape']))} floats, {s['body_bytes']:,} bytes of JSON) at concurrency "
+        f"(input {'×'.join(map(str, s['input_shape']))}; requests: {', '.join(s.get('inputs', ['tensor']))}, "
+        "body sizes in the table) at concurrency "
         f"{s['concurrency']}, client and server on loopback on the same machine; each configuration is its own "
         f"uvicorn process (server threads: {s['server_threads'] or 'default'}); medians over rounds, configurations "
         "alternated. Latency is the client's (a minimal asyncio HTTP/1.1 client, keep-alive connections: send → "
         "full answer); server mean ms is the server's own time per request (its latency histogram: request start → "
         "response start), the rest is queueing at concurrency 16 on 2 cores shared with the client.",
         "",
-        "| configuration | requests/s | p50 ms | p99 ms | server mean ms | errors | requests |",
-        "|---|--:|--:|--:|--:|--:|--:|",
+        "| configuration | request | body bytes | requests/s | p50 ms | p99 ms | server mean ms | errors | requests |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for name, r in result["results"].items():
         lines.append(
-            f"| {name} | {r['requests_per_s']:,.1f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-            f"{r['server_mean_ms']:.2f} | {r['errors']} | "
-            f"{r['requests']:,} |"
+            f"| {name.split('/')[0]} | {r['inputs']} | {r['body_bytes']:,} | {r['requests_per_s']:,.1f} | "
+            f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['server_mean_ms']:.2f} | {r['errors']} | {r['requests']:,} |"
         )
     lines.append("")
+    for name, value in result.get("raw_over_tensor_requests_per_s", {}).items():
+        tensor = name.split("/")[0]
+        lines.append(f"{name} ÷ {tensor} (tensor) requests/s (median of per-round ratios): **{value:.3f}**.")
     if result["onnx_over_torch_requests_per_s"] is not None:
         lines.append(
             f"ONNX Runtime ÷ PyTorch requests/s (median of per-round ratios): "
@@ -403,6 +474,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="untimed requests per server first (default 100)")
     p.add_argument("--threads", type=int, default=1, help="server CPU threads (kdkit serve --threads; default 1)")
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {', '.join(CONFIGS)}")
+    p.add_argument(
+        "--inputs", default="tensor", help=f"kinds of request, comma-separated subset of {', '.join(INPUT_KINDS)}"
+    )
     p.add_argument("--quick", action="store_true", help="digits, 100 requests, 1 round: a smoke run")
     p.add_argument("--write", action="store_true", help="append a dated section to --docs")
     p.add_argument("--docs", type=Path, default=REPO / "docs" / "benchmarks.md")
@@ -415,6 +489,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [c for c in args.configs if c not in CONFIGS]
     if unknown:
         p.error(f"--configs: unknown {', '.join(unknown)}; expected some of {', '.join(CONFIGS)}")
+    args.inputs = [k.strip() for k in args.inputs.split(",") if k.strip()]
+    unknown = [k for k in args.inputs if k not in INPUT_KINDS]
+    if unknown or not args.inputs:
+        p.error(f"--inputs: unknown {', '.join(unknown) or 'none given'}; expected some of {', '.join(INPUT_KINDS)}")
     return args
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from kdkit.atomic import replace_dir, write_json, write_text
+from kdkit.data.preprocess import copy_preprocess
 from kdkit.errors import ConfigError
 from kdkit.export.card import model_card
 from kdkit.export.formats import FORMATS, ONNX_OPSET
@@ -80,6 +81,7 @@ def export_run(
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         files, parity = FORMATS[fmt](run.student, dict(run.spec), held.inputs, tmp)
+        files += copy_preprocess(run.run_dir / "student", tmp)  # how raw inputs become model inputs, if recorded
         provenance = {
             "kdkit": _kdkit_version(),
             "torch": torch.__version__,

@@ -1,19 +1,25 @@
 """The HTTP server of a distilled student (FastAPI on uvicorn).
 
-    POST /predict   {"inputs": [example, ...]}, each example a nested list shaped like the model input
+    POST /predict   one of, as JSON:
+                      {"inputs": [example, ...]}  each example a nested list shaped like the model input
+                      {"images": [base64, ...]}   PNG or JPEG files, base64 (image students)
+                      {"texts": [string, ...]}    raw texts (text students)
+                    or multipart/form-data with image files (any field name), or fields named "text"
                     → {"labels": [name, ...], "ids": [int, ...], "probabilities": [[float, ...], ...]}
-    GET  /health    {"status": "ok", ...}; no token needed (for liveness probes)
+    GET  /health    {"status": "ok", "accepts": [...], ...}; no token needed (for liveness probes)
     GET  /metrics   Prometheus text format (see kdkit.serve.metrics)
 
-Inputs are what the model takes, preprocessed as in training (standardised features or pixels), batch first.
+"inputs" are what the model takes, preprocessed as in training (standardised features or pixels), batch first.
+Images and texts are preprocessed by the server exactly as in training, from RUN_DIR/student/preprocess.json
+(kdkit.serve.raw; its own 4xx reasons are listed there).
 Every error is JSON {"error": message, "reason": short code} with a 4xx status, and the server keeps going:
     400 bad_json        the body is not JSON (NaN and Infinity literals included)
     401 unauthorized    a token is set (env var, default KDKIT_API_TOKEN) and the request lacks
                         "Authorization: Bearer <token>" or carries another one (/predict and /metrics)
     413 body_too_large  the body is larger than max_body_bytes
     413 batch_too_large more than max_batch examples in one request
-    422 bad_input       not {"inputs": [...]}, an empty batch, ragged lists, non-numbers (strings, booleans,
-                        null), the wrong shape, or values that are not finite in float32
+    422 bad_input       not one of {"inputs"|"images"|"texts": [...]}, an empty batch, ragged lists, non-numbers
+                        (strings, booleans, null), the wrong shape, or values that are not finite in float32
     404 / 405           unknown path or method
 The server writes nothing but the shadow monitor's disagreement files under RUN_DIR/shadow/.
 """
@@ -42,7 +48,9 @@ try:
 except ImportError:  # the serve extra is optional; say how to get it instead of a traceback
     raise ConfigError("serve: FastAPI is not installed (pip install 'kdkit[serve]')") from None
 
+from kdkit.serve.errors import ApiError
 from kdkit.serve.metrics import ServeMetrics
+from kdkit.serve.raw import RawInputs, decode_base64, multipart_fields, raw_inputs_for
 from kdkit.serve.shadow import ShadowMonitor
 
 logger = logging.getLogger("kdkit.serve")
@@ -53,13 +61,11 @@ MAX_BATCH = 256
 # (measured on 2 cores: ~0.5 ms of CPU per request and a 5x longer p99). Longer ones go to the thread pool so that
 # the loop keeps accepting requests meanwhile.
 INLINE_BUDGET_S = 0.002
+# A body up to this size is parsed (JSON, images decoded, texts tokenised) on the event loop: an MNIST-sized PNG or
+# a one-example tensor takes well under a millisecond. Larger ones (a batch of photos) are parsed in the thread pool.
+INLINE_PARSE_BYTES = 64 * 1024
 Logits = Callable[[np.ndarray], np.ndarray]
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, reason: str, message: str):
-        super().__init__(message)
-        self.status, self.reason, self.message = status, reason, message
+INPUT_FIELDS = ("inputs", "images", "texts")
 
 
 def create_app(
@@ -90,6 +96,7 @@ def create_app(
         raise ConfigError("--window, --max-batch and --max-body-bytes must be positive")
     run = open_run(run_dir)
     predict = student_backend(run, backend, threads, log)
+    raw = raw_inputs_for(run, log)
     names = class_names_of(run)
     shadow = None
     if shadow_rate > 0:
@@ -112,6 +119,7 @@ def create_app(
         max_body_bytes=max_body_bytes,
         max_batch=max_batch,
         info=info,
+        raw=raw,
     )
 
 
@@ -120,13 +128,16 @@ def build_app(
     class_names: list[str],
     in_shape: tuple[int, ...],
     *,
+    raw: RawInputs | None = None,
     shadow: ShadowMonitor | None = None,
     token: str | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
     max_batch: int = MAX_BATCH,
     info: dict | None = None,
 ) -> FastAPI:
-    """The app around any scoring function `predict` (inputs (B, *in_shape) float32 → logits (B, C))."""
+    """The app around any scoring function `predict` (inputs (B, *in_shape) float32 → logits (B, C)). `raw` turns
+    images or texts into such inputs (kdkit.serve.raw); without it only tensors are taken."""
+    raw = raw if raw is not None else RawInputs(None, why_not="no preprocessing was given to the app")
     metrics = ServeMetrics()
     if shadow is not None:
         metrics.watch_shadow(shadow.stats)
@@ -177,7 +188,11 @@ def build_app(
     async def predict_route(request: Request) -> JSONResponse:
         authorize(request)
         body = await _read_body(request, max_body_bytes)
-        x = parse_inputs(body, in_shape, expected, max_batch)
+        content_type = request.headers.get("content-type", "")
+        if len(body) <= INLINE_PARSE_BYTES:
+            x = parse_request(body, content_type, in_shape, expected, max_batch, raw)
+        else:
+            x = await run_in_threadpool(parse_request, body, content_type, in_shape, expected, max_batch, raw)
         if per_example_s * len(x) <= INLINE_BUDGET_S:
             logits = predict(x)
         else:
@@ -198,7 +213,13 @@ def build_app(
     @app.get("/health")
     async def health() -> JSONResponse:
         return JSONResponse(
-            {"status": "ok", **(info or {}), "input_shape": list(in_shape), "num_classes": len(class_names)}
+            {
+                "status": "ok",
+                **(info or {}),
+                "input_shape": list(in_shape),
+                "num_classes": len(class_names),
+                "accepts": raw.accepts,
+            }
         )
 
     @app.get("/metrics")
@@ -255,19 +276,62 @@ def _no_constants(name: str):
     raise ValueError(f"{name} is not a number JSON allows")
 
 
+def parse_request(
+    body: bytes, content_type: str, in_shape: tuple[int, ...], expected: str, max_batch: int, raw: RawInputs
+) -> np.ndarray:
+    """A /predict body (JSON with inputs, images or texts; or multipart/form-data) → float32 array (B, *in_shape),
+    or an ApiError saying what is wrong."""
+    if content_type.split(";")[0].strip().lower() == "multipart/form-data":
+        files, file_names, texts, text_names = multipart_fields(body, content_type)
+        _check_batch("images" if files else "texts", files or texts, max_batch)
+        return raw.images(files, file_names) if files else raw.texts(texts, text_names)
+    payload = _json(body)
+    given = [k for k in INPUT_FIELDS if k in payload] if isinstance(payload, dict) else []
+    if len(given) != 1:
+        raise ApiError(
+            422, "bad_input",
+            'expected a JSON object with one of {"inputs": [example, ...]}, {"images": [base64 PNG/JPEG, ...]} or '
+            '{"texts": [string, ...]}',
+        )  # fmt: skip
+    field = given[0]
+    if field == "inputs":
+        return tensor_inputs(payload["inputs"], body, in_shape, expected, max_batch)
+    items = payload[field]
+    if not isinstance(items, list) or not items:
+        raise ApiError(422, "bad_input", f"{field}: expected a non-empty list")
+    _check_batch(field, items, max_batch)
+    raw.require(field)
+    names = [f"{field}[{i}]" for i in range(len(items))]
+    if field == "images":
+        return raw.images([decode_base64(item, name) for item, name in zip(items, names)], names)
+    return raw.texts(items, names)
+
+
 def parse_inputs(body: bytes, in_shape: tuple[int, ...], expected: str, max_batch: int) -> np.ndarray:
-    """JSON body → float32 array (B, *in_shape), or an ApiError saying what is wrong."""
-    try:
-        payload = json.loads(body, parse_constant=_no_constants)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, "bad_json", f"the body is not valid JSON: {exc}".splitlines()[0]) from None
+    """JSON body {"inputs": [...]} → float32 array (B, *in_shape), or an ApiError saying what is wrong."""
+    payload = _json(body)
     if not isinstance(payload, dict) or "inputs" not in payload:
         raise ApiError(422, "bad_input", 'expected a JSON object {"inputs": [example, ...]}')
-    inputs = payload["inputs"]
+    return tensor_inputs(payload["inputs"], body, in_shape, expected, max_batch)
+
+
+def _json(body: bytes):
+    try:
+        return json.loads(body, parse_constant=_no_constants)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "bad_json", f"the body is not valid JSON: {exc}".splitlines()[0]) from None
+
+
+def _check_batch(field: str, items: list, max_batch: int) -> None:
+    if len(items) > max_batch:
+        raise ApiError(413, "batch_too_large", f"{field}: {len(items)} examples; the limit is {max_batch} per request")
+
+
+def tensor_inputs(inputs, body: bytes, in_shape: tuple[int, ...], expected: str, max_batch: int) -> np.ndarray:
+    """The "inputs" of a request → float32 array (B, *in_shape)."""
     if not isinstance(inputs, list) or not inputs:
         raise ApiError(422, "bad_input", f"inputs: expected a non-empty list of examples, shape {expected}")
-    if len(inputs) > max_batch:
-        raise ApiError(413, "batch_too_large", f"inputs: {len(inputs)} examples; the limit is {max_batch} per request")
+    _check_batch("inputs", inputs, max_batch)
     try:
         arr = np.asarray(inputs)
     except (ValueError, TypeError):

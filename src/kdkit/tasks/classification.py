@@ -78,7 +78,12 @@ class Classification:
         return classification_eval.evaluate(cfg, data, teacher, results, run.device, best, info)
 
     def save_student(self, model: nn.Module, folder: Path, data: DataBundle, cfg: KDConfig) -> None:
+        """The student folder, and beside it preprocess.json: how a raw image or text becomes its input, exactly as
+        the data pipeline made them (kdkit.data.preprocess), for kdkit serve and exports."""
+        from kdkit.data.preprocess import describe, save_preprocess
+
         save_model_folder(model, folder, student_spec(cfg, data))
+        save_preprocess(folder, describe(cfg.data.model_dump(), data), data.tokenizer)
 
     def load_student(self, folder: Path) -> nn.Module:
         return load_model_folder(folder, where="RUN_DIR/student")
