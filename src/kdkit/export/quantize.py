@@ -40,6 +40,7 @@ import torch
 
 from kdkit.atomic import replace_dir, write_json, write_text
 from kdkit.data import DataBundle
+from kdkit.data.preprocess import copy_preprocess
 from kdkit.errors import ConfigError
 from kdkit.export.card import model_card
 from kdkit.export.formats import INPUT_NAME, ONNX_OPSET, OUTPUT_NAME, export_onnx
@@ -411,6 +412,7 @@ def _write_folder(tmp: Path, final: Path, run: Run, mode: str, record: dict, par
     """model.json, README.md (the model card with its int8 section) and export.json next to tmp/model.onnx."""
     onnx_io = {"input": INPUT_NAME, "output": OUTPUT_NAME, "opset": ONNX_OPSET, "quantize": mode}
     write_json(tmp / "model.json", {**run.spec, "onnx": onnx_io})
+    preprocess = copy_preprocess(run.run_dir / "student", tmp)  # how raw inputs become model inputs, if recorded
     card = model_card(
         fmt="onnx",
         path=final,
@@ -421,7 +423,7 @@ def _write_folder(tmp: Path, final: Path, run: Run, mode: str, record: dict, par
         class_names=record["class_names"],
         parity=parity,
         parity_source="test split",
-        files=["model.onnx", "model.json"],
+        files=["model.onnx", "model.json", *preprocess],
         provenance=record["provenance"],
         quantization=record["quantization"],
     )

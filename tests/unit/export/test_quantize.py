@@ -54,7 +54,10 @@ def runs(tmp_path_factory):
 def test_quantized_export_runs_is_smaller_and_agrees_with_fp32(runs, student, mode):
     result = quantize.export_quantized(runs[student], mode, rounds=1)
     assert result.path == runs[student] / "export" / f"onnx-{mode}"
-    assert set(result.files) == {"model.onnx", "model.json", "README.md", "export.json"}
+    assert set(result.files) == {"model.onnx", "model.json", "README.md", "export.json", "preprocess.json"}
+    # The int8 model reads raw inputs exactly as the fp32 student does: the same preprocessing description.
+    copied = json.loads((result.path / "preprocess.json").read_text())
+    assert copied == json.loads((runs[student] / "student" / "preprocess.json").read_text())
     record = json.loads((result.path / "export.json").read_text())
     q = record["quantization"]
 
