@@ -34,7 +34,7 @@ def test_cache_teacher_then_train_reads_it(cli_process, lm_world, tmp_path):
     trained = cli_process("train", cfg, "--out", tmp_path / "run")
     assert trained.returncode == 0, trained.describe()
     assert "teacher top-k cache: reading" in trained.stdout
-    assert "perplexity" in trained.stdout
+    assert "perplexity" in trained.stdout and "bits/byte" in trained.stdout
 
 
 def test_bad_language_model_input_is_one_line(cli, cli_process, make_config, lm_world, tmp_path):

@@ -1,5 +1,5 @@
-"""report.md of a language-model run: perplexities, agreement with the teacher, cost, the teacher cache, and
-greedy continuations side by side; plots of the training losses, validation curves and perplexities.
+"""report.md of a language-model run: perplexities and bits per byte, agreement with the teacher, cost, the teacher
+cache, and greedy continuations side by side; plots of the training losses, validation curves and perplexities.
 
 Read from metrics.json's schema (docs/metrics.md); the summary table is table.summary_rows with LM_COLUMNS, the one
 the terminal prints.
@@ -35,20 +35,37 @@ def summary_table(metrics: dict) -> str:
 
 
 def gain_line(metrics: dict) -> str:
-    """One sentence: the distilled student's perplexity against the baseline's ("" without a baseline).
+    """One sentence: the distilled student's perplexity (and bits per byte, when measured) against the baseline's
+    ("" without a baseline).
 
-    The perplexities are each student's mean over seeds; the nll difference is paired seed by seed (gain.nll).
+    The perplexities and bits per byte are each student's mean over seeds; the nll difference is paired seed by
+    seed (gain.nll).
     """
     gain = metrics.get("gain")
     if not gain or "nll" not in gain:
         return ""
     student, baseline = mean_of(metrics["student"]["perplexity"]), mean_of(metrics["baseline_student"]["perplexity"])
     change = 100.0 * (student - baseline) / baseline
+    bpb = ""
+    if "bits_per_byte" in metrics["student"] and "bits_per_byte" in metrics["baseline_student"]:
+        bpb = f", bits/byte {mean_of(metrics['baseline_student']['bits_per_byte']):.3f} → "
+        bpb += f"{mean_of(metrics['student']['bits_per_byte']):.3f}"
     nll = gain["nll"]
     return (
         f"Distillation vs the same student trained on the text alone: perplexity "
-        f"{baseline:.2f} → {student:.2f} ({change:+.1f}%), nll {nll['mean']:+.4f} ± {nll['std']:.4f} "
+        f"{baseline:.2f} → {student:.2f} ({change:+.1f}%){bpb}, nll {nll['mean']:+.4f} ± {nll['std']:.4f} "
         f"per token (paired over {nll['n']} seed(s))."
+    )
+
+
+def bits_note(metrics: dict) -> str:
+    """What bits/byte means, under the table ("" when the run did not measure it)."""
+    if "bits_per_byte" not in (metrics.get("teacher") or {}):
+        return ""
+    return (
+        "bits/byte: −log2 p of every predicted test token, summed, ÷ the UTF-8 bytes of the text those tokens "
+        "cover (= nll / ln 2 × tokens / bytes). Unlike perplexity, it does not depend on the tokenizer, so it "
+        "compares language models that split text differently; bits per character are in metrics.json."
     )
 
 
@@ -147,8 +164,9 @@ def write_lm_report(
     """RUN_DIR/report.md and RUN_DIR/plots/*.png for a causal_lm run.
 
     metrics: metrics.json in the schema of docs/metrics.md (model entries with perplexity, nll, accuracy, agreement,
-    kl; cost with tokens_per_s; optional "gain" with nll, "teacher_cache", "data"). samples: [{"prompt", "teacher",
-    "baseline_student", "student"}] greedy continuations of held-out prompts.
+    kl, and bits_per_byte in runs that measured it; cost with tokens_per_s; optional "gain" with nll,
+    "teacher_cache", "data"). samples: [{"prompt", "teacher", "baseline_student", "student"}] greedy continuations
+    of held-out prompts.
     """
     run_dir = pathlib.Path(run_dir)
     plot_dir = run_dir / "plots"
@@ -160,7 +178,8 @@ def write_lm_report(
         plot_acceptance(metrics, plot_dir / "acceptance.png"),
     ]
     sections = [f"# kdkit report: {run_dir.name} (language model)", f"**Loss:** `{formula}`"]
-    sections.append("## Test text\n\n" + summary_table(metrics) + "\n\n" + speedup_note(metrics))
+    notes = "\n\n".join(note for note in (bits_note(metrics), speedup_note(metrics)) if note)
+    sections.append("## Test text\n\n" + summary_table(metrics) + "\n\n" + notes)
     if gain_line(metrics):
         sections.append(gain_line(metrics))
     data = metrics.get("data")

@@ -5,9 +5,9 @@ A task declares its columns: a list of (key, header, format). A key names a metr
 (metrics["student"]["accuracy"]); a key "cost.<field>" names a field of metrics["cost"][model], measured the same
 way for every model and task. Quality cells of a model with several seeds read "mean ± std" (population).
 
-Number formats: accuracy, F1 and agreement as percentages with 2 decimals (94.35), ECE and latency (ms) with 3
-decimals, params with thousands separators (50,890), rates (examples/s, tokens/s) as whole numbers, speed-up as
-12.3×. A missing value (no baseline trained, agreement NaN, a cost not measured) is shown as "—".
+Number formats: accuracy, F1 and agreement as percentages with 2 decimals (94.35), ECE, bits per byte and latency
+(ms) with 3 decimals, params with thousands separators (50,890), rates (examples/s, tokens/s) as whole numbers,
+speed-up as 12.3×. A missing value (no baseline trained, agreement NaN, a cost not measured) is shown as "—".
 """
 
 from __future__ import annotations
@@ -91,8 +91,11 @@ CLASSIFICATION_COLUMNS: list[Column] = [
 ]
 
 # A language model's throughput reads in tokens/s (an example is a block of tokens); its ratio is the same.
+# Bits per byte sit beside perplexity: the same likelihood per byte of text, comparable across tokenizers (bits per
+# character stay in metrics.json, to keep the table narrow).
 LM_COLUMNS: list[Column] = [
     ("perplexity", "perplexity", two_decimals),
+    ("bits_per_byte", "bits/byte", three_decimals),
     ("nll", "nll / token", four_decimals),
     ("accuracy", "next-token acc. %", percent),
     ("agreement", "top-1 agreement %", percent),

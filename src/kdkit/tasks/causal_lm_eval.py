@@ -1,6 +1,7 @@
-"""The causal_lm task's evaluation and report: perplexity, agreement and KL to the teacher on held-out text, per
-seed; the cost of each model measured the same way (kdkit.evaluate.cost); greedy continuations side by side; and,
-with a top-k cache, what the cache loses against the dense teacher."""
+"""The causal_lm task's evaluation and report: perplexity, bits per byte and per character (comparable across
+tokenizers), agreement and KL to the teacher on held-out text, per seed; the cost of each model measured the same
+way (kdkit.evaluate.cost); greedy continuations side by side; and, with a top-k cache, what the cache loses against
+the dense teacher."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from torch import nn
 from kdkit.config import KDConfig, dump_config
 from kdkit.data.lm import LMBundle
 from kdkit.evaluate.cost import measure_cost
-from kdkit.evaluate.lm import lm_metrics
+from kdkit.evaluate.lm import lm_metrics, text_decoder
 from kdkit.evaluate.schema import assemble
 from kdkit.report.table import LM_COLUMNS
 from kdkit.run.disk import append_disk_section
@@ -22,7 +23,7 @@ from kdkit.run.teacher import frozen
 from kdkit.teachers import TeacherEnsemble
 
 COLUMNS = LM_COLUMNS
-GAIN_KEYS = ("nll", "perplexity", "accuracy", "agreement", "kl", "acceptance")
+GAIN_KEYS = ("nll", "perplexity", "bits_per_byte", "bits_per_char", "accuracy", "agreement", "kl", "acceptance")
 
 
 def evaluate(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, results: dict, device: str, best: dict,
@@ -58,8 +59,10 @@ def evaluate(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, results: d
         if topk is not None:
             topk(logits, labels)
 
+    # Bits per byte need the text back: the data's tokenizer decodes each test block once.
+    decode = text_decoder(data.tokenizer) if data.tokenizer is not None else None
     scores = lm_metrics(models, data.test, e.batch_size, device, teacher="teacher", vocab_size=shared,
-                        on_batch=on_batch)
+                        on_batch=on_batch, decode=decode)
     if topk is not None:
         info["teacher_cache"] = cache | topk.summary()
     info["acceptance_curve"] = curves.summary()
@@ -72,8 +75,9 @@ def evaluate(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, results: d
     per_seed = {key: [scores[r.phase.name] for r in results[kind]] for kind, key in KINDS if results[kind]}
     seeds = [r.phase.seed for r in results["student"]]
     cost = costs(cfg, data, teacher, results, device)
+    gain_keys = [key for key in GAIN_KEYS if key in scores["teacher"]]  # no tokenizer: no bits per byte
     metrics = assemble("causal_lm", seeds, scores["teacher"], per_seed["student"], per_seed.get("baseline_student"),
-                       cost, GAIN_KEYS, best, **info)
+                       cost, gain_keys, best, **info)
     extras = {"samples": greedy_samples(cfg, data, teacher, results, device)}
     for kind, _ in KINDS:
         for r in results[kind]:

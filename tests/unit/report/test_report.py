@@ -317,6 +317,7 @@ def lm_metrics(seeds: list[int], with_baseline: bool = True) -> dict:
         return {
             "nll": math.log(perplexity),
             "perplexity": perplexity,
+            "bits_per_byte": math.log2(perplexity) / 4,  # 4 bytes of text per token
             "accuracy": 0.4,
             "agreement": 0.6,
             "kl": kl,
@@ -344,6 +345,7 @@ def test_lm_summary_table_reads_the_schema():
     assert summary_headers(LM_COLUMNS) == [
         "model",
         "perplexity",
+        "bits/byte",
         "nll / token",
         "next-token acc. %",
         "top-1 agreement %",
@@ -360,6 +362,7 @@ def test_lm_summary_table_reads_the_schema():
     assert teacher == [
         "teacher",
         "12.00",
+        f"{math.log2(12.0) / 4:.3f}",
         f"{math.log(12.0):.4f}",
         "40.00",
         "100.00",
@@ -373,8 +376,10 @@ def test_lm_summary_table_reads_the_schema():
         "1.0×",
     ]
     assert student[1] == "21.00 ± 0.82"  # mean ± population std of 20, 22, 21
-    assert student[6] == "75.00 ± 0.00"  # acceptance 1 − 0.5 / 2, the same in every seed
-    assert student[7:] == ["30,000,000", "120.00", "2.000", "64,000", "4.0×", "4.0×"]
+    bpb = [math.log2(p) / 4 for p in (20.0, 22.0, 21.0)]
+    assert student[2] == f"{statistics.mean(bpb):.3f} ± {statistics.pstdev(bpb):.3f}"
+    assert student[7] == "75.00 ± 0.00"  # acceptance 1 − 0.5 / 2, the same in every seed
+    assert student[8:] == ["30,000,000", "120.00", "2.000", "64,000", "4.0×", "4.0×"]
     assert baseline[1] == "25.00 ± 0.82"
     console = Console(record=True, width=250)
     console.print(summary_table(metrics, LM_COLUMNS))
@@ -392,11 +397,18 @@ def test_lm_report_keeps_its_sections_and_gain_sentence(tmp_path):
 
     metrics = lm_metrics([0, 1, 2])
     nll = [math.log(20 / 24), math.log(22 / 25), math.log(21 / 26)]
+    bpb = {p: math.log2(p) / 4 for p in (20, 21, 22, 24, 25, 26)}
     expected = (
-        "Distillation vs the same student trained on the text alone: perplexity 25.00 → 21.00 (-16.0%), nll "
-        f"{statistics.mean(nll):+.4f} ± {statistics.pstdev(nll):.4f} per token (paired over 3 seed(s))."
+        "Distillation vs the same student trained on the text alone: perplexity 25.00 → 21.00 (-16.0%), bits/byte "
+        f"{statistics.mean([bpb[24], bpb[25], bpb[26]]):.3f} → {statistics.mean([bpb[20], bpb[22], bpb[21]]):.3f}, "
+        f"nll {statistics.mean(nll):+.4f} ± {statistics.pstdev(nll):.4f} per token (paired over 3 seed(s))."
     )
     assert lm_gain_line(metrics) == expected
+    # A run written before bits per byte were measured: the sentence and the table do without them.
+    older = {key: ({k: v for k, v in entry.items() if k != "bits_per_byte"} if isinstance(entry, dict) else entry)
+             for key, entry in metrics.items()}
+    assert "bits/byte" not in lm_gain_line(older) and "perplexity 25.00 → 21.00 (-16.0%), nll" in lm_gain_line(older)
+    assert lm_summary_rows(older)[2][2] == "—"
     assert [row[0] for row in lm_summary_rows(lm_metrics([0], with_baseline=False))] == ["teacher", "distilled student"]
     samples = [{"prompt": "To be", "teacher": " or not", "baseline_student": " and", "student": " or"}]
     histories = {"student-s0": [{"step": 1, "epoch": 1.0, "train/total": 2.0, "val/loss": 3.1}]}
@@ -405,6 +417,7 @@ def test_lm_report_keeps_its_sections_and_gain_sentence(tmp_path):
     )
     text = path.read_text(encoding="utf-8")
     assert "## Test text" in text and "| distilled student | 21.00 ± 0.82 |" in text
+    assert "bits/byte: −log2 p of every predicted test token, summed, ÷ the UTF-8 bytes" in text
     assert expected in text
     assert "speed-up (throughput): this model's throughput ÷ the teacher's, at batch 8" in text
     assert "Greedy continuations" in text and "](plots/perplexity.png)" in text

@@ -4,6 +4,7 @@ report, an HF folder that transformers reloads; sequence-level and on-policy dis
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -49,6 +50,13 @@ def test_cached_teacher_run_end_to_end(lm_world, tmp_path):
     m = result.metrics
     for key in ("teacher", "baseline_student", "student"):
         assert m[key]["perplexity"] > 1.0 and 0.0 <= m[key]["accuracy"] <= 1.0
+        # Bits per byte and per character of the same test text: the nll in bits, per byte / character.
+        e = m[key]
+        assert e["bytes"] >= e["chars"] > 0 and e["bytes"] == m["teacher"]["bytes"]
+        assert e["bits_per_byte"] == pytest.approx(e["nll"] / math.log(2) * e["tokens"] / e["bytes"], rel=1e-9)
+        assert e["bits_per_char"] == pytest.approx(e["nll"] / math.log(2) * e["tokens"] / e["chars"], rel=1e-9)
+    assert m["gain"]["bits_per_byte"]["mean"] == pytest.approx(
+        m["student"]["bits_per_byte"] - m["baseline_student"]["bits_per_byte"])
     assert m["teacher"]["kl"] == 0.0 and m["teacher"]["agreement"] == 1.0
     assert m["student"]["kl"] > 0.0
     # The teacher as a speculative-decoding target: acceptance 1 for itself, a probability for the students; tokens
@@ -69,7 +77,7 @@ def test_cached_teacher_run_end_to_end(lm_world, tmp_path):
     check_metrics(m)
     run = tmp_path / "run"
     report = (run / "report.md").read_text()
-    assert "perplexity" in report and "Greedy continuations" in report
+    assert "perplexity" in report and "bits/byte" in report and "Greedy continuations" in report
     assert (run / "plots" / "perplexity.png").is_file() and (run / "plots" / "acceptance.png").is_file()
     assert "The student as a draft for the teacher" in report
     # The exported student is a plain HF folder: transformers reloads it and gives the same logits.
