@@ -121,7 +121,10 @@ class DataConfig(Section):
     image_column: str | None = Field(None, description="Image column (hf); when set, images are the input.")
     text_column: str | None = Field(None, description="Text column (hf); when set, texts are the input.")
     tokenizer: str | None = Field(
-        None, description="Text data: tokenizer folder or hub id (usually the teacher's; builtin:all-minilm-l6-v2)."
+        None,
+        description="Text data: tokenizer folder or hub id (usually the teacher's; builtin:all-minilm-l6-v2). "
+        "causal_lm: the student's tokenizer; another than the teacher's needs the cross-tokenizer losses (uld, "
+        "hybrid_kl, span_likelihood).",
     )
     max_length: int = Field(128, gt=1, description="Text data: tokens per text; longer texts are cut (and counted).")
     image_size: int = Field(32, gt=0, description="Images are resized to image_size × image_size (image_folder, hf).")
@@ -267,12 +270,46 @@ class TeacherConfig(Section):
     )
 
 
+class QATConfig(Section):
+    """Quantization-aware training: the student trains through the int8 rounding of `kdkit export --quantize int8`."""
+
+    enabled: bool = Field(
+        False,
+        description="Train the student (and its baseline) with fake int8 as ONNX Runtime's static quantization will "
+        "round it: weights int8 per output channel, the inputs of Linear/Conv layers and the logits uint8 per "
+        "tensor (docs/export.md). The saved student keeps float weights; `kdkit export --quantize int8` quantizes it.",
+    )
+    start_epoch: int = Field(
+        0,
+        ge=0,
+        description="Epochs of plain fp32 training before the fake quantization starts (0: from the first step); "
+        "activation ranges are observed from the start. Must be below train.epochs. Validation rounds from the first "
+        "epoch on, so train.keep_best may keep a warm-up epoch as the best int8 state (none: keep the last).",
+    )
+    freeze_epoch: int | None = Field(
+        None,
+        gt=0,
+        description="From this epoch on the activation ranges stop moving (null: they follow training to the end). "
+        "Above start_epoch, at most train.epochs.",
+    )
+    range_momentum: float = Field(
+        0.01,
+        gt=0,
+        le=1,
+        description="Weight of each training batch in the moving min/max of every activation range "
+        "(torch's MovingAverageMinMaxObserver averaging_constant).",
+    )
+
+
 class StudentConfig(Section):
     """The network being distilled."""
 
     model: ModelSpec = Field(description="The student's network.")
     baseline: bool = Field(
         True, description="Also train the same architecture on labels alone, with the same budget, to measure the gain."
+    )
+    qat: QATConfig = Field(
+        default_factory=QATConfig, description="Quantization-aware training of the student and its baseline."
     )
 
 
@@ -760,6 +797,36 @@ class KDConfig(Section):
         if self.train.keep_best == "acceptance" and not self.llm.draft.enabled:
             raise ValueError(
                 "train.keep_best: acceptance is a draft's metric; set llm.draft.enabled: true or keep_best: loss"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _qat(self) -> KDConfig:
+        q = self.student.qat
+        if not q.enabled:
+            return self
+        if self.data.task == "causal_lm" or self.student.model.source == "hf":
+            what = "causal_lm students" if self.data.task == "causal_lm" else "student.model.source: hf (text models)"
+            raise ValueError(
+                f"student.qat.enabled: {what} are not covered; quantization-aware training needs a float-input "
+                "classifier (builtin mlp, small_cnn, resnet; timm, torchvision)"
+            )
+        if self.distill.mutual.enabled:
+            raise ValueError("student.qat.enabled: deep mutual learning trains the student among peers; disable one")
+        if self.train.precision != "fp32":
+            raise ValueError(
+                f"student.qat.enabled: train.precision {self.train.precision!r}; fake int8 needs fp32 (set "
+                "train.precision: fp32)"
+            )
+        if q.start_epoch >= self.train.epochs:
+            raise ValueError(
+                f"student.qat.start_epoch: {q.start_epoch}; expected below train.epochs ({self.train.epochs}) so that "
+                "some epochs train quantization-aware"
+            )
+        if q.freeze_epoch is not None and not q.start_epoch < q.freeze_epoch <= self.train.epochs:
+            raise ValueError(
+                f"student.qat.freeze_epoch: {q.freeze_epoch}; expected above start_epoch ({q.start_epoch}) and at "
+                f"most train.epochs ({self.train.epochs})"
             )
         return self
 

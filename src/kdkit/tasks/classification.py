@@ -8,6 +8,7 @@ Evaluation: accuracy, macro F1, ECE, agreement with the teacher, robustness, cos
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ from kdkit.config import KDConfig, dump_config, load_config
 from kdkit.data import DataBundle, TeacherCache, build_data
 from kdkit.data.augment import Augment
 from kdkit.engine import TrainOptions, train
-from kdkit.engine.runtime import main_process_first
+from kdkit.engine.runtime import main_process_first, world_size
 from kdkit.errors import CompatibilityError, ConfigError
 from kdkit.evaluate.predict import predict
 from kdkit.losses import build_loss
@@ -25,6 +26,7 @@ from kdkit.models import build_model, load_model_folder, model_spec, output_clas
 from kdkit.models.build import comes_trained
 from kdkit.models.hf import student_from_teacher
 from kdkit.models.peers import Peers
+from kdkit.models.qat import prepare_qat, strip_qat
 from kdkit.run import Phase, PhaseResult, Recipe, RunDir
 from kdkit.run.features import wire_features
 from kdkit.run.losses import baseline_loss, loss_schedules, loss_terms, needs_teacher
@@ -193,12 +195,12 @@ def student_recipe(cfg: KDConfig, data: DataBundle, teacher: TeacherEnsemble, ru
             model = build_from_spec(s, data, "student.model")
         if phase.kind == "baseline":  # the baseline has no teacher to label a transfer set
             return train_classifier(cfg, baseline_train, data.labelled(), run, phase, lambda: model, base_loss,
-                                    on_epoch=on_epoch)
+                                    on_epoch=on_epoch, qat=cfg.student.qat)
         seeded = build_loss(loss_terms(losses))  # adapters are per seed
         taps = wire_features(seeded, model, teacher, data.example(2), run.device, cfg.distill.cache_teacher)
         try:
             return train_classifier(cfg, cfg.train, data, run, phase, lambda: model, seeded, teacher_outputs,
-                                    taps, schedules, on_epoch=on_epoch)
+                                    taps, schedules, on_epoch=on_epoch, qat=cfg.student.qat)
         finally:
             teacher.tap([])  # feature taps are for training only
             if taps is not None:
@@ -234,12 +236,15 @@ def baseline_budget(cfg: KDConfig, data: DataBundle, run: RunDir):
 
 def train_classifier(cfg: KDConfig, train_cfg, data: DataBundle, run: RunDir, phase: Phase, make, loss,
                      teacher_outputs=None, taps=None, schedules=(), *, where: str = "student.model",
-                     augment_where: str = "train.augment", on_epoch=None) -> tuple[nn.Module, dict]:
-    """Train one network with the engine; returns (model on CPU, the phase summary for result.json)."""
+                     augment_where: str = "train.augment", on_epoch=None, qat=None) -> tuple[nn.Module, dict]:
+    """Train one network with the engine; returns (model on CPU, the phase summary for result.json). qat (the
+    student.qat section): trained with fake int8 when enabled, returned with float weights and nothing added."""
     model = make()
     got = output_classes(model, data.example(2), where)
     if got != data.num_classes:
         raise CompatibilityError(f"{where}: outputs {got} classes ({phase.name}); the data has {data.num_classes}")
+    if qat is not None and qat.enabled:
+        prepare_student_qat(model, qat, train_cfg, cfg.train.epochs, data, run, phase)
     on_eval = None
     if data.val is not None:
         evaluations = []
@@ -258,7 +263,25 @@ def train_classifier(cfg: KDConfig, train_cfg, data: DataBundle, run: RunDir, ph
         tb_dir=(run.path / "tb" / phase.name) if cfg.run.tensorboard else None, progress=cfg.run.progress,
         desc=phase.name, log=run.log, student_taps=taps, schedules=schedules,
     )
-    return model.cpu(), phase_summary(result)
+    return strip_qat(model).cpu(), phase_summary(result)
+
+
+def prepare_student_qat(model: nn.Module, qat, train_cfg, epochs: int, data: DataBundle, run: RunDir,
+                        phase: Phase) -> None:
+    """student.qat on a student or baseline, in place (kdkit.models.qat). start_epoch and freeze_epoch are epochs of
+    train.epochs; a phase with another budget (the baseline beside a transfer set) starts and freezes at the same
+    share of its training forwards (per process: Accelerate gives each process every N-th batch)."""
+    if data.modality != "tensor":
+        raise ConfigError(
+            f"student.qat.enabled: the student reads {data.modality} (token ids); quantization-aware training "
+            "covers students with float inputs (images, feature vectors), as kdkit export --quantize does"
+        )
+    per_epoch = math.ceil(math.ceil(len(data.train) / train_cfg.batch_size) / world_size())
+    total = per_epoch * train_cfg.epochs
+    start = round(total * qat.start_epoch / epochs)
+    freeze = None if qat.freeze_epoch is None else round(total * qat.freeze_epoch / epochs)
+    quantizers = prepare_qat(model, start, freeze, qat.range_momentum)
+    run.log(f"{phase.name}: quantization-aware: {quantizers.describe()} (of {total})")
 
 
 def val_metrics(model: nn.Module, data: DataBundle, batch_size: int, device: str) -> dict[str, float]:
