@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -65,6 +66,9 @@ class ModelOutputs:
     (kdkit.data.lm_cache) instead of dense logits; logits is then None. hidden, head: a language model's last hidden
     state (B, T, H) and its output layer (an nn.Linear) instead of its logits, for the fused token losses
     (kdkit.losses.fused_head); logits is then None and with_logits() makes them.
+    alignment: a teacher with another tokenizer (kdkit.run.cross_teacher): its logits are over its own tokens of
+    the batch's text, (B, T_teacher, V_teacher), and this kdkit.data.align.AlignedBatch says which of its positions
+    and the student's have read the same text (typed loosely: types sits below data).
     """
 
     logits: torch.Tensor | None
@@ -72,6 +76,7 @@ class ModelOutputs:
     sparse: SparseLogprobs | None = None
     hidden: torch.Tensor | None = None
     head: torch.nn.Module | None = None
+    alignment: Any = None
 
     def detach(self) -> ModelOutputs:
         return replace(

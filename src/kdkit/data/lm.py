@@ -10,6 +10,16 @@ token of the test split is trained on.
 
 A block is an item `(ids (T,), length, position)`; `collate` makes a Batch with labels = the ids themselves (the
 losses shift them) and -100 on padding (right padding: shorter examples come from sequence-level distillation).
+
+Blocks with their text (`with_text`, for a teacher with another tokenizer, kdkit.run.cross_teacher): the same
+blocks, cut from the same token stream, and for each block the exact text its tokens cover, with each token's
+character offsets into that text (from the fast tokenizer's offsets, so nothing is tokenised twice and the block's
+ids are exactly the stream's). A block starts at the end of the token before it in its document (so the space a
+byte-level token carries is in the text even where offsets are trimmed), or at the document's start; where a block
+begins inside a character split over two tokens, it starts at that character. A block that spans two documents
+holds both pieces with the end-of-sequence token's own text between them ("<eos>"), and that token's offsets cover
+exactly that separator: the texts read like tokenizer.decode of the block, and another tokenizer can put its own
+end-of-sequence token at the same place (kdkit.run.cross_teacher.teacher_encoding).
 """
 
 from __future__ import annotations
@@ -129,14 +139,25 @@ CORPUS_SOURCES = {
 class LMData(Dataset):
     """Token blocks (N, T) with their real lengths; an item is (ids (T,), length, position)."""
 
-    def __init__(self, ids: torch.Tensor, lengths: torch.Tensor | None, pad_id: int, eos_id: int | None = None):
+    def __init__(self, ids: torch.Tensor, lengths: torch.Tensor | None, pad_id: int, eos_id: int | None = None,
+                 texts: list[str] | None = None, offsets: torch.Tensor | None = None):
         if ids.dim() != 2:
             raise DataError(f"language-model data: expected token blocks of shape (N, T); got {tuple(ids.shape)}")
+        if (texts is None) != (offsets is None) or (
+            texts is not None and (len(texts) != len(ids) or tuple(offsets.shape) != (*ids.shape, 2))
+        ):
+            raise DataError(
+                f"language-model data: texts and offsets go together, one text and (T, 2) offsets per block; got "
+                f"{None if texts is None else len(texts)} texts, offsets "
+                f"{None if offsets is None else tuple(offsets.shape)} for blocks {tuple(ids.shape)}"
+            )
         self.ids = ids.long()
         self.lengths = lengths.long() if lengths is not None else torch.full((len(ids),), ids.shape[1])
         self.pad_id, self.eos_id = int(pad_id), eos_id
         self.labels = self.ids  # for code that counts examples through .labels
         self.prompt_lengths = torch.zeros(len(ids), dtype=torch.long)  # tokens at the start that are not predicted
+        # With text (with_text): each block's text, and each token's character offsets into it (N, T, 2) int32.
+        self.texts, self.offsets = texts, None if offsets is None else offsets.int()
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -150,7 +171,9 @@ class LMData(Dataset):
 
     def subset(self, idx) -> LMData:
         idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
-        out = LMData(self.ids[idx], self.lengths[idx], self.pad_id, self.eos_id)
+        texts = None if self.texts is None else [self.texts[i] for i in idx.tolist()]
+        offsets = None if self.offsets is None else self.offsets[idx]
+        out = LMData(self.ids[idx], self.lengths[idx], self.pad_id, self.eos_id, texts, offsets)
         out.prompt_lengths = self.prompt_lengths[idx]
         return out
 
@@ -177,10 +200,15 @@ class LMData(Dataset):
 
 
 def concat(parts: list[LMData]) -> LMData:
-    """Several LM data sets as one (blocks padded to the longest block size)."""
+    """Several LM data sets as one (blocks padded to the longest block size). The texts are kept when every part
+    has them (padding gets the offsets (0, 0) of no text)."""
     width = max(p.block_size for p in parts)
     ids = torch.cat([torch.nn.functional.pad(p.ids, (0, width - p.block_size), value=p.pad_id) for p in parts])
-    out = LMData(ids, torch.cat([p.lengths for p in parts]), parts[0].pad_id, parts[0].eos_id)
+    texts = offsets = None
+    if all(p.texts is not None for p in parts):
+        texts = [t for p in parts for t in p.texts]
+        offsets = torch.cat([torch.nn.functional.pad(p.offsets, (0, 0, 0, width - p.block_size)) for p in parts])
+    out = LMData(ids, torch.cat([p.lengths for p in parts]), parts[0].pad_id, parts[0].eos_id, texts, offsets)
     out.prompt_lengths = torch.cat([p.prompt_lengths for p in parts])
     return out
 
@@ -223,6 +251,68 @@ def tokenize_corpus(texts: list[str], tokenizer, block_size: int) -> tuple[torch
     return torch.tensor(stream[: n * block_size], dtype=torch.long).view(n, block_size), len(stream)
 
 
+@dataclass
+class TextBlocks:
+    """Every block's text and each of its tokens' character offsets into that text (see the module docstring)."""
+
+    texts: list[str]
+    offsets: torch.Tensor  # (N, T, 2) int32
+
+
+def tokenize_corpus_with_text(texts: list[str], tokenizer, block_size: int) -> tuple[torch.Tensor, int, TextBlocks]:
+    """tokenize_corpus (the same blocks, bit for bit), plus each block's text and token offsets (TextBlocks).
+
+    Needs a fast tokenizer (its offsets). The end-of-sequence token between documents stands for its own text
+    (tokenizer.eos_token) in a block's text, its offsets covering exactly that separator."""
+    from kdkit.data.align import check_fast
+
+    check_fast(tokenizer, "data.tokenizer (the student's)")
+    eos = tokenizer.eos_token_id
+    separator = str(tokenizer.eos_token) if eos is not None else ""
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    ids, doc, start, end = [], [], [], []  # per token of the stream: id, document (-1: eos), offsets in the document
+    for d, (row, offs) in enumerate(zip(enc["input_ids"], enc["offset_mapping"])):
+        ids.extend(row)
+        doc.extend([d] * len(row))
+        for s, e in offs:
+            start.append(s)
+            end.append(e)
+        if eos is not None:
+            ids.append(eos)
+            doc.append(-1)
+            start.append(0)
+            end.append(0)
+    n = len(ids) // block_size
+    if n == 0:
+        raise DataError(
+            f"data.max_length: the corpus has {len(ids)} tokens, fewer than one block of {block_size}; "
+            "lower max_length or add text"
+        )
+    blocks = torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)
+    block_texts, offsets = [], torch.zeros(n, block_size, 2, dtype=torch.int32)
+    for b in range(n):
+        pieces: list[str] = []
+        size, k, last = 0, b * block_size, (b + 1) * block_size
+        while k < last:
+            if doc[k] < 0:  # the end-of-sequence token: its own text
+                offsets[b, k - b * block_size] = torch.tensor([size, size + len(separator)])
+                pieces.append(separator)
+                size, k = size + len(separator), k + 1
+                continue
+            d, first = doc[k], k
+            while k < last and doc[k] == d:
+                k += 1
+            # From the end of the token before (same document) or the document's start, to the run's last end.
+            lo = min(start[first], end[first - 1] if first > 0 and doc[first - 1] == d else 0)
+            hi = max(end[first:k])
+            rel = torch.tensor([start[first:k], end[first:k]], dtype=torch.int32).t() - lo + size
+            offsets[b, first - b * block_size : k - b * block_size] = rel
+            pieces.append(texts[d][lo:hi])
+            size += hi - lo
+        block_texts.append("".join(pieces))
+    return blocks, len(ids), TextBlocks(block_texts, offsets)
+
+
 def build_lm_data(
     source: str,
     name: str | None,
@@ -235,8 +325,11 @@ def build_lm_data(
     test_fraction: float,
     split_seed: int,
     limit: int | None,
+    with_text: bool = False,
 ) -> LMBundle:
-    """The flat `data` fields of a causal_lm run → LMBundle. `limit` keeps this many blocks (a random subset)."""
+    """The flat `data` fields of a causal_lm run → LMBundle. `limit` keeps this many blocks (a random subset).
+    with_text: the blocks also carry their texts and token offsets (tokenize_corpus_with_text), for a teacher with
+    another tokenizer."""
     texts = lookup(CORPUS_SOURCES, source, "data.source")(name, path, data_files, text_column)
     texts = [t for t in texts if t.strip()]
     if not texts:
@@ -244,7 +337,10 @@ def build_lm_data(
     max_context = getattr(tokenizer, "model_max_length", None)
     if max_context and max_context < 10**8 and block_size > max_context:
         raise DataError(f"data.max_length: {block_size} tokens per block; the tokenizer's context is {max_context}")
-    blocks, tokens = tokenize_corpus(texts, tokenizer, block_size)
+    if with_text:
+        blocks, tokens, text_blocks = tokenize_corpus_with_text(texts, tokenizer, block_size)
+    else:
+        (blocks, tokens), text_blocks = tokenize_corpus(texts, tokenizer, block_size), None
     rng = np.random.default_rng(split_seed)
     order = rng.permutation(len(blocks))
     if limit is not None:
@@ -257,7 +353,8 @@ def build_lm_data(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise DataError("data.tokenizer: the tokenizer has neither a pad nor an eos token; causal_lm needs one")
-    full = LMData(blocks, None, pad, tokenizer.eos_token_id)
+    full = LMData(blocks, None, pad, tokenizer.eos_token_id, *((text_blocks.texts, text_blocks.offsets)
+                                                                if text_blocks is not None else ()))
     test = full.subset(np.sort(order[:n_test]))
     val = full.subset(np.sort(order[n_test : n_test + n_val])) if n_val else None
     train = full.subset(np.sort(order[n_test + n_val :]))

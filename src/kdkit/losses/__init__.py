@@ -2,7 +2,8 @@
 
 Adding a loss: its file, one line in LOSSES, its test. build_loss, `kdkit validate` (kdkit.validate.check_names)
 and the config reference (kdkit.validate.config_docs) read LOSSES; nothing else lists loss names. What a loss needs
-is a class attribute: needs_teacher, needs_labels (see Loss).
+is a class attribute: needs_teacher, needs_labels (see Loss); cross_tokenizer (uld, hybrid_kl, span_likelihood):
+the loss reads a teacher with another tokenizer through the alignment its outputs carry (kdkit.run.cross_teacher).
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ from kdkit.losses.dkd import DecoupledKD
 from kdkit.losses.hard_teacher import HardTeacher
 from kdkit.losses.hidden_state import HiddenState
 from kdkit.losses.hint import Hint
+from kdkit.losses.hybrid_kl import HybridKL
 from kdkit.losses.mutual import MutualLearning
 from kdkit.losses.soft_kl import SoftKL
+from kdkit.losses.span_likelihood import SpanLikelihood
 from kdkit.losses.token_ce import TokenCE
 from kdkit.losses.token_kl import TokenKL
+from kdkit.losses.uld import ULD
 from kdkit.registry import bind, lookup
 
 LOSSES: dict[str, type[Loss]] = {
@@ -37,6 +41,9 @@ LOSSES: dict[str, type[Loss]] = {
     "mutual": MutualLearning,
     "token_kl": TokenKL,
     "token_ce": TokenCE,
+    "uld": ULD,
+    "hybrid_kl": HybridKL,
+    "span_likelihood": SpanLikelihood,
 }
 
 
@@ -86,4 +93,7 @@ __all__ = [
     "AttentionMap",
     "TokenKL",
     "TokenCE",
+    "ULD",
+    "HybridKL",
+    "SpanLikelihood",
 ]

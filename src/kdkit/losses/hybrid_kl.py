@@ -190,6 +190,7 @@ class HybridKL(Loss):
     loss.set_vocab_map(*shared_vocab(teacher_tokenizer, student_tokenizer)) (not a config value: it is derived)."""
 
     name = "hybrid_kl"
+    cross_tokenizer = True  # reads a teacher with another tokenizer through the alignment (kdkit.run.cross_teacher)
 
     def __init__(self, direction: str = "forward", temperature: float = 1.0):
         super().__init__()
@@ -214,7 +215,7 @@ class HybridKL(Loss):
     ):
         if not self._has_map:
             raise ValueError("hybrid_kl: no vocabulary map; expected set_vocab_map(*shared_vocab(teacher, student))")
-        index = alignment_of(self, batch, alignment).index
+        index = alignment_of(self, batch, alignment, teacher).index
         return hybrid_kl_loss(
             student.logits,
             teacher.logits,

@@ -117,6 +117,7 @@ class SpanLikelihood(Loss):
     (the AlignedBatch's encodings). temperature: τ dividing span log-likelihoods (no T²)."""
 
     name = "span_likelihood"
+    cross_tokenizer = True  # reads a teacher with another tokenizer through the alignment (kdkit.run.cross_teacher)
 
     def __init__(self, temperature: float = 1.0):
         super().__init__()
@@ -130,7 +131,7 @@ class SpanLikelihood(Loss):
         alignment: AlignedBatch | None = None,
         num_real_tokens: int | torch.Tensor | None = None,
     ):
-        aligned = alignment_of(self, batch, alignment)
+        aligned = alignment_of(self, batch, alignment, teacher)
         index = aligned.index
         device = student.logits.device
         return span_likelihood_loss(

@@ -72,13 +72,18 @@ def uld_loss(
     return uld_per_position(s, t, temperature).sum() / denom
 
 
-def alignment_of(loss: Loss, batch: Batch, alignment: AlignedBatch | None) -> AlignedBatch:
-    """The AlignedBatch a cross-tokenizer loss reads: the one passed, else batch.alignment; a one-line error else."""
+def alignment_of(
+    loss: Loss, batch: Batch, alignment: AlignedBatch | None, teacher: ModelOutputs | None = None
+) -> AlignedBatch:
+    """The AlignedBatch a cross-tokenizer loss reads: the one passed, else the teacher outputs' (the cross-tokenizer
+    teacher source, kdkit.run.cross_teacher, sends it with its logits), else batch.alignment; a one-line error else."""
+    if alignment is None and teacher is not None:
+        alignment = teacher.alignment
     alignment = alignment if alignment is not None else getattr(batch, "alignment", None)
     if alignment is None:
         raise ValueError(
             f"{loss.name}: no alignment; expected an AlignedBatch (kdkit.data.align.align_batch) passed as "
-            "alignment= or set as batch.alignment"
+            "alignment=, sent with the teacher's outputs (ModelOutputs.alignment) or set as batch.alignment"
         )
     return alignment
 
@@ -88,6 +93,7 @@ class ULD(Loss):
     after the same text, compared as sorted probability vectors. temperature: kd temperature T (× T²)."""
 
     name = "uld"
+    cross_tokenizer = True  # reads a teacher with another tokenizer through the alignment (kdkit.run.cross_teacher)
 
     def __init__(self, temperature: float = 1.0):
         super().__init__()
@@ -101,7 +107,7 @@ class ULD(Loss):
         alignment: AlignedBatch | None = None,
         num_real_tokens: int | torch.Tensor | None = None,
     ):
-        index = alignment_of(self, batch, alignment).index
+        index = alignment_of(self, batch, alignment, teacher).index
         return uld_loss(
             student.logits,
             teacher.logits,

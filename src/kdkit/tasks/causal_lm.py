@@ -4,8 +4,13 @@ Data: corpus blocks (kdkit.data.lm). Teacher: AutoModelForCausalLM members shari
 top-k cache on disk. Students (tasks/lm_student.py): the teacher's own layers, pruned in width or not, a smaller
 config of its family, or a folder. The baseline learns the text alone (token_ce); the distilled student the
 configured token losses, optionally with the teacher's continuations (sequence-level KD) and the student's own
-continuations (on-policy, GKD). Evaluation on held-out text: perplexity, agreement, KL to the teacher, cost; the
-student folder is an HF folder.
+continuations (on-policy, GKD). Evaluation on held-out text: perplexity, bits per byte, agreement, KL to the
+teacher, cost; the student folder is an HF folder.
+
+A teacher with another tokenizer than the student's (data.tokenizer) is read through the cross-tokenizer losses
+(uld, hybrid_kl, span_likelihood; every teacher loss must then be one of them): the blocks keep their text, the
+live teacher reads its own tokens of it, aligned to the student's by byte offsets (kdkit.run.cross_teacher). Not
+yet with a top-k cache, sequence-level or on-policy distillation, or a draft. Its evaluation is on its own tokens.
 """
 
 from __future__ import annotations
@@ -17,16 +22,18 @@ import torch
 from torch import nn
 
 from kdkit.config import KDConfig, dump_config, load_config
+from kdkit.data.align import check_fast
 from kdkit.data.lm import LMBundle, LMData, build_lm_data, concat
 from kdkit.engine import TrainOptions, train
 from kdkit.engine.runtime import is_main_process, main_process_first
 from kdkit.errors import CompatibilityError, ConfigError
 from kdkit.evaluate import footprint
 from kdkit.evaluate.lm import lm_metrics
-from kdkit.losses import build_loss
+from kdkit.losses import LOSSES, build_loss
 from kdkit.models.causal_lm import load_causal_lm, save_lm_folder
 from kdkit.models.vocab import check_tokenizers
 from kdkit.run import Phase, Recipe, RunDir
+from kdkit.run.cross_teacher import CrossTeacher, same_vocabulary
 from kdkit.run.features import wire_features
 from kdkit.run.losses import baseline_loss, loss_schedules, loss_terms
 from kdkit.run.phases import phase_summary
@@ -60,12 +67,14 @@ class CausalLM:
         from kdkit.validate import check_names
 
         check_names(cfg, CORPORA)
+        check_cross_tokenizer(cfg)
 
     def load_data(self, cfg: KDConfig, run: RunDir) -> LMBundle:
-        """The corpus in blocks, tokenised by data.tokenizer or the first teacher member's tokenizer."""
+        """The corpus in blocks, tokenised by data.tokenizer or the first teacher member's tokenizer; with their
+        texts for the cross-tokenizer losses."""
         d = cfg.data
         data = build_lm_data(d.source, d.name, d.path, d.data_files, d.text_column, lm_tokenizer(cfg), d.max_length,
-                             d.val_fraction, d.test_fraction, d.split_seed, d.limit)
+                             d.val_fraction, d.test_fraction, d.split_seed, d.limit, with_text=cross_tokenizer(cfg))
         run.log(
             f"data: {data.documents} documents, {data.tokens:,} tokens → blocks of {data.block_size}: "
             f"{len(data.train)} train / {len(data.val) if data.val else 0} val / {len(data.test)} test"
@@ -80,8 +89,9 @@ class CausalLM:
 
     def evaluate(self, cfg, data, teacher, results, run, best, recipe):
         untrained = LMStudents(cfg, teacher, data) if cfg.llm.draft.enabled else None
+        cross = cross_source(cfg, data.test, teacher, data.tokenizer) if cross_tokenizer(cfg) else None
         return causal_lm_eval.evaluate(cfg, data, teacher, results, run.device, best, recipe,
-                                       untrained_draft=untrained, log=run.log)
+                                       untrained_draft=untrained, log=run.log, cross=cross)
 
     def save_student(self, model: nn.Module, folder: Path, data: LMBundle, cfg: KDConfig) -> None:
         save_lm_folder(model, data.tokenizer, folder)
@@ -97,6 +107,7 @@ class CausalLM:
         """The top-k cache of the training data (with the sequence-level KD examples), as train reads it."""
         if not cfg.distill.cache_teacher:
             raise ConfigError(CACHE_OFF)
+        check_cross_tokenizer(cfg)
         kd_data = with_sequence_kd(cfg, data, teacher, run)
         loss = build_loss(loss_terms(cfg.distill.losses))
         _, info = lm_teacher_source(cfg, kd_data, teacher, loss, run)
@@ -115,6 +126,11 @@ def lm_tokenizer(cfg: KDConfig):
         from kdkit.data.text import load_tokenizer
 
         return load_tokenizer(cfg.data.tokenizer)
+    return teacher_tokenizer(cfg)
+
+
+def teacher_tokenizer(cfg: KDConfig):
+    """The first teacher member's tokenizer (the members' shared one)."""
     from transformers import AutoTokenizer
 
     from kdkit.data.text import from_pretrained
@@ -126,18 +142,37 @@ def lm_tokenizer(cfg: KDConfig):
 
 def build_lm_teacher(cfg: KDConfig, tokenizer, run: RunDir) -> TeacherEnsemble:
     """Each member from its folder / hub id / builtin name, frozen. Members must share the vocabulary of the
-    data's tokenizer (a padded output layer is fine)."""
-    members = []
+    data's tokenizer (a padded output layer is fine), or, with the cross-tokenizer losses, one fast tokenizer of
+    their own (each reads its tokens of the text, at most its context)."""
+    members, cross, first = [], cross_tokenizer(cfg), None
     for i, member in enumerate(cfg.teacher.members):
         model, tok = load_causal_lm(member.model.path, f"teacher.members.{i}.model.path")
         run.log(f"teacher member {i}: {type(model).__name__}, {footprint(model)['params'] / 1e6:.1f} M parameters")
+        if cross:
+            check_fast(tok, f"teacher.members.{i}")
+            first = tok if first is None else first
+            check_tokenizers(first, tok, f"teacher.members.{i}: tokenizer vs teacher.members.0 (members read one "
+                             "tokenisation of the text)")
+            members.append(frozen(model, cfg.distill, tokenizer_example(tok), run.device, run.log))
+            continue
         if cfg.data.max_length > context_length(model):
             raise ConfigError(
                 f"data.max_length: {cfg.data.max_length} tokens per block; teacher member {i} reads at most "
                 f"{context_length(model)} positions (its max_position_embeddings)"
             )
-        check_tokenizers(tokenizer, tok, f"teacher.members.{i}: tokenizer vs data.tokenizer")
+        try:
+            check_tokenizers(tokenizer, tok, f"teacher.members.{i}: tokenizer vs data.tokenizer")
+        except CompatibilityError as exc:
+            raise CompatibilityError(
+                f"{exc}; for a teacher with another tokenizer, use the cross-tokenizer losses "
+                f"({', '.join(cross_tokenizer_losses())}) as its losses in distill.losses"
+            ) from None
         members.append(frozen(model, cfg.distill, tokenizer_example(tokenizer), run.device, run.log))
+    if cross:
+        same = same_vocabulary(first, tokenizer)
+        run.log("cross-tokenizer teacher: " + ("the same vocabulary as the student's; it reads the student's ids"
+                                               if same else f"its own tokenizer ({len(first)} tokens, the student's "
+                                               f"{len(tokenizer)}); blocks aligned by byte offsets"))
     widths = {m.model.get_output_embeddings().weight.shape[0] for m in members}
     if len(widths) > 1:
         raise CompatibilityError(
@@ -145,6 +180,56 @@ def build_lm_teacher(cfg: KDConfig, tokenizer, run: RunDir) -> TeacherEnsemble:
             "distributions id by id, so the members need one output size"
         )
     return TeacherEnsemble(members, [m.weight for m in cfg.teacher.members], cfg.teacher.combine)
+
+
+def cross_tokenizer_losses() -> list[str]:
+    """The registered losses that read a teacher with another tokenizer (Loss attribute cross_tokenizer)."""
+    from kdkit.losses import LOSSES
+
+    return [name for name, cls in LOSSES.items() if getattr(cls, "cross_tokenizer", False)]
+
+
+def cross_tokenizer(cfg: KDConfig) -> bool:
+    """distill.losses has a cross-tokenizer loss: the teacher then reads its own tokens of the blocks' text."""
+    names = cross_tokenizer_losses()
+    return any(t.name in names for t in cfg.distill.losses)
+
+
+def check_cross_tokenizer(cfg: KDConfig) -> None:
+    """With a cross-tokenizer loss: every teacher loss is one (the teacher's outputs are over its own tokens), and
+    nothing that needs the teacher on the student's tokens is on. One line per refusal."""
+    if not cross_tokenizer(cfg):
+        return
+    from kdkit.losses import LOSSES
+
+    names = ", ".join(cross_tokenizer_losses())
+    for i, term in enumerate(cfg.distill.losses):
+        cls = LOSSES[term.name]
+        if cls.needs_teacher and not getattr(cls, "cross_tokenizer", False):
+            raise ConfigError(
+                f"distill.losses.{i}.name: {term.name!r} reads the teacher on the student's tokens; beside a "
+                f"cross-tokenizer loss every teacher loss must be one ({names})"
+            )
+    what = "the cross-tokenizer losses read the live teacher on its own tokens of the text"
+    if cfg.distill.cache_teacher:
+        raise ConfigError(f"distill.cache_teacher: true; {what}, the top-k cache holds it on the student's tokens "
+                          "(not supported yet): set cache_teacher: false")
+    if cfg.llm.sequence_level > 0:
+        raise ConfigError(f"llm.sequence_level: {cfg.llm.sequence_level}; sequence-level KD with a cross-tokenizer "
+                          "teacher is not supported yet (its continuations are its own tokens): set 0")
+    if cfg.llm.on_policy_fraction > 0:
+        raise ConfigError(f"llm.on_policy_fraction: {cfg.llm.on_policy_fraction}; on-policy KD with a "
+                          "cross-tokenizer teacher is not supported yet (it scores the student's tokens): set 0")
+    if cfg.llm.draft.enabled:
+        raise ConfigError("llm.draft.enabled: a draft shares its target's tokenizer; the cross-tokenizer losses are "
+                          "for a student with its own: set draft.enabled: false or use token_kl")
+
+
+def cross_source(cfg: KDConfig, data: LMData, teacher: TeacherEnsemble, student_tokenizer) -> CrossTeacher:
+    """The cross-tokenizer teacher source over `data` (its blocks with texts): the members' tokenizer, at most the
+    shortest member context per row."""
+    context = min(context_length(m.model) for m in teacher.members)
+    return CrossTeacher(teacher, teacher_tokenizer(cfg), student_tokenizer, data, context)
 
 
 def tokenizer_example(tokenizer) -> torch.Tensor:
@@ -158,14 +243,16 @@ def tokenizer_example(tokenizer) -> torch.Tensor:
 
 def lm_recipe(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, run: RunDir, on_epoch) -> Recipe:
     """Per seed: a baseline on the text alone (token_ce) and the distilled student, same initialisation and order."""
-    students = LMStudents(cfg, teacher, data, run.log)
+    cross = cross_source(cfg, data.train, teacher, data.tokenizer) if cross_tokenizer(cfg) else None
+    students = LMStudents(cfg, teacher, data, run.log, own_vocabulary=cross is not None and not cross.same)
     check_draft(cfg, teacher, run, students)
     kd_data = with_sequence_kd(cfg, data, teacher, run)
     losses = cfg.distill.losses
-    loss, schedules, base_loss = lm_loss(cfg), loss_schedules(losses), baseline_loss("token_ce", ())
+    vocab_map = shared_vocab_map(cfg, cross, data.tokenizer, run)
+    loss, schedules, base_loss = lm_loss(cfg, vocab_map), loss_schedules(losses), baseline_loss("token_ce", ())
     base_loss.fuse_head = cfg.llm.fused_head
     run.log(f"loss: {loss.formula()}   (baseline: {base_loss.formula()})")
-    teacher_outputs, info = lm_teacher_source(cfg, kd_data, teacher, loss, run)
+    teacher_outputs, info = (cross, {}) if cross is not None else lm_teacher_source(cfg, kd_data, teacher, loss, run)
     on_policy = make_on_policy(cfg, data.tokenizer, teacher)
     info["data"] = data_info(cfg, data, kd_data)
 
@@ -175,7 +262,10 @@ def lm_recipe(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, run: RunD
         model = students(phase.seed)
         if phase.kind == "baseline":
             return train_lm(cfg, data, data.train, run, phase, model, base_loss, on_epoch=on_epoch, target=target)
-        return train_lm(cfg, data, kd_data, run, phase, model, lm_loss(cfg), teacher,
+        loss = lm_loss(cfg, vocab_map)
+        if vocab_map is not None:
+            check_vocab_map(cfg, vocab_map, model, teacher)
+        return train_lm(cfg, data, kd_data, run, phase, model, loss, teacher,
                         teacher_outputs, schedules, on_policy, on_epoch, target)
 
     def load(folder: Path) -> nn.Module:
@@ -215,11 +305,42 @@ def check_draft(cfg: KDConfig, teacher: TeacherEnsemble, run: RunDir, students: 
             f"({d_params / t_params:.1%}); k = {cfg.llm.draft.k} draft tokens per target call")
 
 
-def lm_loss(cfg: KDConfig):
-    """The distillation loss of distill.losses, with the fused head on or off (llm.fused_head)."""
+def lm_loss(cfg: KDConfig, vocab_map: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """The distillation loss of distill.losses, with the fused head on or off (llm.fused_head), and the shared
+    vocabulary map given to the losses that take one (hybrid_kl)."""
     loss = build_loss(loss_terms(cfg.distill.losses))
     loss.fuse_head = cfg.llm.fused_head
+    for part in loss.parts:
+        if vocab_map is not None and hasattr(part, "set_vocab_map"):
+            part.set_vocab_map(*vocab_map)
     return loss
+
+
+def shared_vocab_map(cfg: KDConfig, cross: CrossTeacher | None, student_tokenizer, run: RunDir):
+    """(teacher ids, student ids) of the tokens both vocabularies share (kdkit.losses.hybrid_kl.shared_vocab), once
+    per run, when a loss takes the map; else None."""
+    if cross is None or not any(hasattr(LOSSES[t.name], "set_vocab_map") for t in cfg.distill.losses):
+        return None
+    from kdkit.losses.hybrid_kl import shared_vocab
+
+    teacher_ids, student_ids = shared_vocab(cross.tokenizer, student_tokenizer)
+    run.log(f"shared vocabulary: {teacher_ids.numel()} tokens of the teacher's {len(cross.tokenizer)} and the "
+            f"student's {len(student_tokenizer)} decode to the same text")
+    return teacher_ids, student_ids
+
+
+def check_vocab_map(cfg: KDConfig, vocab_map, model: nn.Module, teacher: TeacherEnsemble) -> None:
+    """The map fits both output layers and leaves unmatched ids on both sides or neither (else the split KL is
+    infinite): a one-line CompatibilityError before training, not at the first step."""
+    from kdkit.losses.hybrid_kl import hybrid_per_position
+
+    v_s = model.get_output_embeddings().weight.shape[0]
+    v_t = teacher.members[0].model.get_output_embeddings().weight.shape[0]
+    i = next(i for i, t in enumerate(cfg.distill.losses) if hasattr(LOSSES[t.name], "set_vocab_map"))
+    try:
+        hybrid_per_position(torch.zeros(1, v_s), torch.zeros(1, v_t), *vocab_map)
+    except ValueError as exc:
+        raise CompatibilityError(f"distill.losses.{i} ({cfg.distill.losses[i].name}): {exc}") from None
 
 
 def train_lm(cfg: KDConfig, data: LMBundle, train_data: LMData, run: RunDir, phase: Phase, model: nn.Module, loss,

@@ -1,7 +1,13 @@
 """The causal_lm task's evaluation and report: perplexity, bits per byte and per character (comparable across
 tokenizers), agreement and KL to the teacher on held-out text, per seed; the cost of each model measured the same
 way (kdkit.evaluate.cost); greedy continuations side by side; and, with a top-k cache, what the cache loses against
-the dense teacher."""
+the dense teacher.
+
+A teacher with another tokenizer (cross: kdkit.run.cross_teacher) is measured on its own tokens of the same test
+texts: its perplexity is per teacher token, so only bits per byte and per character compare it with the students.
+What needs one vocabulary (agreement, KL and acceptance against the teacher, the acceptance curves) is left out;
+its cost is timed on its own tokens of the test blocks, and its greedy continuations start from its own tokens of
+the same prompts."""
 
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ from kdkit.evaluate.cost import measure_cost
 from kdkit.evaluate.lm import lm_metrics, text_decoder
 from kdkit.evaluate.schema import assemble
 from kdkit.report.table import LM_COLUMNS
+from kdkit.run.cross_teacher import CrossTeacher, pad_id_of
 from kdkit.run.disk import append_disk_section
 from kdkit.run.phases import KINDS
 from kdkit.run.teacher import frozen
@@ -28,9 +35,12 @@ GAIN_KEYS = ("nll", "perplexity", "bits_per_byte", "bits_per_char", "accuracy", 
 
 def evaluate(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, results: dict, device: str, best: dict,
              recipe=None, untrained_draft: Callable[[int], nn.Module] | None = None,
-             log: Callable[[str], None] = print):
+             log: Callable[[str], None] = print, cross: CrossTeacher | None = None):
     """(metrics.json, extras for the report) on the test blocks. untrained_draft(seed): the student as the recipe
-    builds it before training (llm.draft.enabled: metrics.json's "draft", see draft_metrics)."""
+    builds it before training (llm.draft.enabled: metrics.json's "draft", see draft_metrics). cross: the source of
+    a teacher with another tokenizer (module docstring)."""
+    if cross is not None and not cross.same:
+        return evaluate_cross(cfg, data, teacher, results, device, best, recipe, cross)
     e = cfg.eval
     models: dict[str, Callable] = {"teacher": teacher.logits}
     for kind, _ in KINDS:
@@ -85,22 +95,59 @@ def evaluate(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, results: d
     return metrics, extras
 
 
-def costs(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, results: dict, device: str) -> dict:
-    """Teacher and students timed the same way: behind the same frozen wrapper, batch 1 (one block) for latency,
-    a batch of blocks for throughput (blocks/s and tokens/s)."""
+def evaluate_cross(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, results: dict, device: str, best: dict,
+                   recipe, cross: CrossTeacher):
+    """evaluate() for a teacher with another tokenizer: the students as usual without the teacher's comparisons,
+    the teacher on its own tokens of the test texts (module docstring)."""
     e = cfg.eval
-    block = data.test.ids[: min(len(data.test), e.batch_size)].to(device)
+    models: dict[str, Callable] = {}
+    for kind, _ in KINDS:
+        for r in results[kind]:
+            models[r.phase.name] = r.model.to(device).eval()
+    scores = lm_metrics(models, data.test, e.batch_size, device, decode=text_decoder(data.tokenizer))
+    teacher_test = cross.teacher_data(data.test)
+    teacher_scores = lm_metrics({"teacher": teacher.logits}, teacher_test, e.batch_size, device,
+                                decode=text_decoder(cross.tokenizer))["teacher"]
+    info = dict(recipe.info) if recipe is not None else {}
+    info["cross_tokenizer"] = {
+        "teacher_vocabulary": len(cross.tokenizer),
+        "student_vocabulary": len(data.tokenizer),
+        "teacher_tokens_per_student_token": round(teacher_scores["tokens"] / scores[best["phase"]]["tokens"], 4),
+        "comparable": ["bits_per_byte", "bits_per_char"],
+    }
+    per_seed = {key: [scores[r.phase.name] for r in results[kind]] for kind, key in KINDS if results[kind]}
+    seeds = [r.phase.seed for r in results["student"]]
+    cost = costs(cfg, data, teacher, results, device, teacher_ids=teacher_test.ids)
+    gain_keys = [key for key in GAIN_KEYS if key in teacher_scores]
+    metrics = assemble("causal_lm", seeds, teacher_scores, per_seed["student"], per_seed.get("baseline_student"),
+                       cost, gain_keys, best, **info)
+    extras = {"samples": greedy_samples(cfg, data, teacher, results, device, cross.tokenizer)}
+    for kind, _ in KINDS:
+        for r in results[kind]:
+            r.model.cpu()
+    return metrics, extras
+
+
+def costs(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, results: dict, device: str,
+          teacher_ids: torch.Tensor | None = None) -> dict:
+    """Teacher and students timed the same way: behind the same frozen wrapper, batch 1 (one block) for latency,
+    a batch of blocks for throughput (blocks/s and tokens/s). teacher_ids: a teacher with another tokenizer is
+    timed on its own tokens of the test blocks (cross-tokenizer runs)."""
+    e = cfg.eval
+
+    def measure(forward, modules, ids: torch.Tensor) -> dict:
+        block = ids[: min(len(ids), e.batch_size)].to(device)
+        return measure_cost(forward, modules, ids[:1].to(device), block, repeats=e.latency_repeats,
+                            warmup=e.latency_warmup, tokens_per_example=block.shape[1])
+
     one = data.test.ids[:1].to(device)
-
-    def measure(forward, modules) -> dict:
-        return measure_cost(forward, modules, one, block, repeats=e.latency_repeats, warmup=e.latency_warmup,
-                            tokens_per_example=block.shape[1])
-
-    out = {"teacher": measure(teacher, [m.model for m in teacher.members])}
+    t_ids = data.test.ids if teacher_ids is None else teacher_ids
+    out = {"teacher": measure(teacher, [m.model for m in teacher.members], t_ids)}
     for kind, key in KINDS:
         if results[kind]:
             model = results[kind][0].model
-            out[key] = measure(frozen(copy.deepcopy(model), cfg.distill, one, device, lambda m: None), [model])
+            out[key] = measure(frozen(copy.deepcopy(model), cfg.distill, one, device, lambda m: None), [model],
+                               data.test.ids)
     return out  # speed-ups: one definition, added by assemble
 
 
@@ -177,8 +224,10 @@ class AcceptanceCurves:
         return out
 
 
-def greedy_samples(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, results: dict, device: str) -> list:
-    """Greedy continuations of held-out prompts by the teacher and the first seed of each student."""
+def greedy_samples(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, results: dict, device: str,
+                   teacher_tokenizer=None) -> list:
+    """Greedy continuations of held-out prompts by the teacher and the first seed of each student.
+    teacher_tokenizer: a teacher with another tokenizer continues its own tokens of the prompt's text."""
     n = min(cfg.llm.report_samples, len(data.test))
     if n == 0:
         return []
@@ -191,10 +240,15 @@ def greedy_samples(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, resu
     models.update({key: results[kind][0].model for kind, key in KINDS if results[kind]})
     out = [{"prompt": data.tokenizer.decode(q)} for q in prompts]
     for key, model in models.items():
-        ids = generate(model.to(device), prompts, settings, pad_id=data.test.pad_id, eos_id=data.test.eos_id, seed=0,
-                       batch_size=n, context_length=context_length(model))
+        tok, rows, pad, eos = data.tokenizer, prompts, data.test.pad_id, data.test.eos_id
+        if key == "teacher" and teacher_tokenizer is not None:
+            tok = teacher_tokenizer
+            rows = [tok(r["prompt"], add_special_tokens=False)["input_ids"] for r in out]
+            pad, eos = pad_id_of(tok), tok.eos_token_id
+        ids = generate(model.to(device), rows, settings, pad_id=pad, eos_id=eos, seed=0, batch_size=n,
+                       context_length=context_length(model))
         for row, c in zip(out, ids):
-            row[key] = data.tokenizer.decode(c)
+            row[key] = tok.decode(c)
     return out
 
 

@@ -1,0 +1,185 @@
+"""A teacher with another tokenizer than the student's, as the engine's teacher source: the same text, its own tokens.
+
+The student trains on blocks of its own token stream (kdkit.data.lm with_text: every block keeps its text and each
+token's offsets into it). For a batch, CrossTeacher looks the blocks' texts up by batch.index, tokenises them with
+the teacher's tokenizer (teacher_encoding), aligns the two tokenisations by byte offsets (kdkit.data.align), runs
+the frozen teacher on its own ids and returns its logits (B, T_teacher, V_teacher) with the alignment
+(ModelOutputs.alignment), which the cross-tokenizer losses read (uld, hybrid_kl, span_likelihood).
+
+How the teacher reads a block (teacher_encoding): each document piece of the block text is tokenised on its own,
+without special tokens, and the teacher's end-of-sequence token stands where the student's stands, covering the
+same separator text: the teacher's input is built the way the student's stream was (kdkit.data.lm), so both
+predict the next document's start after an end-of-sequence token, and that position is aligned too. The block is
+cut from a longer text: where it starts inside a word, the teacher tokenises the word's tail as a word of its own
+(the student's first tokens are the stream's); rows longer than the teacher's context are cut at max_length.
+With the same vocabulary on both sides the teacher reads the student's own ids and offsets (nothing is
+re-tokenised), so the alignment is the identity over tokens and hybrid_kl is token_kl exactly.
+
+Which aligned positions count (block_alignment): the spans of kdkit.data.align, without the span that holds the
+block's last real student token. After it, neither model's next token is in the block (token_kl skips that
+position too), and the cut may have split a word that the teacher would tokenise otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from kdkit.data.align import AlignedBatch, Encoded, Span, align_offsets, check_fast, span_index
+from kdkit.data.lm import LMData
+from kdkit.errors import DataError
+from kdkit.types import Batch, ModelOutputs
+
+
+def same_vocabulary(teacher_tokenizer: Any, student_tokenizer: Any) -> bool:
+    """Both tokenizers map every token to the same id (get_vocab equal, added tokens included)."""
+    return teacher_tokenizer.get_vocab() == student_tokenizer.get_vocab()
+
+
+def student_encoding(data: LMData, index: Sequence[int], inputs: torch.Tensor, lengths: torch.Tensor) -> Encoded:
+    """The student's side of the alignment from what the blocks store: the batch's ids (B, T) as they are, the
+    attention mask from the real lengths, and each token's offsets into its block's text ((0, 0) on padding)."""
+    b, t = inputs.shape
+    real = torch.arange(t)[None, :] < lengths[:, None]
+    offsets = data.offsets[torch.as_tensor(list(index), dtype=torch.long), :t].clone()
+    offsets[~real] = 0
+    return Encoded(inputs.long(), real.long(), [[(int(s), int(e)) for s, e in row] for row in offsets.tolist()])
+
+
+def pad_id_of(tokenizer: Any) -> int:
+    """The id a batch of this tokenizer's rows is padded with: its pad token, else its eos token, else 0."""
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return int(token_id)
+    return 0
+
+
+def teacher_encoding(
+    tokenizer: Any,
+    texts: Sequence[str],
+    student: Encoded,
+    student_eos: int | None,
+    max_length: int | None = None,
+) -> Encoded:
+    """The teacher's tokens of each block text (module docstring): the document pieces between the student's
+    end-of-sequence tokens tokenised on their own (fast tokenizer, no special tokens, character offsets shifted
+    into the block text), the teacher's end-of-sequence token at each separator with the separator's offsets;
+    the first max_length tokens of a row are kept; right-padded (pad_id_of) with (0, 0) offsets."""
+    check_fast(tokenizer, "teacher")
+    teacher_eos = tokenizer.eos_token_id
+    rows: list[list[tuple[str, Any]]] = []  # per row: ("text", (start, end)) pieces and ("eos", (start, end))
+    pieces: list[str] = []
+    for r, text in enumerate(texts):
+        row, at = [], 0
+        real = int(student.attention_mask[r].sum())
+        ids = student.input_ids[r, :real].tolist()
+        for k, token_id in enumerate(ids):
+            if student_eos is None or token_id != student_eos:
+                continue
+            s, e = student.offsets[r][k]
+            if s > at:
+                row.append(("text", (at, s)))
+            row.append(("eos", (s, e)))
+            at = e
+        end = max((e for _, e in student.offsets[r][:real]), default=0)
+        if end > at:
+            row.append(("text", (at, end)))
+        rows.append(row)
+        pieces += [text[a:b] for kind, (a, b) in row if kind == "text"]
+    enc = tokenizer(pieces, add_special_tokens=False, return_offsets_mapping=True) if pieces else None
+    out_ids, out_offsets, n = [], [], 0
+    for row in rows:
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        for kind, (a, b) in row:
+            if kind == "eos":
+                if teacher_eos is not None:
+                    ids.append(int(teacher_eos))
+                    offsets.append((a, b))
+                continue
+            ids += enc["input_ids"][n]
+            offsets += [(a + s, a + e) for s, e in enc["offset_mapping"][n]]
+            n += 1
+        if max_length is not None:
+            ids, offsets = ids[:max_length], offsets[:max_length]
+        out_ids.append(ids)
+        out_offsets.append(offsets)
+    width = max((len(r) for r in out_ids), default=0)
+    if width == 0:
+        raise DataError("cross-tokenizer teacher: the blocks' texts hold no token for the teacher's tokenizer")
+    pad = pad_id_of(tokenizer)
+    return Encoded(
+        torch.tensor([r + [pad] * (width - len(r)) for r in out_ids], dtype=torch.long),
+        torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in out_ids], dtype=torch.long),
+        [o + [(0, 0)] * (width - len(o)) for o in out_offsets],
+    )
+
+
+def block_alignment(texts: Sequence[str], teacher: Encoded, student: Encoded) -> AlignedBatch:
+    """align_offsets row by row, without the span that holds a row's last real student token (module docstring),
+    indexed for the losses (span_index)."""
+    spans: list[list[Span]] = []
+    for text, t_off, s_off, mask in zip(texts, teacher.offsets, student.offsets, student.attention_mask):
+        last = int(mask.sum()) - 1
+        spans.append([sp for sp in align_offsets(text, t_off, s_off) if sp.student[1] - 1 < last])
+    index = span_index(spans, teacher.input_ids.shape[1], student.input_ids.shape[1])
+    return AlignedBatch(teacher, student, spans, index)
+
+
+class CrossTeacher:
+    """The teacher source for a teacher whose tokenizer differs from the student's (module docstring).
+
+    teacher: the frozen teacher (a TeacherEnsemble whose members share one tokenizer), called on its own ids.
+    data: the LMData the engine trains on (its blocks with texts; batch.index indexes it). max_length: the most
+    tokens per row the teacher reads (its context). same: the tokenizers share the vocabulary (same_vocabulary):
+    the teacher reads the student's ids."""
+
+    def __init__(self, teacher, teacher_tokenizer: Any, student_tokenizer: Any, data: LMData,
+                 max_length: int | None = None):
+        if data.texts is None:
+            raise DataError("cross-tokenizer teacher: the training blocks carry no text; build them with_text")
+        self.teacher, self.tokenizer, self.data, self.max_length = teacher, teacher_tokenizer, data, max_length
+        self.same = same_vocabulary(teacher_tokenizer, student_tokenizer)
+
+    def align(self, batch: Batch) -> AlignedBatch:
+        """The batch's blocks in both tokenisations, aligned (on the CPU)."""
+        index = batch.index.tolist()
+        inputs = batch.inputs.cpu()
+        lengths = (batch.attention_mask.sum(1) if batch.attention_mask is not None
+                   else torch.full((inputs.shape[0],), inputs.shape[1])).cpu()
+        texts = [self.data.texts[i] for i in index]
+        student = student_encoding(self.data, index, inputs, lengths)
+        if self.same:
+            teacher = student
+        else:
+            teacher = teacher_encoding(self.tokenizer, texts, student, self.data.eos_id, self.max_length)
+        return block_alignment(texts, teacher, student)
+
+    def teacher_data(self, data: LMData, batch_size: int = 64) -> LMData:
+        """The teacher's own tokens of every block of `data` (with texts) as LMData: its perplexity and bits per
+        byte on the same text are measured on these (kdkit.evaluate.lm.lm_metrics). The same vocabulary: `data`."""
+        if self.same:
+            return data
+        if data.texts is None:
+            raise DataError("cross-tokenizer teacher: the blocks carry no text; build them with_text")
+        rows, lengths = [], []
+        for start in range(0, len(data), batch_size):
+            index = list(range(start, min(start + batch_size, len(data))))
+            student = student_encoding(data, index, data.ids[index], data.lengths[index])
+            enc = teacher_encoding(self.tokenizer, [data.texts[i] for i in index], student, data.eos_id,
+                                   self.max_length)
+            rows += list(enc.input_ids)
+            lengths += enc.attention_mask.sum(1).tolist()
+        width = max(len(r) for r in rows)
+        pad = pad_id_of(self.tokenizer)
+        ids = torch.stack([torch.nn.functional.pad(r, (0, width - len(r)), value=pad) for r in rows])
+        return LMData(ids, torch.tensor(lengths), pad, self.tokenizer.eos_token_id)
+
+    def __call__(self, batch: Batch) -> ModelOutputs:
+        aligned = self.align(batch)
+        device = batch.inputs.device
+        out = self.teacher(aligned.teacher.input_ids.to(device))
+        aligned.index = aligned.index.to(device)
+        return ModelOutputs(logits=out.logits, alignment=aligned)
