@@ -157,32 +157,8 @@ def build_app(
     app.state.metrics, app.state.shadow = metrics, shadow
     app.add_middleware(_Observe, metrics=metrics)
 
-    def error(status: int, reason: str, message: str, headers: dict | None = None) -> JSONResponse:
-        metrics.errors.labels(reason).inc()
-        return JSONResponse({"error": message, "reason": reason}, status_code=status, headers=headers)
-
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return error(exc.status, exc.reason, exc.message, headers)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        reason = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error(exc.status_code, reason, str(exc.detail))
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("serve: internal error on %s", request.url.path)
-        return error(500, "internal", "internal error; the server logged it")
-
-    def authorize(request: Request) -> None:
-        if token is None:
-            return
-        given = request.headers.get("authorization", "")
-        scheme, _, value = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
-            raise ApiError(401, "unauthorized", "missing or wrong API token; send 'Authorization: Bearer <token>'")
+    _handle_errors(app, metrics)
+    authorize = _authorizer(token)
 
     @app.post("/predict")
     async def predict_route(request: Request) -> JSONResponse:
@@ -229,6 +205,43 @@ def build_app(
         return Response(text, media_type=content_type)
 
     return app
+
+
+def _handle_errors(app: FastAPI, metrics: ServeMetrics) -> None:
+    """Every error as a JSON body {error, reason} with its status, counted by reason in /metrics."""
+
+    def error(status: int, reason: str, message: str, headers: dict | None = None) -> JSONResponse:
+        metrics.errors.labels(reason).inc()
+        return JSONResponse({"error": message, "reason": reason}, status_code=status, headers=headers)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return error(exc.status, exc.reason, exc.message, headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        reason = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error(exc.status_code, reason, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("serve: internal error on %s", request.url.path)
+        return error(500, "internal", "internal error; the server logged it")
+
+
+def _authorizer(token: str | None):
+    """request → None, or ApiError 401 when a token is set and the request does not bear it."""
+
+    def authorize(request: Request) -> None:
+        if token is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+            raise ApiError(401, "unauthorized", "missing or wrong API token; send 'Authorization: Bearer <token>'")
+
+    return authorize
 
 
 def _seconds_per_example(predict: Logits, in_shape: tuple[int, ...]) -> float:
