@@ -9,6 +9,7 @@ after a run includes this process's own threads; the other-processes fraction do
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -213,3 +214,12 @@ def train_variant(cfg, data, teacher, folder, kinds):
     run = RunDir(Path(folder), False, "cpu", lambda message: None)
     recipe = replace(student_recipe(cfg, data, teacher, run, None), kinds=list(kinds))
     return run_phases(run, list(cfg.run.seeds), recipe), recipe
+
+
+def report_result(result: dict, args, to_markdown) -> dict:
+    """A bench's ending: the JSON on stdout, and with --write its section appended to --docs."""
+    print(json.dumps(result, indent=1))
+    if args.write:
+        append_section(args.docs, to_markdown(result))
+        log(f"appended a section to {args.docs}")
+    return result

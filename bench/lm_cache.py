@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import shlex
 import sys
 import tempfile
@@ -38,16 +37,16 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from common import (
+from common import (  # noqa: I001
     CpuWatch,
     add_run_args,
-    append_section,
     loadavg,
     log,
     machine_info,
     machine_line,
     markdown_table,
     median,
+    report_result,
     wait_for_quiet,
 )
 
@@ -346,11 +345,7 @@ def main(argv: list[str] | None = None) -> dict:
         load_wait = wait_for_quiet(args.load_threshold, args.max_wait)
     command = shlex.join(["python", *(sys.argv if argv is None else ["bench/lm_cache.py", *argv])])
     result = run(s, load_wait=load_wait, command=command, quick=args.quick)
-    print(json.dumps(result, indent=1))
-    if args.write:
-        append_section(args.docs, to_markdown(result))
-        log(f"appended a section to {args.docs}")
-    return result
+    return report_result(result, args, to_markdown)
 
 
 if __name__ == "__main__":

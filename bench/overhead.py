@@ -30,7 +30,6 @@ import contextlib
 import copy
 import datetime as dt
 import importlib.util
-import json
 import os
 import shlex
 import sys
@@ -44,16 +43,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import (
+from common import (  # noqa: I001
     CpuWatch,
     add_run_args,
-    append_section,
     loadavg,
     log,
     machine_info,
     machine_line,
     markdown_table,
     median,
+    report_result,
     wait_for_quiet,
 )
 from kdkit.data import TeacherCache, TensorData, build_data
@@ -1226,11 +1225,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = run(
         s, threads=threads, load_wait=load_wait, command=command, quick=args.quick, compile_teacher=not args.no_compile
     )
-    print(json.dumps(result, indent=1))
-    if args.write:
-        append_section(args.docs, to_markdown(result))
-        log(f"appended a section to {args.docs}")
-    return result
+    return report_result(result, args, to_markdown)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import copy
 import datetime as dt
-import json
 import shlex
 import sys
 import tempfile
@@ -39,16 +38,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import (
+from common import (  # noqa: I001
     CpuWatch,
     add_run_args,
-    append_section,
     loadavg,
     log,
     machine_info,
     machine_line,
     markdown_table,
     median,
+    report_result,
     wait_for_quiet,
 )
 from kdkit.data import build_data
@@ -252,11 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
     command = shlex.join(["python", *(sys.argv if argv is None else ["bench/small_model.py", *argv])])
     threads = args.threads or (1 if args.quick else None)
     result = run(s, threads=threads, load_wait=load_wait, command=command, quick=args.quick)
-    print(json.dumps(result, indent=1))
-    if args.write:
-        append_section(args.docs, to_markdown(result))
-        log(f"appended a section to {args.docs}")
-    return result
+    return report_result(result, args, to_markdown)
 
 
 if __name__ == "__main__":
