@@ -111,7 +111,11 @@ class DataConfig(Section):
         "sub-folder of images / .txt files per class; hf: Hugging Face `datasets` (a dataset name, or a builder "
         "such as csv/json/parquet with `data_files`).",
     )
-    name: str | None = Field("mnist5k", description="Built-in data set name, or the `datasets` name/builder for hf.")
+    name: str | None = Field(
+        "mnist5k",
+        description="Built-in data set name (mnist5k; mnist5k_rgb32: the same digits as 3×32×32 colour images for "
+        "ImageNet-style networks; digits; bbc_news), or the `datasets` name/builder for hf.",
+    )
     path: str | None = Field(None, description="File or folder for arrays, csv, parquet and image_folder.")
     data_files: str | list[str] | None = Field(None, description="Files passed to `datasets.load_dataset` (hf).")
     label_column: str = Field("label", description="Label column (csv, parquet, hf).")

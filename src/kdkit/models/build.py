@@ -68,7 +68,34 @@ def build_torchvision(
         from kdkit.registry import suggest
 
         raise ConfigError(f"{where}.name: torchvision has no model {name!r}{suggest(name, available)}")
-    return torchvision.models.get_model(name, num_classes=num_classes, **kwargs)
+    model = torchvision.models.get_model(name, num_classes=num_classes, **kwargs)
+    if in_shape and in_shape[0] != 3:
+        _set_input_channels(model, int(in_shape[0]), f"{where}.name")
+    return model
+
+
+def _set_input_channels(model: nn.Module, channels: int, where: str) -> None:
+    """torchvision networks are built for RGB; for data of other channel counts (grey MNIST), the first convolution
+    (the stem, the first module taking 3 channels) is replaced by one of the same geometry taking `channels` (what
+    timm's `in_chans` does for random weights)."""
+    for path, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            if module.in_channels != 3 or module.groups != 1:
+                break
+            stem = nn.Conv2d(
+                channels,
+                module.out_channels,
+                module.kernel_size,
+                module.stride,
+                module.padding,
+                module.dilation,
+                bias=module.bias is not None,
+                padding_mode=module.padding_mode,
+            )
+            parent_path, _, attr = path.rpartition(".")
+            setattr(model.get_submodule(parent_path) if parent_path else model, attr, stem)
+            return
+    raise ConfigError(f"{where}: cannot find the RGB stem convolution of this network to take {channels} channels")
 
 
 def build_kdkit_folder(

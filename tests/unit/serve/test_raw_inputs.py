@@ -134,6 +134,34 @@ def test_mnist5k_pixels_round_trip_exactly(tmp_path):
     np.testing.assert_array_equal(prepare(rgb), x[0].numpy())
 
 
+def test_mnist5k_rgb32_is_the_28_pixel_png_resized_as_in_training(tmp_path):
+    """mnist5k_rgb32 holds the digits as an image folder of their PNGs would (RGB, bicubic 32×32): a served 28×28
+    grey PNG of a test digit gives its 3×32×32 training input bit for bit."""
+    from kdkit.data.builtin import load_mnist5k
+
+    fields = load_config({**TINY, "data": {"source": "builtin", "name": "mnist5k_rgb32", "limit": 300}}).data
+    fields = fields.model_dump()
+    data = build_data(**fields)
+    d = describe(fields, data)
+    assert (d["kind"], d["mode"], d["size"], d["resize"], d["scale"]) == ("image", "RGB", [32, 32], "bicubic", 255.0)
+    assert data.input_shape == (3, 32, 32)
+    originals, _, _ = load_mnist5k()  # (5000, 1, 28, 28) in [0, 1]
+    grey = np.rint(originals[:, 0] * 255).astype(np.uint8)
+    # Find each test input's digit among the originals through its own stored pixels (channel 0 of the RGB image).
+    prepare = preprocessor(d)
+    x = data.test.x[:8]
+    rgb = stored_pixels(x, d)
+    assert np.array_equal(rgb[:, 0], rgb[:, 1]) and np.array_equal(rgb[:, 0], rgb[:, 2])  # grey in three channels
+    for i in range(len(x)):
+        matches = [j for j in range(len(grey)) if np.array_equal(to_32(grey[j]), rgb[i, 0])]
+        assert matches, "a test input is not a resized digit of mnist5k"
+        np.testing.assert_array_equal(prepare(Image.open(io.BytesIO(png(grey[matches[0]])))), x[i].numpy())
+
+
+def to_32(pixels: np.ndarray) -> np.ndarray:
+    return np.asarray(Image.fromarray(pixels).convert("RGB").resize((32, 32), Image.Resampling.BICUBIC))[:, :, 0]
+
+
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
     """Two classes of 10×12 RGB PNGs: resized to 8×8 and normalised per channel in training."""
