@@ -53,16 +53,19 @@ def export_onnx(student: nn.Module, spec: dict, x: torch.Tensor, folder: Path) -
     """model.onnx with a dynamic batch axis (input "input" (batch, *in_shape) float32 → "logits" (batch, C)),
     written by torch's TorchScript-based exporter (dynamo=False: no onnxscript needed), checked with onnx's
     checker and run with ONNX Runtime for parity."""
+    from kdkit.export.onnx_rewrites import onnx_exportable
     from kdkit.export.onnx_runtime import onnx_session, run_session
 
     student.eval()
     path = folder / "model.onnx"
 
+    exportable = onnx_exportable(student, x)  # exact rewrites of layers the exporter refuses (VGG's pooling)
+
     def write(p: Path) -> None:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the legacy exporter announces its own deprecation on every call
             torch.onnx.export(
-                student,
+                exportable,
                 (x[:2].clone(),),
                 str(p),
                 dynamo=False,

@@ -33,7 +33,7 @@ class Teacher(nn.Module):
     teacher's within FOLD_RTOL of their largest magnitude, or the teacher is kept unfolded. Whenever folding is
     asked for and does not happen in full (no example, nothing to fold, a model torch.fx cannot trace, outputs that
     differ, layers left unfolded) the reason is told through `log`, or `warnings.warn` without one. `self.fused`
-    says whether the folded model is the one in use; feature taps then address the fused graph's module paths.
+    says whether the folded model is the one in use; it keeps the model's module paths, so feature taps still fire.
     """
 
     def __init__(
@@ -168,9 +168,13 @@ def _compiled(model: nn.Module, mode: str):
 def fold_batchnorm(model: nn.Module, example: torch.Tensor | None, log: Log | None = None) -> tuple[nn.Module, bool]:
     """(model with BatchNorm folded, True), or (the model as it is, False) with the reason told through `log`
     (warnings.warn without one). The model passed in is never modified: folding works on a copy, which is used
-    only if its outputs on `example` match the model's (FOLD_RTOL relative to the largest output)."""
+    only if its outputs on `example` match the model's (FOLD_RTOL relative to the largest output).
+
+    torch.fx only finds the pairs (a BatchNorm whose input is the output of a Conv or Linear layer that nothing else
+    reads); the fold itself happens in the copy, module by module (the layer's weights absorb the statistics, the
+    BatchNorm becomes an Identity), so the copy keeps the model's own class, forward and module paths: feature taps
+    on containers such as a ResNet's `layer3` or a VGG's `features.20` still fire."""
     from torch import fx
-    from torch.fx.experimental import optimization
 
     say = log if log is not None else _warn
     where = "distill.teacher_fuse_bn"
@@ -187,47 +191,92 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor | None, log: Log | No
         return model, False
     model.eval()
     try:
-        traced = fx.symbolic_trace(model)
+        graph = fx.symbolic_trace(model).graph
     except Exception as exc:  # data-dependent control flow and other untraceable code
         say(f"{where}: torch.fx cannot trace the teacher ({kind}): {_first_line(exc)}; BatchNorm left unfolded")
         return model, False
-    called = _batchnorm_calls(traced)
-    try:
-        fused = optimization.fuse(traced, no_trace=True)  # works on a deep copy
-    except Exception as exc:
-        say(f"{where}: folding BatchNorm into the teacher ({kind}) failed: {_first_line(exc)}; left unfolded")
-        return model, False
-    left = _batchnorm_calls(fused)
-    folded = [name for name in called if name not in left]
-    if not folded:
+    modules = dict(model.named_modules())
+    called = [str(n.target) for n in graph.nodes if n.op == "call_module" and _is_bn(modules.get(str(n.target)))]
+    pairs = _foldable_pairs(graph, modules)
+    if not pairs:
         say(
             f"{where}: no BatchNorm layer of the teacher ({kind}) directly follows a convolution or linear layer "
             f"that can absorb it ({_names(called or present)}); nothing folded"
         )
         return model, False
-    difference = _outputs_differ(model, fused, example)
+    import copy
+
+    folded = copy.deepcopy(model).eval()
+    try:
+        for layer_path, bn_path in pairs:
+            _set_module(folded, layer_path, _fold_pair(folded.get_submodule(layer_path), folded.get_submodule(bn_path)))
+            _set_module(folded, bn_path, nn.Identity())
+    except Exception as exc:
+        say(f"{where}: folding BatchNorm into the teacher ({kind}) failed: {_first_line(exc)}; left unfolded")
+        return model, False
+    difference = _outputs_differ(model, folded, example)
     if difference:
         say(f"{where}: the folded teacher ({kind}) does not give the teacher's outputs ({difference}); left unfolded")
         return model, False
+    done = {bn for _, bn in pairs}
+    left = [name for name in called if name not in done]
     if left:
         say(
-            f"{where}: folded {len(folded)} of {len(called)} BatchNorm layers of the teacher ({kind}); left as they "
+            f"{where}: folded {len(pairs)} of {len(called)} BatchNorm layers of the teacher ({kind}); left as they "
             f"are: {_names(left)} (not directly after a convolution or linear layer whose output only they read, or "
             "without running statistics)"
         )
     elif log is not None:
-        log(f"teacher: folded {len(folded)} BatchNorm layers into the layers before them (outputs checked)")
-    return fused.eval(), True
+        log(f"teacher: folded {len(pairs)} BatchNorm layers into the layers before them (outputs checked)")
+    return folded, True
 
 
-def _batchnorm_calls(graph_module: nn.Module) -> list[str]:
-    """Module paths of the BatchNorm layers a traced graph calls, in call order."""
-    modules = dict(graph_module.named_modules())
-    return [
-        str(node.target)
-        for node in graph_module.graph.nodes
-        if node.op == "call_module" and isinstance(modules.get(str(node.target)), nn.modules.batchnorm._BatchNorm)
-    ]
+# Exact classes, as torch.fx's own fuse pass matches them: a subclass may do more in its forward (timm's
+# BatchNormAct2d applies an activation, its Conv2dSame pads), which a fold would drop.
+_ABSORBERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_FOLDABLE_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _is_bn(module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+
+
+def _foldable_pairs(graph, modules: dict[str, nn.Module]) -> list[tuple[str, str]]:
+    """(layer path, BatchNorm path) for each plain BatchNorm called once, with running statistics, whose only input
+    is the output of a Conv/Linear layer called once and read by nothing else (what torch.fx's own fuse pass
+    folds)."""
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    pairs = []
+    for node in graph.nodes:
+        bn = modules.get(str(node.target)) if node.op == "call_module" else None
+        if type(bn) not in _FOLDABLE_BN or not bn.track_running_stats or bn.running_mean is None or len(node.args) != 1:
+            continue
+        src = node.args[0]
+        if not isinstance(src, torch.fx.Node) or src.op != "call_module" or len(src.users) != 1:
+            continue
+        layer = modules.get(str(src.target))
+        if type(layer) not in _ABSORBERS or calls[str(src.target)] != 1 or calls[str(node.target)] != 1:
+            continue
+        if isinstance(layer, nn.Linear) and not isinstance(bn, nn.BatchNorm1d):
+            continue
+        pairs.append((str(src.target), str(node.target)))
+    return pairs
+
+
+def _fold_pair(layer: nn.Module, bn: nn.Module) -> nn.Module:
+    """The layer with the BatchNorm's affine map and statistics folded into its weights (eval mode)."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
+
+    fuse = fuse_linear_bn_eval if isinstance(layer, nn.Linear) else fuse_conv_bn_eval
+    return fuse(layer.eval(), bn.eval())
+
+
+def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, attr = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, attr, module)
 
 
 def _outputs_differ(model: nn.Module, fused: nn.Module, example: torch.Tensor) -> str:

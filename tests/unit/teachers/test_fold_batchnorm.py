@@ -57,15 +57,15 @@ def test_a_fold_that_matches_is_used_and_logged():
 
 
 def test_folded_outputs_that_differ_fall_back_to_the_unfolded_teacher(monkeypatch):
-    real_fuse = torch.fx.experimental.optimization.fuse
+    real_fold = teacher_module._fold_pair
 
-    def wrong_fuse(model, **kwargs):  # a fold gone wrong: the folded weights are off by 1%
-        fused = real_fuse(model, **kwargs)
+    def wrong_fold(layer, bn):  # a fold gone wrong: the folded weights are off by 1%
+        folded = real_fold(layer, bn)
         with torch.no_grad():
-            fused.get_submodule("0").weight.mul_(1.01)
-        return fused
+            folded.weight.mul_(1.01)
+        return folded
 
-    monkeypatch.setattr(torch.fx.experimental.optimization, "fuse", wrong_fuse)
+    monkeypatch.setattr(teacher_module, "_fold_pair", wrong_fold)
     net, x = _conv_bn(), torch.randn(5, 3, 6, 6)
     with pytest.warns(UserWarning, match=r"teacher_fuse_bn: the folded teacher \(Sequential\) does not give the "):
         t = Teacher(net, fuse_bn=True, example=x)
@@ -127,3 +127,44 @@ def test_fold_tolerance_is_relative():
     assert "max abs difference 2" in teacher_module._outputs_differ(lambda x: big, lambda x: big + 2, None)
     nan = torch.full((2, 3), float("nan"))
     assert teacher_module._outputs_differ(lambda x: big, lambda x: nan, None) != ""
+
+
+class Blocks(nn.Module):
+    """ResNet-like: conv-bn pairs inside containers, a shared stem read twice, a tap target that is a container."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.layer1 = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = torch.relu(self.layer1(h) + h)  # a residual: the stem's output is read twice, after its BatchNorm
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def test_the_folded_teacher_keeps_its_class_and_module_paths_so_container_taps_fire():
+    torch.manual_seed(0)
+    net = Blocks().train()
+    net(torch.randn(16, 3, 5, 5))
+    net.eval()
+    x = torch.randn(4, 3, 5, 5)
+    lines = []
+    t = Teacher(net, fuse_bn=True, example=x, log=lines.append)
+    assert t.fused and type(t.model) is Blocks
+    assert lines == ["teacher: folded 2 BatchNorm layers into the layers before them (outputs checked)"]
+    assert isinstance(t.model.stem[1], nn.Identity) and isinstance(t.model.layer1[1], nn.Identity)
+    assert isinstance(net.stem[1], nn.BatchNorm2d)  # the caller's model is not modified
+    # Folded weights are the closed form: w' = w · γ / sqrt(var + eps), b' = (b − mean) · γ / sqrt(var + eps) + β.
+    bn, conv = net.layer1[1], net.layer1[0]
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    torch.testing.assert_close(t.model.layer1[0].weight, conv.weight * scale[:, None, None, None])
+    torch.testing.assert_close(t.model.layer1[0].bias, (conv.bias - bn.running_mean) * scale + bn.bias)
+    t.tap(["layer1"], "teacher")
+    out = t(x)
+    seen = {}
+    net.layer1.register_forward_hook(lambda m, i, o: seen.setdefault("layer1", o))
+    with torch.no_grad():
+        net(x)
+    torch.testing.assert_close(out.features["layer1"], seen["layer1"], atol=1e-5, rtol=1e-5)
