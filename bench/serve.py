@@ -1,5 +1,6 @@
-"""`kdkit serve` under load on loopback: requests/s and latency percentiles of the PyTorch and ONNX Runtime
-backends (and PyTorch with shadow monitoring at rate 0.1), each a real uvicorn server in its own process; and, with
+"""`kdkit serve` under load on loopback: requests/s and latency percentiles of the PyTorch, ONNX Runtime (fp32) and
+int8 ONNX Runtime backends (and PyTorch with shadow monitoring at rate 0.1), each a real uvicorn server in its own
+process (the int8 one quantizes the student as `kdkit export --quantize int8` does, when it starts); and, with
 --inputs, raw PNG requests (base64 in JSON, or a multipart upload) against tensor requests on the same server.
 
 Method: train a small run (MNIST-5k, a small-CNN teacher, an MLP 784→64→10 student) in a temp folder unless --run
@@ -57,6 +58,7 @@ STARTUP_TIMEOUT_S = 180.0
 CONFIGS = {  # name: (backend, shadow rate)
     "torch": ("torch", 0.0),
     "onnx": ("onnx", 0.0),
+    "onnx-int8": ("onnx-int8", 0.0),  # the static int8 student; the server quantizes it at start when needed
     "torch+shadow0.1": ("torch", 0.1),
 }
 INPUT_KINDS = ("tensor", "png", "png-multipart")
@@ -356,10 +358,8 @@ def run(args: argparse.Namespace) -> dict:
             "inputs": measures[name][1],
             "body_bytes": body_bytes[measures[name][1]],
         }
-    ratio = None
-    if "torch" in results and "onnx" in results:
-        per_round = [o["requests_per_s"] / t["requests_per_s"] for o, t in zip(rounds["onnx"], rounds["torch"])]
-        ratio = round(statistics.median(per_round), 3)
+    ratio = _ratio(rounds, "onnx", "torch")
+    over_torch = {n: _ratio(rounds, n, "torch") for n in servers_named if n != "torch" and "torch" in rounds}
     png_ratio = {}
     for name, (server_name, kind) in measures.items():
         if kind != "tensor" and server_name in results:  # raw images vs tensors, the same server, the same rounds
@@ -395,9 +395,18 @@ def run(args: argparse.Namespace) -> dict:
         },
         "results": results,
         "onnx_over_torch_requests_per_s": ratio,
+        "over_torch_requests_per_s": over_torch,
+        "int8_over_onnx_requests_per_s": _ratio(rounds, "onnx-int8", "onnx"),
         "raw_over_tensor_requests_per_s": png_ratio,
         "command": "python bench/serve.py " + " ".join(shlex.quote(a) for a in args.argv),
     }
+
+
+def _ratio(rounds: dict[str, list[dict]], a: str, b: str) -> float | None:
+    """Median over rounds of a's requests/s ÷ b's (measured side by side in each round); None without both."""
+    if a not in rounds or b not in rounds:
+        return None
+    return round(statistics.median(x["requests_per_s"] / y["requests_per_s"] for x, y in zip(rounds[a], rounds[b])), 3)
 
 
 def _version(module: str) -> str:
@@ -438,6 +447,11 @@ def section(result: dict) -> str:
         lines.append(
             f"ONNX Runtime ÷ PyTorch requests/s (median of per-round ratios): "
             f"**{result['onnx_over_torch_requests_per_s']:.3f}**."
+        )
+    if result.get("int8_over_onnx_requests_per_s") is not None:
+        lines.append(
+            f"int8 ONNX Runtime ÷ fp32 ONNX Runtime requests/s (median of per-round ratios): "
+            f"**{result['int8_over_onnx_requests_per_s']:.3f}**."
         )
     shadow = result["results"].get("torch+shadow0.1", {}).get("server_counted", {})
     if "shadow_scored_examples" in shadow:

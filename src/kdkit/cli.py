@@ -287,7 +287,11 @@ def serve_cmd(
     run_dir: Path = typer.Argument(..., help="A run directory written by kdkit train/demo."),
     host: str = typer.Option("127.0.0.1", help="Address to bind; loopback unless you say otherwise."),
     port: int = typer.Option(8000, help="TCP port."),
-    backend: str = typer.Option("torch", help="torch (eager student) or onnx (ONNX Runtime; exported if needed)."),
+    backend: str = typer.Option(
+        "torch",
+        help="torch (eager student); onnx (fp32, ONNX Runtime); onnx-int8 or onnx-dynamic (the int8 student of "
+        "export --quantize int8 or dynamic). ONNX models are exported (quantized) first when missing or stale.",
+    ),
     shadow_rate: float = typer.Option(0.0, help="Share of requests also scored by the teacher, off the request path."),
     alert_threshold: float = typer.Option(0.9, help="Alert when the shadow agreement falls below this."),
     window: int = typer.Option(200, help="Sliding window of the shadow agreement, in examples."),

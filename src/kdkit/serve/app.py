@@ -6,7 +6,8 @@
                       {"texts": [string, ...]}    raw texts (text students)
                     or multipart/form-data with image files (any field name), or fields named "text"
                     → {"labels": [name, ...], "ids": [int, ...], "probabilities": [[float, ...], ...]}
-    GET  /health    {"status": "ok", "accepts": [...], ...}; no token needed (for liveness probes)
+    GET  /health    {"status": "ok", "backend": ..., "precision": ..., "accepts": [...], ...}; no token needed (for
+                    liveness probes). An int8 backend adds "quantization": its method and test-split figures.
     GET  /metrics   Prometheus text format (see kdkit.serve.metrics)
 
 "inputs" are what the model takes, preprocessed as in training (standardised features or pixels), batch first.
@@ -81,13 +82,15 @@ def create_app(
     seed: int | None = None,
     log: Callable[[str], None] = logger.info,
 ) -> FastAPI:
-    """A server for the student of `run_dir`, scored by `backend` ("torch" or "onnx"). With shadow_rate > 0 the
+    """A server for the student of `run_dir`, scored by `backend` (a key of kdkit.serve.backends.BACKENDS: torch,
+    onnx, onnx-int8, onnx-dynamic; /health says which, and its precision). With shadow_rate > 0 the
     teacher re-scores that share of requests off the request path (see kdkit.serve.shadow); disagreeing inputs go
     to RUN_DIR/shadow/disagreements/. The API token is read from the env var `token_env` now; unset or empty:
     no token is required."""
     from kdkit.export import open_run
-    from kdkit.serve.backends import class_names_of, student_backend, teacher_backend
+    from kdkit.serve.backends import check_backend, class_names_of, student_backend, teacher_backend
 
+    check_backend(backend)
     if not 0.0 <= shadow_rate <= 1.0:
         raise ConfigError(f"--shadow-rate: {shadow_rate}; expected a fraction in [0, 1]")
     if not 0.0 <= alert_threshold <= 1.0:
@@ -95,7 +98,7 @@ def create_app(
     if window < 1 or max_batch < 1 or max_body_bytes < 1:
         raise ConfigError("--window, --max-batch and --max-body-bytes must be positive")
     run = open_run(run_dir)
-    predict = student_backend(run, backend, threads, log)
+    served = student_backend(run, backend, threads, log)
     raw = raw_inputs_for(run, log)
     names = class_names_of(run)
     shadow = None
@@ -109,9 +112,9 @@ def create_app(
             class_names=names,
             seed=seed,
         )
-    info = {"backend": backend, "model": f"{run.spec.get('source')}/{run.spec.get('name')}", "run": run.cfg.run.name}
+    info = {**served.info, "model": f"{run.spec.get('source')}/{run.spec.get('name')}", "run": run.cfg.run.name}
     return build_app(
-        predict,
+        served.logits,
         names,
         run.in_shape,
         shadow=shadow,
