@@ -147,11 +147,14 @@ def build_data(
     transfer: str | None = None,
     label_fraction: float = 1.0,
     task: str = "classification",
+    train_tokenizer: dict | None = None,
 ) -> DataBundle:
     """The flat arguments of the `data` config section → DataBundle (classification; language-model corpora,
-    task causal_lm, are built by kdkit.data.lm.build_lm_data)."""
+    task causal_lm, are built by kdkit.data.lm.build_lm_data, which alone reads train_tokenizer)."""
     if task != "classification":
         raise DataError(f"data.task: {task!r}; build_data makes classification data (causal_lm has its own flow)")
+    if train_tokenizer is not None:
+        raise DataError("data.train_tokenizer: trains a language model's tokenizer; expected data.task: causal_lm")
     loader = lookup(DATA_SOURCES, source, "data.source")
     request = DataRequest(
         source=source,
