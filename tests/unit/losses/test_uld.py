@@ -133,3 +133,25 @@ def test_module_reads_the_alignment():
         loss(ModelOutputs(student), ModelOutputs(teacher), batch)
     with pytest.raises(ParamError, match="temperature=0"):
         ULD(temperature=0)
+
+
+def _padded_sort_l1(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The definition, literally: both rows sorted in full, the narrower zero-padded."""
+    width = max(p.shape[-1], q.shape[-1])
+    ps = torch.nn.functional.pad(p.sort(dim=-1, descending=True).values, (0, width - p.shape[-1]))
+    qs = torch.nn.functional.pad(q.sort(dim=-1, descending=True).values, (0, width - q.shape[-1]))
+    return (ps - qs).abs().sum(-1)
+
+
+@pytest.mark.parametrize(("wide", "narrow"), [(300, 40), (40, 300), (64, 64)])
+def test_sorted_l1_by_topk_equals_the_padded_full_sort_in_value_and_gradient(wide, narrow):
+    torch.manual_seed(wide + narrow)
+    a_logits = (3 * torch.randn(6, wide, dtype=torch.float64)).requires_grad_()
+    b_logits = (3 * torch.randn(6, narrow, dtype=torch.float64)).requires_grad_()
+    got = sorted_l1(a_logits.softmax(-1), b_logits.softmax(-1))
+    grads = torch.autograd.grad(got.sum(), (a_logits, b_logits))
+    want = _padded_sort_l1(a_logits.softmax(-1), b_logits.softmax(-1))
+    want_grads = torch.autograd.grad(want.sum(), (a_logits, b_logits))
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-10)
