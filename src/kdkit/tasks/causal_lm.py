@@ -11,6 +11,9 @@ A teacher with another tokenizer than the student's (data.tokenizer) is read thr
 (uld, hybrid_kl, span_likelihood; every teacher loss must then be one of them): the blocks keep their text, the
 live teacher reads its own tokens of it, aligned to the student's by byte offsets (kdkit.run.cross_teacher). Not
 yet with a top-k cache, sequence-level or on-policy distillation, or a draft. Its evaluation is on its own tokens.
+The student's tokenizer may be trained by kdkit on the training documents alone (data.train_tokenizer; the corpus
+is then split by documents first, kdkit.data.lm.build_lm_data_by_documents). hybrid_kl with two vocabularies that
+share no token (by decoded text) is refused: it would be uld exactly, so the config should say uld.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from torch import nn
 
 from kdkit.config import KDConfig, dump_config, load_config
 from kdkit.data.align import check_fast
-from kdkit.data.lm import LMBundle, LMData, build_lm_data, concat
+from kdkit.data.lm import LMBundle, LMData, build_lm_data, build_lm_data_by_documents, concat
 from kdkit.engine import TrainOptions, train
 from kdkit.engine.runtime import is_main_process, main_process_first
 from kdkit.errors import CompatibilityError, ConfigError
@@ -70,11 +73,19 @@ class CausalLM:
         check_cross_tokenizer(cfg)
 
     def load_data(self, cfg: KDConfig, run: RunDir) -> LMBundle:
-        """The corpus in blocks, tokenised by data.tokenizer or the first teacher member's tokenizer; with their
+        """The corpus in blocks, tokenised by data.tokenizer or the first teacher member's tokenizer, or split by
+        documents and tokenised by a tokenizer trained on the training ones (data.train_tokenizer); with their
         texts for the cross-tokenizer losses."""
         d = cfg.data
-        data = build_lm_data(d.source, d.name, d.path, d.data_files, d.text_column, lm_tokenizer(cfg), d.max_length,
-                             d.val_fraction, d.test_fraction, d.split_seed, d.limit, with_text=cross_tokenizer(cfg))
+        if d.train_tokenizer is not None:
+            check_builtin_members(cfg)  # a missing model package: one line now, not after training a tokenizer
+            data = build_lm_data_by_documents(
+                d.source, d.name, d.path, d.data_files, d.text_column, student_tokenizer_trainer(cfg, run),
+                d.max_length, d.val_fraction, d.test_fraction, d.split_seed, d.limit, with_text=cross_tokenizer(cfg))
+        else:
+            data = build_lm_data(d.source, d.name, d.path, d.data_files, d.text_column, lm_tokenizer(cfg),
+                                 d.max_length, d.val_fraction, d.test_fraction, d.split_seed, d.limit,
+                                 with_text=cross_tokenizer(cfg))
         run.log(
             f"data: {data.documents} documents, {data.tokens:,} tokens → blocks of {data.block_size}: "
             f"{len(data.train)} train / {len(data.val) if data.val else 0} val / {len(data.test)} test"
@@ -129,6 +140,30 @@ def lm_tokenizer(cfg: KDConfig):
     return teacher_tokenizer(cfg)
 
 
+def student_tokenizer_trainer(cfg: KDConfig, run: RunDir):
+    """data.train_tokenizer as make_tokenizer(training documents) → tokenizer, cached under distill.cache_dir (or
+    run.out_dir/cache)/tokenizers, so every phase, `kdkit eval` and a resumed run read the same one."""
+    from kdkit.data.train_tokenizer import trained_tokenizer
+
+    spec = cfg.data.train_tokenizer
+    cache = Path(cfg.distill.cache_dir or Path(cfg.run.out_dir) / "cache") / "tokenizers"
+
+    def make(texts: list[str]):
+        with main_process_first():  # the main process trains and writes; the others then read its file
+            return trained_tokenizer(texts, spec.kind, spec.vocab_size, spec.min_frequency, cache, run.log)
+
+    return make
+
+
+def check_builtin_members(cfg: KDConfig) -> None:
+    """Every builtin:<name> member's package is installed (a one-line ConfigError naming the member otherwise)."""
+    from kdkit.models.causal_lm import builtin_lm_file
+
+    for i, member in enumerate(cfg.teacher.members):
+        if member.model.path and member.model.path.startswith("builtin:"):
+            builtin_lm_file(member.model.path.split(":", 1)[1], f"teacher.members.{i}.model.path")
+
+
 def teacher_tokenizer(cfg: KDConfig):
     """The first teacher member's tokenizer (the members' shared one)."""
     from transformers import AutoTokenizer
@@ -137,7 +172,26 @@ def teacher_tokenizer(cfg: KDConfig):
     from kdkit.models.causal_lm import resolve_lm_path
 
     where = "teacher.members.0.model.path"
-    return from_pretrained(AutoTokenizer, resolve_lm_path(cfg.teacher.members[0].model.path, where), where)
+    path = cfg.teacher.members[0].model.path
+    try:
+        return from_pretrained(AutoTokenizer, resolve_lm_path(path, where), where)
+    except (ValueError, TypeError) as exc:  # transformers' own refusals, many lines long
+        raise ConfigError(unloadable(where, path, exc)) from None
+
+
+def load_member(path: str, where: str):
+    """load_causal_lm, with a tokenizer that cannot be loaded (no tokenizer files, a class that needs an absent
+    library) said in one line naming the member, not transformers' many."""
+    try:
+        return load_causal_lm(path, where)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(unloadable(where, path, exc)) from None
+
+
+def unloadable(where: str, path: str, exc: Exception) -> str:
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    return (f"{where}: {path!r} could not be loaded with its tokenizer ({first[:160]}); expected a folder with the "
+            "model and its tokenizer (tokenizer.json or the files its tokenizer class reads)")
 
 
 def build_lm_teacher(cfg: KDConfig, tokenizer, run: RunDir) -> TeacherEnsemble:
@@ -146,7 +200,7 @@ def build_lm_teacher(cfg: KDConfig, tokenizer, run: RunDir) -> TeacherEnsemble:
     their own (each reads its tokens of the text, at most its context)."""
     members, cross, first = [], cross_tokenizer(cfg), None
     for i, member in enumerate(cfg.teacher.members):
-        model, tok = load_causal_lm(member.model.path, f"teacher.members.{i}.model.path")
+        model, tok = load_member(member.model.path, f"teacher.members.{i}.model.path")
         run.log(f"teacher member {i}: {type(model).__name__}, {footprint(model)['params'] / 1e6:.1f} M parameters")
         if cross:
             check_fast(tok, f"teacher.members.{i}")
@@ -229,7 +283,8 @@ def cross_source(cfg: KDConfig, data: LMData, teacher: TeacherEnsemble, student_
     """The cross-tokenizer teacher source over `data` (its blocks with texts): the members' tokenizer, at most the
     shortest member context per row."""
     context = min(context_length(m.model) for m in teacher.members)
-    return CrossTeacher(teacher, teacher_tokenizer(cfg), student_tokenizer, data, context)
+    return CrossTeacher(teacher, teacher_tokenizer(cfg), student_tokenizer, data, context,
+                        where="teacher.members.0 (its tokenizer)")
 
 
 def tokenizer_example(tokenizer) -> torch.Tensor:
@@ -324,6 +379,13 @@ def shared_vocab_map(cfg: KDConfig, cross: CrossTeacher | None, student_tokenize
     from kdkit.losses.hybrid_kl import shared_vocab
 
     teacher_ids, student_ids = shared_vocab(cross.tokenizer, student_tokenizer)
+    if teacher_ids.numel() == 0:
+        i = next(i for i, t in enumerate(cfg.distill.losses) if hasattr(LOSSES[t.name], "set_vocab_map"))
+        raise CompatibilityError(
+            f"distill.losses.{i} ({cfg.distill.losses[i].name}): the teacher's {len(cross.tokenizer)} tokens and the "
+            f"student's {len(student_tokenizer)} share none (no two decode to the same text), so its exact part is "
+            "empty and it is uld exactly: use uld, or check the tokenizers' decoders"
+        )
     run.log(f"shared vocabulary: {teacher_ids.numel()} tokens of the teacher's {len(cross.tokenizer)} and the "
             f"student's {len(student_tokenizer)} decode to the same text")
     return teacher_ids, student_ids
