@@ -156,7 +156,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, credit_csv, capsys):
     code, _, err = _cli("interpret", str(config), "--set", f"data.path={one_class}", capsys=capsys)
     assert code == 2 and "one class" in err
     code, _, err = _cli("demo", "tabulr", capsys=capsys)
-    assert code == 2 and "did you mean: tabular" in err and "main, text, llm, draft, tabular" in err
+    assert code == 2 and "did you mean: tabular" in err and "main, text, llm, llm-cross, draft, tabular" in err
     for _, _, e in [(code, None, err)]:
         assert "Traceback" not in e
     code, out, _ = _cli("validate", str(config), capsys=capsys)
