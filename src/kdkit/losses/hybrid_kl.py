@@ -27,6 +27,21 @@ says so, see token_surfaces).
 
 Conventions as kdkit.losses.token_functional: fp32 softmax, T², teacher detached, sum over real aligned positions
 divided by their number (or num_real).
+
+A top-k teacher (the offline cache across tokenizers, kdkit.data.cross_cache: teacher.sparse, at the cache's
+temperature, which must be the loss's) knows its k largest probabilities by id and only the total r of the others.
+hybrid_topk_per_position applies the same chain rule to a coarser partition that both sides can compute, per
+position: S_k = the shared ids among the teacher's top k (paired with their student ids), and the rest (the top-k's
+unshared ids, and every id outside the top k, shared or not, whose mass only r tells):
+
+    m_p = Σ_{S_k} p,  m_q = Σ_{map(S_k)} q;   exact KL on S_k;   ULD_k on the rest (kdkit.losses.uld)
+
+where ULD_k compares the top-k's unshared values, sorted, one by one and the tail r as one mass against the
+student's rest mass past as many values (a lower bound of ULD on the rest, made by coarsening both tails). Keeping
+the tail as a mass rather than dropping it keeps the rest normalised: dropped, the student could put any mass past
+its largest unshared values unseen, and p̃_rest would be renormalised over its known part only, overstating every
+value by 1/(1 − r). With k = V_teacher, S_k is every shared id and r = 0, so this is the live hybrid exactly (up to the
+cache's float16 log-probs); as k falls, the shared ids that leave the top k move to the rest, ruled by ULD_k.
 """
 
 from __future__ import annotations
@@ -39,8 +54,8 @@ import torch.nn.functional as F
 from kdkit.data.align import AlignedBatch, take
 from kdkit.losses import token_functional as Ft
 from kdkit.losses.base import Loss, choice, positive
-from kdkit.losses.uld import alignment_of, sorted_l1
-from kdkit.types import Batch, ModelOutputs
+from kdkit.losses.uld import alignment_of, sorted_l1, topk_sorted_l1
+from kdkit.types import Batch, ModelOutputs, SparseLogprobs
 
 HYBRID_DIRECTIONS = ("forward", "reverse")
 ANCHOR = "a"  # a plain word decoded before each token, so that decoders keep a token's leading space
@@ -161,6 +176,56 @@ def hybrid_per_position(
     return (mass + weight[:, 0] * shared + weight[:, 1] * sorted_l1(p_rest, q_rest)) * (t * t)
 
 
+def hybrid_topk_per_position(
+    student_logits: torch.Tensor,
+    ids: torch.Tensor,
+    logprobs: torch.Tensor,
+    rest: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    student_ids: torch.Tensor,
+    direction: str = "forward",
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """The hybrid divergence of a top-k teacher (module docstring) per row, × T²: student_logits (N, V_s), the
+    teacher's ids, logprobs (N, k) and rest (N,) at temperature T, the shared map (K,), (K,) → (N,) float32."""
+    if direction not in HYBRID_DIRECTIONS:
+        raise ValueError(f"direction={direction!r}; expected one of {', '.join(HYBRID_DIRECTIONS)}")
+    v_s, k = student_logits.shape[-1], ids.shape[-1]
+    t = float(temperature)
+    log_q = F.log_softmax(Ft._upcast(student_logits) / t, dim=-1)
+    log_pb = Ft._teacher_buckets(logprobs, rest, log_q.dtype)  # (N, k + 1): the top k, then the tail
+    lowest, device = torch.finfo(log_q.dtype).min, log_q.device
+    ids = ids.to(device).long()
+    width = max(int(ids.max()) if ids.numel() else 0, int(teacher_ids.max()) if teacher_ids.numel() else 0) + 1
+    table = torch.full((width,), -1, dtype=torch.long, device=device)
+    table[teacher_ids.to(device)] = student_ids.to(device)
+    s_of = table[ids]  # (N, k): the student id of each top-k teacher id, −1 when unshared
+    sh = s_of >= 0
+    neg_inf = torch.tensor(float("-inf"), dtype=log_q.dtype, device=device)
+    lp_top, lp_tail = log_pb[:, :k], log_pb[:, k]
+    log_m_p = torch.where(sh, lp_top, neg_inf).logsumexp(-1)
+    log_r_p = torch.cat([torch.where(sh, neg_inf, lp_top), lp_tail[:, None]], -1).logsumexp(-1)
+    # The student's side of the same partition: map(S_k) and every other student id.
+    lq_sh = log_q.gather(-1, torch.where(sh, s_of, 0))
+    picked = torch.zeros(log_q.shape[0], v_s + 1, dtype=torch.bool, device=device)
+    picked = picked.scatter_(-1, torch.where(sh, s_of, v_s), True)[:, :v_s]
+    log_m_q = torch.where(sh, lq_sh, neg_inf).logsumexp(-1)
+    log_r_q = torch.where(picked, lowest, log_q).logsumexp(-1)
+    p_mass, q_mass = torch.stack([log_m_p, log_r_p], -1), torch.stack([log_m_q, log_r_q], -1)
+    mass = Ft._divergence(p_mass, q_mass, direction, 0.5)
+    p_sh = torch.where(sh, lp_top - log_m_p.clamp_min(lowest)[:, None], neg_inf)
+    q_sh = torch.where(sh, lq_sh - log_m_q.clamp_min(lowest)[:, None], neg_inf)
+    shared = Ft._divergence(p_sh, q_sh, direction, 0.5)
+    # The rest, normalised: the top-k's unshared values (sorted, the shared slots last and ignored) and the tail.
+    norm_p = log_r_p.clamp_min(lowest)[:, None]
+    p_vals = torch.where(sh, -1.0, (lp_top - norm_p).exp()).sort(dim=-1, descending=True).values
+    p_tail = (lp_tail - norm_p.squeeze(-1)).exp()
+    q_vals = torch.where(picked, 0.0, (log_q - log_r_q.clamp_min(lowest)[:, None]).exp())
+    rest_l1 = topk_sorted_l1(p_vals, p_tail, q_vals, (~sh).sum(-1))
+    weight = (p_mass if direction == "forward" else q_mass).exp()  # (N, 2): shared mass, rest mass
+    return (mass + weight[:, 0] * shared + weight[:, 1] * rest_l1) * (t * t)
+
+
 def hybrid_kl_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -183,6 +248,30 @@ def hybrid_kl_loss(
     t = take(teacher_logits.detach(), teacher_positions, mask)
     denom = Ft.denominator(s.shape[0], num_real, student_logits.device)
     return hybrid_per_position(s, t, teacher_ids, student_ids, direction, temperature).sum() / denom
+
+
+def hybrid_topk_loss(
+    student_logits: torch.Tensor,
+    sparse: SparseLogprobs,
+    student_positions: torch.Tensor,
+    teacher_positions: torch.Tensor,
+    mask: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    student_ids: torch.Tensor,
+    direction: str = "forward",
+    temperature: float = 1.0,
+    num_real: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """hybrid_kl_loss with a top-k teacher (sparse: ids, logprobs (B, T_t, k), rest (B, T_t)): Σ over real aligned
+    positions of hybrid_topk_per_position / N."""
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature}; expected > 0")
+    s = take(student_logits, student_positions, mask)
+    device = student_logits.device
+    ids, lp, rest = (take(x.detach().to(device), teacher_positions, mask)
+                     for x in (sparse.ids, sparse.logprobs, sparse.rest))
+    denom = Ft.denominator(s.shape[0], num_real, device)
+    return hybrid_topk_per_position(s, ids, lp, rest, teacher_ids, student_ids, direction, temperature).sum() / denom
 
 
 class HybridKL(Loss):
@@ -216,6 +305,10 @@ class HybridKL(Loss):
         if not self._has_map:
             raise ValueError("hybrid_kl: no vocabulary map; expected set_vocab_map(*shared_vocab(teacher, student))")
         index = alignment_of(self, batch, alignment, teacher).index
+        if teacher.logits is None and teacher.sparse is not None:  # the offline cache across tokenizers
+            return hybrid_topk_loss(student.logits, teacher.sparse, index.student_last, index.teacher_last,
+                                    index.mask, self.teacher_ids, self.student_ids, self.direction, self.temperature,
+                                    num_real_tokens)
         return hybrid_kl_loss(
             student.logits,
             teacher.logits,

@@ -24,6 +24,10 @@ are capped at −1e-6 (a span certain in float32, log-likelihood 0, would make l
 The loss is Σ D over real spans / N, N = their number (or num_real). A span that contains a sequence's first token
 on either side is left out: no position predicts that token (add a BOS token to give it one). The teacher's
 log-probabilities are detached.
+
+A teacher read from the offline cache across tokenizers (kdkit.data.cross_cache) has no logits: the cache stores the
+log-probability it gave each of its realised tokens at temperature 1 (what token_logprobs computes), and the teacher
+source sends them as teacher.features[TEACHER_TOKEN_LOGPROBS] (B, T_teacher), so the loss stays exact.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from kdkit.losses.base import Loss, positive
 from kdkit.losses.uld import alignment_of
 from kdkit.types import Batch, ModelOutputs
 
+TEACHER_TOKEN_LOGPROBS = "token_logprobs"  # teacher.features key: token_logprobs of the teacher's ids, from a cache
 LOG_CAP = -1e-6  # the highest log-likelihood a span may have: 1 − e^x stays > 0
 
 
@@ -134,9 +139,18 @@ class SpanLikelihood(Loss):
         aligned = alignment_of(self, batch, alignment, teacher)
         index = aligned.index
         device = student.logits.device
+        if teacher.logits is not None:
+            teacher_lp = token_logprobs(teacher.logits.detach(), aligned.teacher.input_ids.to(teacher.logits.device))
+        elif TEACHER_TOKEN_LOGPROBS in teacher.features:  # the offline cache across tokenizers
+            teacher_lp = teacher.features[TEACHER_TOKEN_LOGPROBS]
+        else:
+            raise ValueError(
+                f"{self.name}: the teacher gave neither logits nor its tokens' log-probs "
+                f"(features[{TEACHER_TOKEN_LOGPROBS!r}]); expected the live teacher or the cache across tokenizers"
+            )
         return span_likelihood_loss(
             token_logprobs(student.logits, aligned.student.input_ids.to(device)),
-            token_logprobs(teacher.logits.detach(), aligned.teacher.input_ids.to(teacher.logits.device)),
+            teacher_lp,
             index.student_span,
             index.teacher_span,
             index.mask,

@@ -18,6 +18,17 @@ sum over the real aligned positions divided by their number, or by the global co
 
 Positions come from the alignment (kdkit.data.align.SpanIndex): each span's last token on each side, where both
 models have read the same text, so both predict what follows it.
+
+A teacher read from the offline cache across tokenizers (kdkit.data.cross_cache: teacher.sparse, its top-k log-probs
+and the log of the rest mass r at the cache's temperature, which must be the loss's) knows its k largest values but
+not how r is spread over the other ids. uld_topk_per_position compares the sorted top-k one by one and the rest as
+one mass against the student's mass past its k largest values:
+
+    ULD_k(p, q) = Σ_{i ≤ k} | p_(i) − q_(i) |  +  | r − Σ_{i > k} q_(i) |
+
+By the triangle inequality this is a lower bound of ULD(p, q) that coarsens both tails to one bucket (as token_kl's
+k + 1 buckets do), and it is ULD itself when k = V_teacher (r = 0; the narrower side zero-padded). The teacher's
+k + 1 masses are renormalised first (they are stored in float16).
 """
 
 from __future__ import annotations
@@ -28,7 +39,7 @@ import torch.nn.functional as F
 from kdkit.data.align import AlignedBatch, take
 from kdkit.losses import token_functional as Ft
 from kdkit.losses.base import Loss, positive
-from kdkit.types import Batch, ModelOutputs
+from kdkit.types import Batch, ModelOutputs, SparseLogprobs
 
 
 def sorted_l1(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -46,6 +57,40 @@ def sorted_l1(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     top = wide.topk(k, dim=-1, sorted=True).values
     tail = (wide.sum(-1) - top.sum(-1)).clamp_min(0)  # Σ of the wide side's values past its k largest: |x − 0|
     return (top - narrow_sorted).abs().sum(-1) + tail
+
+
+def topk_sorted_l1(
+    p_top: torch.Tensor, p_tail: torch.Tensor, q: torch.Tensor, count: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Σ_{i ≤ c} |p_(i) − q_(i)| + |p_tail − Σ_{i > c} q_(i)| per row (module docstring, ULD_k), q sorted descending.
+
+    p_top (N, k): one side's known values, sorted descending, of which the first count (N,) are real (default all k;
+    the slots past count are ignored); p_tail (N,): that side's mass outside them; q (N, V) the other side's whole
+    vector (≥ 0), whose c largest values are compared one by one and the rest summed. (N,)."""
+    k, v = p_top.shape[-1], q.shape[-1]
+    if k <= v:
+        q_top = q.topk(k, dim=-1, sorted=True).values
+    else:  # a narrower student: its sorted values, zero-padded
+        q_top = F.pad(q.sort(dim=-1, descending=True).values, (0, k - v))
+    keep = torch.ones_like(p_top, dtype=torch.bool) if count is None else (
+        torch.arange(k, device=p_top.device)[None, :] < count.to(p_top.device)[:, None]
+    )
+    head = torch.where(keep, (p_top - q_top).abs(), 0.0).sum(-1)
+    q_tail = (q.sum(-1) - torch.where(keep, q_top, 0.0).sum(-1)).clamp_min(0)
+    return head + (p_tail - q_tail).abs()
+
+
+def uld_topk_per_position(
+    student_logits: torch.Tensor, logprobs: torch.Tensor, rest: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """T² · ULD_k of a top-k teacher (module docstring) per row: (N, V_s), (N, k), (N,) → (N,) float32. logprobs and
+    rest are the teacher's at temperature T already (the cache's); T divides the student's logits."""
+    t = float(temperature)
+    q = F.softmax(Ft._upcast(student_logits) / t, dim=-1)
+    p = Ft._teacher_buckets(logprobs, rest, q.dtype).exp()  # (N, k + 1), renormalised
+    k = logprobs.shape[-1]
+    p_top = p[:, :k].sort(dim=-1, descending=True).values
+    return topk_sorted_l1(p_top, p[:, k], q) * (t * t)
 
 
 def uld_per_position(
@@ -79,6 +124,27 @@ def uld_loss(
     t = take(teacher_logits.detach(), teacher_positions, mask)
     denom = Ft.denominator(s.shape[0], num_real, student_logits.device)
     return uld_per_position(s, t, temperature).sum() / denom
+
+
+def uld_topk_loss(
+    student_logits: torch.Tensor,
+    sparse: SparseLogprobs,
+    student_positions: torch.Tensor,
+    teacher_positions: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float = 1.0,
+    num_real: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """uld_loss with a top-k teacher (sparse: ids, logprobs (B, T_t, k), rest (B, T_t)): Σ over real aligned
+    positions of uld_topk_per_position / N."""
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature}; expected > 0")
+    s = take(student_logits, student_positions, mask)
+    device = student_logits.device
+    lp = take(sparse.logprobs.detach().to(device), teacher_positions, mask)
+    rest = take(sparse.rest.detach().to(device), teacher_positions, mask)
+    denom = Ft.denominator(s.shape[0], num_real, device)
+    return uld_topk_per_position(s, lp, rest, temperature).sum() / denom
 
 
 def alignment_of(
@@ -117,6 +183,9 @@ class ULD(Loss):
         num_real_tokens: int | torch.Tensor | None = None,
     ):
         index = alignment_of(self, batch, alignment, teacher).index
+        if teacher.logits is None and teacher.sparse is not None:  # the offline cache across tokenizers
+            return uld_topk_loss(student.logits, teacher.sparse, index.student_last, index.teacher_last, index.mask,
+                                 self.temperature, num_real_tokens)
         return uld_loss(
             student.logits,
             teacher.logits,

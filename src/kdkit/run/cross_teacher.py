@@ -19,6 +19,13 @@ Which aligned positions count (block_alignment): the spans of kdkit.data.align, 
 block's last real student token. After it, neither model's next token is in the block (token_kl skips that
 position too), and the cut may have split a word that the teacher would tokenise otherwise.
 
+From the offline cache (CachedCrossTeacher, kdkit.data.cross_cache): `kdkit cache-teacher` stores the teacher's
+tokens of every block (teacher_tokens, the same teacher_encoding) with its top-k per teacher position and the
+log-prob of each realised teacher token; training then aligns the student's tokens to the cached teacher offsets
+(block_alignment, as above) and sends the top-k (ModelOutputs.sparse) and those log-probs
+(features[TEACHER_TOKEN_LOGPROBS]) instead of logits: no teacher runs. The cache is keyed by the teacher, its
+tokenizer and context (cross_cache_key) and the blocks' texts, not by the student.
+
 No common text: a batch whose blocks (two real student tokens or more) yield not one aligned span is refused in one
 line naming the teacher's tokenizer (check_aligned): the two tokenisations share no token boundary, so they are not
 of the same text (offsets into another text, or a tokenizer whose offsets cover nothing); the loss would silently
@@ -33,8 +40,10 @@ from typing import Any
 import torch
 
 from kdkit.data.align import AlignedBatch, Encoded, Span, align_offsets, check_fast, span_index
+from kdkit.data.cross_cache import CrossTopKCache, TeacherTokens
 from kdkit.data.lm import LMData
 from kdkit.errors import DataError
+from kdkit.losses.span_likelihood import TEACHER_TOKEN_LOGPROBS
 from kdkit.types import Batch, ModelOutputs
 
 
@@ -208,3 +217,91 @@ class CrossTeacher:
         out = self.teacher(aligned.teacher.input_ids.to(device))
         aligned.index = aligned.index.to(device)
         return ModelOutputs(logits=out.logits, alignment=aligned)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# From the offline cache across tokenizers
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 of a fast tokenizer's full definition (its tokenizer.json: vocabulary, merges, normalisation, pre-
+    tokenisation, added tokens) and its eos id: what its tokenisation of a text depends on."""
+    import hashlib
+
+    from tokenizers import Tokenizer
+
+    backend = tokenizer if isinstance(tokenizer, Tokenizer) else tokenizer.backend_tokenizer
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return hashlib.sha256(f"{backend.to_str()}|eos={eos}".encode()).hexdigest()
+
+
+def cross_cache_key(teacher_fingerprint: str, tokenizer: Any, max_length: int | None, same: bool) -> str:
+    """The teacher's side of the cache key across tokenizers: its weights and how it runs (teacher_fingerprint),
+    its tokenizer, its context (max_length cuts its rows) and whether it reads the student's ids (same vocabulary)
+    or its own tokenisation. Not the student."""
+    import hashlib
+
+    parts = f"{teacher_fingerprint}|{tokenizer_fingerprint(tokenizer)}|max_length={max_length}|same={same}"
+    return "cross:" + hashlib.sha256(parts.encode()).hexdigest()
+
+
+def teacher_tokens(tokenizer: Any, data: LMData, max_length: int | None, same: bool = False,
+                   batch_size: int = 64) -> TeacherTokens:
+    """The teacher's tokens of every block of `data` (with texts), exactly as CrossTeacher.align computes them per
+    batch (teacher_encoding; the same vocabulary: the student's ids and offsets), right-padded to the longest row."""
+    if data.texts is None:
+        raise DataError("cross-tokenizer teacher: the blocks carry no text; build them with_text")
+    rows, offsets = [], []
+    for start in range(0, len(data), batch_size):
+        index = list(range(start, min(start + batch_size, len(data))))
+        student = student_encoding(data, index, data.ids[index], data.lengths[index])
+        enc = student if same else teacher_encoding(tokenizer, [data.texts[i] for i in index], student,
+                                                    data.eos_id, max_length)
+        for r in range(len(index)):
+            n = int(enc.attention_mask[r].sum())
+            rows.append(enc.input_ids[r, :n])
+            offsets.append(torch.tensor(enc.offsets[r][:n], dtype=torch.long).reshape(n, 2))
+    width = max(len(r) for r in rows)
+    pad = pad_id_of(tokenizer)
+    ids = torch.stack([torch.nn.functional.pad(r, (0, width - len(r)), value=pad) for r in rows])
+    offs = torch.stack([torch.nn.functional.pad(o, (0, 0, 0, width - len(o))) for o in offsets])
+    return TeacherTokens(ids, torch.tensor([len(r) for r in rows]), offs)
+
+
+class CachedCrossTeacher:
+    """The teacher source of a cross-tokenizer run from its offline cache (module docstring): no teacher model.
+
+    cache: the CrossTopKCache of `data` (its blocks with texts; batch.index indexes both). Each call aligns the
+    batch's student tokens to the cached teacher tokens and returns ModelOutputs(logits=None, sparse=the teacher's
+    top-k (B, T_t, k), features={TEACHER_TOKEN_LOGPROBS: (B, T_t)}, alignment). The first blocks are aligned here
+    (check_aligned), as CrossTeacher does."""
+
+    def __init__(self, cache: CrossTopKCache, data: LMData, where: str = "teacher"):
+        if data.texts is None:
+            raise DataError("cross-tokenizer teacher: the training blocks carry no text; build them with_text")
+        if len(cache) != len(data):
+            raise DataError(f"teacher cache across tokenizers {cache.path}: {len(cache)} blocks, the training data "
+                            f"{len(data)}; expected the cache of these blocks")
+        self.cache, self.data, self.where = cache, data, where
+        if len(data):
+            self.align(data.collate([data[i] for i in range(min(8, len(data)))]))
+
+    def align(self, batch: Batch):
+        """(the batch's blocks aligned with the cached teacher tokens, the cached rows), on the CPU."""
+        index = batch.index.tolist()
+        inputs = batch.inputs.cpu()
+        lengths = (batch.attention_mask.sum(1) if batch.attention_mask is not None
+                   else torch.full((inputs.shape[0],), inputs.shape[1])).cpu()
+        rows = self.cache.lookup(index)
+        teacher = Encoded(rows.ids, rows.attention_mask, rows.offsets)
+        student = student_encoding(self.data, index, inputs, lengths)
+        aligned = block_alignment([self.data.texts[i] for i in index], teacher, student)
+        check_aligned(aligned, index, self.where)
+        return aligned, rows
+
+    def __call__(self, batch: Batch) -> ModelOutputs:
+        aligned, rows = self.align(batch)
+        device = batch.inputs.device
+        aligned.index = aligned.index.to(device)
+        return ModelOutputs(logits=None, sparse=rows.sparse.to(device),
+                            features={TEACHER_TOKEN_LOGPROBS: rows.token_logprobs.to(device)}, alignment=aligned)

@@ -9,8 +9,9 @@ teacher, cost; the student folder is an HF folder.
 
 A teacher with another tokenizer than the student's (data.tokenizer) is read through the cross-tokenizer losses
 (uld, hybrid_kl, span_likelihood; every teacher loss must then be one of them): the blocks keep their text, the
-live teacher reads its own tokens of it, aligned to the student's by byte offsets (kdkit.run.cross_teacher). Not
-yet with a top-k cache, sequence-level or on-policy distillation, or a draft. Its evaluation is on its own tokens.
+live teacher reads its own tokens of it, aligned to the student's by byte offsets (kdkit.run.cross_teacher), or
+(distill.cache_teacher) its cached tokens and top-k (kdkit.data.cross_cache: no teacher runs while training). Not
+yet with sequence-level or on-policy distillation, or a draft. Its evaluation is on its own tokens.
 The student's tokenizer may be trained by kdkit on the training documents alone (data.train_tokenizer; the corpus
 is then split by documents first, kdkit.data.lm.build_lm_data_by_documents). hybrid_kl with two vocabularies that
 share no token (by decoded text) is refused: it would be uld exactly, so the config should say uld.
@@ -121,9 +122,12 @@ class CausalLM:
         check_cross_tokenizer(cfg)
         kd_data = with_sequence_kd(cfg, data, teacher, run)
         loss = build_loss(loss_terms(cfg.distill.losses))
-        _, info = lm_teacher_source(cfg, kd_data, teacher, loss, run)
-        if not info:
+        if not loss.needs_teacher:
             raise ConfigError("distill.losses: no loss reads the teacher (add token_kl), so there is nothing to cache")
+        if cross_tokenizer(cfg):
+            _, info = cross_cache_source(cfg, kd_data, teacher, data.tokenizer, run)
+        else:
+            _, info = lm_teacher_source(cfg, kd_data, teacher, loss, run)
         return info["teacher_cache"]
 
 
@@ -264,10 +268,8 @@ def check_cross_tokenizer(cfg: KDConfig) -> None:
                 f"distill.losses.{i}.name: {term.name!r} reads the teacher on the student's tokens; beside a "
                 f"cross-tokenizer loss every teacher loss must be one ({names})"
             )
-    what = "the cross-tokenizer losses read the live teacher on its own tokens of the text"
     if cfg.distill.cache_teacher:
-        raise ConfigError(f"distill.cache_teacher: true; {what}, the top-k cache holds it on the student's tokens "
-                          "(not supported yet): set cache_teacher: false")
+        cross_kd_temperature(cfg)  # one temperature the cache can hold
     if cfg.llm.sequence_level > 0:
         raise ConfigError(f"llm.sequence_level: {cfg.llm.sequence_level}; sequence-level KD with a cross-tokenizer "
                           "teacher is not supported yet (its continuations are its own tokens): set 0")
@@ -285,6 +287,49 @@ def cross_source(cfg: KDConfig, data: LMData, teacher: TeacherEnsemble, student_
     context = min(context_length(m.model) for m in teacher.members)
     return CrossTeacher(teacher, teacher_tokenizer(cfg), student_tokenizer, data, context,
                         where="teacher.members.0 (its tokenizer)")
+
+
+def cross_kd_temperature(cfg: KDConfig) -> float:
+    """The temperature the cache across tokenizers stores the teacher's top-k at: uld's and hybrid_kl's (they must
+    agree and not be scheduled); 1 when only span_likelihood reads the teacher (it reads log-probs at T = 1)."""
+    names = ("uld", "hybrid_kl")
+    terms = [(i, t) for i, t in enumerate(cfg.distill.losses) if t.name in names]
+    for i, t in terms:
+        if isinstance(t.params.get("temperature"), dict):
+            raise ConfigError(f"distill.losses.{i}.params.temperature: scheduled; the cache across tokenizers holds "
+                              "the teacher at one temperature: use a number or cache_teacher: false")
+    temps = sorted({float(t.params.get("temperature", 1.0)) for _, t in terms})
+    if len(temps) > 1:
+        raise ConfigError(f"distill.losses: uld/hybrid_kl temperatures {temps} differ; the cache across tokenizers "
+                          "holds the teacher at one temperature")
+    return temps[0] if temps else 1.0
+
+
+def cross_cache_source(cfg: KDConfig, data: LMData, teacher: TeacherEnsemble, student_tokenizer, run: RunDir):
+    """(the cached cross-tokenizer teacher source over `data`, info): the teacher's tokens of every block and its
+    top-k (kdkit.data.cross_cache), built once per (teacher, its tokenizer and context, block texts, k, T) and
+    reused by any student whose blocks hold the same texts; training then never runs the teacher."""
+    from kdkit.data.cross_cache import CrossTopKCache, text_fingerprint
+    from kdkit.run.cross_teacher import CachedCrossTeacher, cross_cache_key, teacher_tokens
+
+    tok = teacher_tokenizer(cfg)
+    context = min(context_length(m.model) for m in teacher.members)
+    same = same_vocabulary(tok, student_tokenizer)
+    temperature, k = cross_kd_temperature(cfg), cfg.llm.top_k
+    teacher_fp, data_fp = cross_cache_key(teacher.fingerprint(), tok, context, same), text_fingerprint(data)
+    name = f"lm-cross-topk-{teacher_fp.split(':')[-1][:12]}-{data_fp.split(':')[-1][:12]}-k{k}-T{temperature:g}"
+    path = Path(cfg.distill.cache_dir or Path(cfg.run.out_dir) / "cache") / name
+    alone = len(teacher.members) == 1 and teacher.inputs_for[0] is None  # as lm_teacher_source
+    logits_fn = teacher.members[0].logits if alone else teacher.logits
+    with main_process_first():
+        cache = CrossTopKCache.build_or_load(
+            path, lambda: teacher_tokens(tok, data, context, same), logits_fn, k, temperature, teacher_fp, data_fp,
+            batch_size=cfg.eval.batch_size, device=run.device, log=run.log,
+        )
+    info = cache.describe()
+    run.log(f"teacher cache across tokenizers: {info['tokens']:,} teacher tokens, {info['bytes_per_token']} "
+            f"bytes/teacher token at k={k}")
+    return CachedCrossTeacher(cache, data, where="teacher.members.0 (its cached tokens)"), {"teacher_cache": info}
 
 
 def tokenizer_example(tokenizer) -> torch.Tensor:
@@ -307,7 +352,12 @@ def lm_recipe(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, run: RunD
     loss, schedules, base_loss = lm_loss(cfg, vocab_map), loss_schedules(losses), baseline_loss("token_ce", ())
     base_loss.fuse_head = cfg.llm.fused_head
     run.log(f"loss: {loss.formula()}   (baseline: {base_loss.formula()})")
-    teacher_outputs, info = (cross, {}) if cross is not None else lm_teacher_source(cfg, kd_data, teacher, loss, run)
+    if cross is None:
+        teacher_outputs, info = lm_teacher_source(cfg, kd_data, teacher, loss, run)
+    elif cfg.distill.cache_teacher and loss.needs_teacher:
+        teacher_outputs, info = cross_cache_source(cfg, kd_data, teacher, data.tokenizer, run)
+    else:
+        teacher_outputs, info = cross, {}
     on_policy = make_on_policy(cfg, data.tokenizer, teacher)
     info["data"] = data_info(cfg, data, kd_data)
 

@@ -313,7 +313,6 @@ def test_token_kl_with_another_tokenizer_names_the_cross_losses(lm_world, tmp_pa
 @pytest.mark.parametrize(
     ("sections", "match"),
     [
-        ({"distill": {"cache_teacher": True}}, "distill.cache_teacher: true; the cross-tokenizer losses read the live"),
         ({"llm": {"sequence_level": 4}}, "llm.sequence_level: 4; sequence-level KD with a cross-tokenizer teacher"),
         ({"llm": {"on_policy_fraction": 0.5}}, "llm.on_policy_fraction: 0.5; on-policy KD with a cross-tokenizer"),
     ],
