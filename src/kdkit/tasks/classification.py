@@ -105,11 +105,12 @@ class Classification:
 # Teacher
 
 
-def build_from_spec(m, data: DataBundle, where: str) -> nn.Module:
-    """One network from its config section (a ModelSpec), for this data's input shape and class count."""
+def build_from_spec(m, data: DataBundle, where: str, log=None) -> nn.Module:
+    """One network from its config section (a ModelSpec), for this data's input shape and class count; `log`
+    hears which tensors of m.init_from were re-initialised."""
     return build_model(
         m.source, m.name, m.kwargs, data.input_shape, data.num_classes, m.path, m.checkpoint, where=where,
-        pretrained=m.pretrained,
+        pretrained=m.pretrained, init_from=m.init_from, log=log,
     )
 
 
@@ -153,7 +154,7 @@ def teacher_member(cfg: KDConfig, i: int, data: DataBundle, run: RunDir) -> nn.M
 
     def make() -> nn.Module:
         torch.manual_seed(seed)
-        return build_from_spec(m, labelled, where)
+        return build_from_spec(m, labelled, where, run.log)
 
     def fit(phase: Phase):
         return train_classifier(cfg, cfg.teacher.train, labelled, run, phase, make, build_loss([("ce", 1.0, {})]),
@@ -192,7 +193,7 @@ def student_recipe(cfg: KDConfig, data: DataBundle, teacher: TeacherEnsemble, ru
         if s.teacher_layers is not None:  # DistilBERT-style: the trained teacher's chosen layers
             model = student_from_teacher(teacher.members[0].model, s.teacher_layers)
         else:
-            model = build_from_spec(s, data, "student.model")
+            model = build_from_spec(s, data, "student.model", run.log)
         if phase.kind == "baseline":  # the baseline has no teacher to label a transfer set
             return train_classifier(cfg, baseline_train, data.labelled(), run, phase, lambda: model, base_loss,
                                     on_epoch=on_epoch, qat=cfg.student.qat)
@@ -427,10 +428,10 @@ def mutual_recipe(cfg: KDConfig, data: DataBundle, run: RunDir, on_epoch) -> Rec
 
     def fit(phase: Phase):
         torch.manual_seed(phase.seed)
-        student = build_from_spec(s, data, "student.model")
+        student = build_from_spec(s, data, "student.model", run.log)
         if phase.kind == "baseline":
             return train_classifier(cfg, cfg.train, data, run, phase, lambda: student, base_loss, on_epoch=on_epoch)
-        members = [build_from_spec(mb.model, data, f"teacher.members.{i}.model")
+        members = [build_from_spec(mb.model, data, f"teacher.members.{i}.model", run.log)
                    for i, mb in enumerate(cfg.teacher.members)]
         peers, summary = train_classifier(cfg, cfg.train, data, run, phase, lambda: Peers([student, *members]),
                                           build_loss(terms), on_epoch=on_epoch)

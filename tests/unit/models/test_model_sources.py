@@ -15,7 +15,7 @@ from kdkit.models import MODEL_SOURCES, build_model, check_model, comes_trained,
 
 def test_model_sources_are_exactly_the_config_values():
     values = typing.get_args(ModelSpec.model_fields["source"].annotation)
-    assert len(values) == 5
+    assert len(values) == 6
     assert sorted(MODEL_SOURCES) == sorted(values)
 
 
