@@ -131,11 +131,13 @@ def teacher_encoding(
     )
 
 
-def check_aligned(aligned: AlignedBatch, index: Sequence[int], where: str = "teacher") -> None:
-    """A one-line DataError when no row of the batch with at least two real student tokens has an aligned span
-    (module docstring: no common text)."""
+def check_aligned(aligned: AlignedBatch, index: Sequence[int], where: str = "teacher",
+                  prompts: Sequence[int] | None = None) -> None:
+    """A one-line DataError when no row of the batch with at least two real student tokens after its prompt
+    (prompts[r], 0 by default) has an aligned span (module docstring: no common text)."""
     lengths = aligned.student.attention_mask.sum(1).tolist()
-    rows = [r for r, n in enumerate(lengths) if n >= 2]
+    prompts = [0] * len(lengths) if prompts is None else list(prompts)
+    rows = [r for r, n in enumerate(lengths) if n - prompts[r] >= 2]
     if rows and not any(aligned.spans[r] for r in rows):
         blocks = ", ".join(str(index[r]) for r in rows[:4]) + (", ..." if len(rows) > 4 else "")
         raise DataError(
@@ -145,13 +147,19 @@ def check_aligned(aligned: AlignedBatch, index: Sequence[int], where: str = "tea
         )
 
 
-def block_alignment(texts: Sequence[str], teacher: Encoded, student: Encoded) -> AlignedBatch:
-    """align_offsets row by row, without the span that holds a row's last real student token (module docstring),
-    indexed for the losses (span_index)."""
+def block_alignment(texts: Sequence[str], teacher: Encoded, student: Encoded,
+                    prompts: Sequence[int] | None = None) -> AlignedBatch:
+    """align_offsets row by row, without the span that holds a row's last real student token (module docstring)
+    and, for a row whose first prompts[r] student tokens are context (sequence-level KD examples), without the spans
+    that end before the prompt's last token (what comes after them is the prompt, not a target); indexed for the
+    losses (span_index)."""
     spans: list[list[Span]] = []
-    for text, t_off, s_off, mask in zip(texts, teacher.offsets, student.offsets, student.attention_mask):
+    prompts = [0] * len(texts) if prompts is None else list(prompts)
+    for text, t_off, s_off, mask, prompt in zip(texts, teacher.offsets, student.offsets, student.attention_mask,
+                                                prompts):
         last = int(mask.sum()) - 1
-        spans.append([sp for sp in align_offsets(text, t_off, s_off) if sp.student[1] - 1 < last])
+        spans.append([sp for sp in align_offsets(text, t_off, s_off) if prompt <= sp.student[1] and
+                      sp.student[1] - 1 < last])
     index = span_index(spans, teacher.input_ids.shape[1], student.input_ids.shape[1])
     return AlignedBatch(teacher, student, spans, index)
 
@@ -187,8 +195,9 @@ class CrossTeacher:
             teacher = student
         else:
             teacher = teacher_encoding(self.tokenizer, texts, student, self.data.eos_id, self.max_length)
-        aligned = block_alignment(texts, teacher, student)
-        check_aligned(aligned, index, self.where)
+        prompts = self.data.prompt_lengths[index].tolist()
+        aligned = block_alignment(texts, teacher, student, prompts)
+        check_aligned(aligned, index, self.where, prompts)
         return aligned
 
     def teacher_data(self, data: LMData, batch_size: int = 64) -> LMData:
@@ -295,8 +304,9 @@ class CachedCrossTeacher:
         rows = self.cache.lookup(index)
         teacher = Encoded(rows.ids, rows.attention_mask, rows.offsets)
         student = student_encoding(self.data, index, inputs, lengths)
-        aligned = block_alignment([self.data.texts[i] for i in index], teacher, student)
-        check_aligned(aligned, index, self.where)
+        prompts = self.data.prompt_lengths[index].tolist()
+        aligned = block_alignment([self.data.texts[i] for i in index], teacher, student, prompts)
+        check_aligned(aligned, index, self.where, prompts)
         return aligned, rows
 
     def __call__(self, batch: Batch) -> ModelOutputs:

@@ -270,9 +270,6 @@ def check_cross_tokenizer(cfg: KDConfig) -> None:
             )
     if cfg.distill.cache_teacher:
         cross_kd_temperature(cfg)  # one temperature the cache can hold
-    if cfg.llm.sequence_level > 0:
-        raise ConfigError(f"llm.sequence_level: {cfg.llm.sequence_level}; sequence-level KD with a cross-tokenizer "
-                          "teacher is not supported yet (its continuations are its own tokens): set 0")
     if cfg.llm.on_policy_fraction > 0:
         raise ConfigError(f"llm.on_policy_fraction: {cfg.llm.on_policy_fraction}; on-policy KD with a "
                           "cross-tokenizer teacher is not supported yet (it scores the student's tokens): set 0")
@@ -356,8 +353,9 @@ def lm_recipe(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, run: RunD
         teacher_outputs, info = lm_teacher_source(cfg, kd_data, teacher, loss, run)
     elif cfg.distill.cache_teacher and loss.needs_teacher:
         teacher_outputs, info = cross_cache_source(cfg, kd_data, teacher, data.tokenizer, run)
-    else:
-        teacher_outputs, info = cross, {}
+    else:  # the live source over what the student trains on (the teacher's texts too, with sequence-level KD)
+        teacher_outputs = cross if kd_data is data.train else cross_source(cfg, kd_data, teacher, data.tokenizer)
+        info = {}
     on_policy = make_on_policy(cfg, data.tokenizer, teacher)
     info["data"] = data_info(cfg, data, kd_data)
 
@@ -523,7 +521,9 @@ def data_info(cfg: KDConfig, data: LMBundle, kd_data: LMData) -> dict:
 
 def with_sequence_kd(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, run: RunDir):
     """The distilled student's training data: the training blocks, plus (llm.sequence_level > 0) the teacher's
-    continuations of that many training prompts, kept in RUN_DIR/generations.jsonl and reused on --resume."""
+    continuations of that many training prompts, kept in RUN_DIR/generations.jsonl and reused on --resume. A
+    cross-tokenizer teacher writes text: it reads each prompt's text in its own tokens and the student trains on its
+    own tokens of what the teacher wrote (kdkit.run.cross_sequence)."""
     n = cfg.llm.sequence_level
     if n == 0:
         return data.train
@@ -531,13 +531,24 @@ def with_sequence_kd(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, ru
 
     p = cfg.llm.prompt_tokens
     rng = np.random.default_rng(cfg.data.split_seed)
-    rows = np.sort(rng.permutation(len(data.train))[: min(n, len(data.train))])
-    prompts = [data.train.ids[i, :p].tolist() for i in rows]
-    completions = teacher_continuations(cfg, data, teacher, run, prompts)
-    examples = sequence_kd_examples(prompts, completions, data.train.pad_id, data.block_size)
-    if not examples:
+    rows = np.sort(rng.permutation(len(data.train))[: min(n, len(data.train))]).tolist()
+    if cross_tokenizer(cfg):
+        extra = cross_sequence_kd(cfg, data, teacher, run, rows, p)
+    else:
+        prompts = [data.train.ids[i, :p].tolist() for i in rows]
+        completions = teacher_continuations(cfg, teacher, run, prompts, data.train.pad_id, data.train.eos_id,
+                                            data.tokenizer)
+        extra = lm_examples(sequence_kd_examples(prompts, completions, data.train.pad_id, data.block_size), data)
+    if extra is None:
         run.log("sequence-level KD: the teacher wrote no tokens for any prompt; training on the blocks alone")
         return data.train
+    return concat([data.train, extra])
+
+
+def lm_examples(examples: list[dict], data: LMBundle) -> LMData | None:
+    """sequence_kd_examples as LMData of the blocks' width, their prompts marked (prompt_lengths); None for none."""
+    if not examples:
+        return None
     ids = torch.full((len(examples), data.block_size), data.train.pad_id, dtype=torch.long)
     lengths, prompt_lengths = [], []
     for row, ex in enumerate(examples):
@@ -547,11 +558,29 @@ def with_sequence_kd(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, ru
         prompt_lengths.append(int((ex["labels"] == -100).sum()))  # -100 only on the prompt, at the start
     extra = LMData(ids, torch.tensor(lengths), data.train.pad_id, data.train.eos_id)
     extra.prompt_lengths = torch.tensor(prompt_lengths)
-    return concat([data.train, extra])
+    return extra
 
 
-def teacher_continuations(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, run: RunDir, prompts: list):
-    """The teacher's continuations of the prompts: read from RUN_DIR/generations.jsonl, or generated and kept."""
+def cross_sequence_kd(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, run: RunDir, rows: list[int],
+                      p: int) -> LMData | None:
+    """Sequence-level KD across tokenizers (kdkit.run.cross_sequence): the teacher continues the text of the
+    rows' first p student tokens in its own tokens; the student's examples are its tokens of the text written."""
+    from kdkit.run.cross_sequence import completion_text, cross_sequence_examples, teacher_prompts
+    from kdkit.run.cross_teacher import pad_id_of
+
+    tok = teacher_tokenizer(cfg)
+    context = min(context_length(m.model) for m in teacher.members)
+    prompts = teacher_prompts(tok, data.train, rows, p, context)
+    completions = teacher_continuations(cfg, teacher, run, prompts, pad_id_of(tok), tok.eos_token_id, tok)
+    written = [completion_text(tok, prompt, c) for prompt, c in zip(prompts, completions)]
+    eos = data.tokenizer.eos_token if data.train.eos_id is not None else None
+    return cross_sequence_examples(data.train, rows, p, written, data.tokenizer, None if eos is None else str(eos))
+
+
+def teacher_continuations(cfg: KDConfig, teacher: TeacherEnsemble, run: RunDir, prompts: list, pad_id: int,
+                          eos_id: int | None, tokenizer):
+    """The teacher's continuations of the prompts (its own token ids): read from RUN_DIR/generations.jsonl, or
+    generated and kept (with their texts decoded by `tokenizer`, the teacher's)."""
     from kdkit.generation.generate import generate, read_generations, write_generations
 
     path = run.path / "generations.jsonl"
@@ -565,13 +594,13 @@ def teacher_continuations(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsembl
                 f"({cfg.llm.generation.max_new_tokens} new tokens)")
         model = teacher.members[0].model
         try:
-            completions = generate(model, prompts, generation_settings(cfg), pad_id=data.train.pad_id,
-                                   eos_id=data.train.eos_id, seed=cfg.data.split_seed,
-                                   batch_size=cfg.eval.batch_size, context_length=context_length(model))
+            completions = generate(model, prompts, generation_settings(cfg), pad_id=pad_id, eos_id=eos_id,
+                                   seed=cfg.data.split_seed, batch_size=cfg.eval.batch_size,
+                                   context_length=context_length(model))
         except ValueError as exc:  # settings that do not fit the model or the prompts
             raise ConfigError(f"llm.generation: {exc}") from None
         if is_main_process():
-            write_generations(path, prompts, completions, data.tokenizer)
+            write_generations(path, prompts, completions, tokenizer)
     return completions
 
 

@@ -296,6 +296,33 @@ def test_one_tokenizer_cross_run_keeps_the_teacher_comparisons(lm_world, tmp_pat
     assert any(f"shared vocabulary: {len(tokenizer(teacher))} tokens" in s for s in said)
 
 
+@pytest.mark.parametrize("cached", [False, True])
+def test_sequence_level_kd_across_tokenizers_trains_on_the_teachers_text(lm_world, tmp_path, cached):
+    """The teacher continues the text of 4 training prompts in its own tokens; the student trains on its own tokens
+    of that text (kdkit.run.cross_sequence), through the live source and through the cache across
+    tokenizers (which then holds the teacher's tokens of those texts too)."""
+    corpus, teacher, other = lm_world
+    cfg = cross_config(corpus, teacher, other, tmp_path, "hybrid_kl", llm={"sequence_level": 4},
+                       distill={"cache_teacher": cached})
+    said = []
+    m = distill(cfg, out=tmp_path / "run", log=said.append).metrics
+    check_metrics(m)
+    assert any("sequence-level KD: the teacher continues 4 prompts" in s for s in said)
+    from kdkit.generation.generate import read_generations
+
+    records = read_generations(tmp_path / "run" / "generations.jsonl")
+    teacher_tok, student_tok = tokenizer(teacher), tokenizer(other)
+    assert len(records) == 4
+    for r in records:  # the teacher's own tokens, decoded by its own tokenizer
+        assert r["prompt"] == teacher_tok.decode(r["prompt_ids"]) and r["completion_ids"]
+        assert max(r["prompt_ids"] + r["completion_ids"]) < len(teacher_tok)
+    if cached:
+        info = [s for s in said if "teacher cache across tokenizers:" in s]
+        assert info  # built over the blocks and the teacher's texts
+    assert math.isfinite(m["student"]["bits_per_byte"])
+    assert len(student_tok) != len(teacher_tok)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Refusals, one line each
 # ----------------------------------------------------------------------------------------------------------------
@@ -313,7 +340,6 @@ def test_token_kl_with_another_tokenizer_names_the_cross_losses(lm_world, tmp_pa
 @pytest.mark.parametrize(
     ("sections", "match"),
     [
-        ({"llm": {"sequence_level": 4}}, "llm.sequence_level: 4; sequence-level KD with a cross-tokenizer teacher"),
         ({"llm": {"on_policy_fraction": 0.5}}, "llm.on_policy_fraction: 0.5; on-policy KD with a cross-tokenizer"),
     ],
 )
