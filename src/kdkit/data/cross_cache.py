@@ -26,7 +26,6 @@ teacher token), written atomically LAST: a folder without it is no cache.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,8 +35,9 @@ import numpy as np
 import torch
 
 from kdkit.atomic import save_npy, sha256_file, write_json, write_with
+from kdkit.data.cache_shards import CacheKind
 from kdkit.data.lm import LMData
-from kdkit.data.lm_cache import TopKCache, _check_file
+from kdkit.data.lm_cache import TopKCache
 from kdkit.errors import DataError
 from kdkit.types import SparseLogprobs
 
@@ -46,6 +46,14 @@ MANIFEST = "cross.json"
 TOKEN_FILES = ("ids", "lengths", "offsets", "logprob")
 TOKEN_DTYPES = {"ids": np.int32, "lengths": np.int32, "offsets": np.int32, "logprob": np.float32}
 ROWS_PER_CHUNK = 256  # rows of (T_t, V) logits read at once for the realised tokens' log-probs (memory, not speed)
+KIND = CacheKind(
+    "teacher cache across tokenizers",
+    MANIFEST,
+    FORMAT,
+    teacher_words="another teacher or teacher tokenizer",
+    data_words="other block texts",
+    data_note="; blocks cut from another tokenisation of the corpus hold other texts",
+)
 
 
 @dataclass
@@ -182,17 +190,8 @@ class CrossTopKCache:
         teacher (or teacher tokenizer), other block texts, another k or temperature (None: not checked), or with a
         file missing or of the wrong size (verify=True: or altered)."""
         path = Path(path)
-        manifest = _read_manifest(path)
-        problem = _mismatch(manifest, teacher_fingerprint, data_fingerprint, k, temperature)
-        if problem:
-            raise DataError(f"teacher cache across tokenizers {path}: {problem}; rebuild it with `kdkit cache-teacher`")
-        tokens = {}
-        for name in TOKEN_FILES:
-            entry = manifest["files"][name]
-            damage = _check_file(path / entry["file"], entry, verify)
-            if damage:
-                raise DataError(f"teacher cache across tokenizers {path}: {damage}; rebuild it")
-            tokens[name] = np.load(path / entry["file"], mmap_mode="r")
+        manifest = KIND.matching_manifest(path, teacher_fingerprint, data_fingerprint, k, temperature)
+        tokens = {name: KIND.open_file(path, manifest["files"][name], verify) for name in TOKEN_FILES}
         topk = TopKCache.load(path / "topk", manifest["teacher"], manifest["data"], manifest["k"],
                               manifest["temperature"], verify)
         cache = cls(path, manifest, topk, tokens)
@@ -212,19 +211,14 @@ class CrossTopKCache:
         that means a folder chosen by hand). build_kw: batch_size, device, log (see build)."""
         log = build_kw.get("log", print)
         path = Path(path)
-        if (path / MANIFEST).is_file():
+        problem = KIND.mismatch_at(path, teacher_fingerprint, data_fingerprint, k, temperature)
+        if problem:
+            raise DataError(f"teacher cache across tokenizers {path}: {problem}; choose another folder")
+        if problem == "":  # a matching manifest: load the cache unless a file is damaged
             try:
-                manifest = _read_manifest(path)
-            except DataError:
-                manifest = None
-            if manifest is not None:
-                problem = _mismatch(manifest, teacher_fingerprint, data_fingerprint, k, temperature)
-                if problem:
-                    raise DataError(f"teacher cache across tokenizers {path}: {problem}; choose another folder")
-                try:
-                    return cls.load(path, teacher_fingerprint, data_fingerprint, k, temperature, verify, log)
-                except DataError as exc:
-                    log(f"{exc}: rebuilding")
+                return cls.load(path, teacher_fingerprint, data_fingerprint, k, temperature, verify, log)
+            except DataError as exc:
+                log(f"{exc}: rebuilding")
         return cls.build(path, encode(), logits_fn, k, temperature, teacher_fingerprint, data_fingerprint,
                          **build_kw)
 
@@ -286,30 +280,3 @@ class CrossTopKCache:
             f"({manifest['bytes_per_token']:.0f} bytes/teacher token) in {time.perf_counter() - start:.1f} s")
         return cls.load(path)
 
-
-def _read_manifest(path: Path) -> dict:
-    file = path / MANIFEST
-    if not file.is_file():
-        raise DataError(f"teacher cache across tokenizers {path}: no {MANIFEST} (not built, or its build did not "
-                        "finish)")
-    try:
-        manifest = json.loads(file.read_text())
-    except ValueError as exc:
-        raise DataError(f"teacher cache across tokenizers {path}: {MANIFEST} is not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise DataError(f"teacher cache across tokenizers {path}: {MANIFEST} is not a {FORMAT} manifest")
-    return manifest
-
-
-def _mismatch(manifest: dict, teacher: str | None, data: str | None, k: int | None, temperature: float | None) -> str:
-    """'' when the manifest matches what is expected, else the first difference, one phrase."""
-    if teacher is not None and manifest.get("teacher") != teacher:
-        return f"built from another teacher or teacher tokenizer ({manifest.get('teacher')!r}, expected {teacher!r})"
-    if data is not None and manifest.get("data") != data:
-        return (f"built from other block texts ({manifest.get('data')!r}, expected {data!r}; blocks cut from another "
-                "tokenisation of the corpus hold other texts)")
-    if k is not None and manifest.get("k") != int(k):
-        return f"built with k={manifest.get('k')}, expected k={k}"
-    if temperature is not None and not np.isclose(float(manifest.get("temperature", float("nan"))), temperature):
-        return f"built at kd temperature {manifest.get('temperature')}, expected {temperature:g}"
-    return ""

@@ -31,7 +31,6 @@ others load what it wrote.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -43,6 +42,7 @@ import numpy as np
 import torch
 
 from kdkit.atomic import save_npy, sha256_file, write_json, write_with
+from kdkit.data.cache_shards import CacheKind
 from kdkit.errors import DataError
 from kdkit.types import Batch, ModelOutputs, SparseLogprobs
 
@@ -51,6 +51,7 @@ MANIFEST = "manifest.json"
 ARRAYS = ("ids", "logprobs", "rest")
 LOGPROB_DTYPE = np.float16
 REST_DTYPE = np.float32  # the tail mass: 2 bytes more per token buy a log that keeps 7 digits
+KIND = CacheKind("teacher top-k cache", MANIFEST, FORMAT)
 
 
 def ids_dtype(vocab_size: int) -> np.dtype:
@@ -300,21 +301,11 @@ class TopKCache:
         of the wrong size (truncated); with verify=True a shard whose sha256 differs (altered).
         """
         path = Path(path)
-        manifest = _read_manifest(path)
-        problem = _mismatch(manifest, teacher_fingerprint, data_fingerprint, k, temperature)
-        if problem:
-            raise DataError(f"teacher top-k cache {path}: {problem}; rebuild it with `kdkit cache-teacher`")
-        shards = []
-        for s, shard in enumerate(manifest["shards"]):
-            arrays = {}
-            for name in ARRAYS:
-                entry = shard[name]
-                file = path / entry["file"]
-                damage = _check_file(file, entry, verify)
-                if damage:
-                    raise DataError(f"teacher top-k cache {path}: shard {s} {damage}; rebuild it")
-                arrays[name] = np.load(file, mmap_mode="r")
-            shards.append(arrays)
+        manifest = KIND.matching_manifest(path, teacher_fingerprint, data_fingerprint, k, temperature)
+        shards = [
+            {name: KIND.open_file(path, shard[name], verify, part=f"shard {s} ") for name in ARRAYS}
+            for s, shard in enumerate(manifest["shards"])
+        ]
         cache = cls(path, manifest, shards)
         if log is not None:
             log(
@@ -348,22 +339,14 @@ class TopKCache:
         path = Path(path)
         if data_fingerprint is None:
             data_fingerprint = fingerprint_blocks(blocks, lengths)
-        if (path / MANIFEST).is_file():
+        problem = KIND.mismatch_at(path, teacher_fingerprint, data_fingerprint, k, temperature)
+        if problem and not overwrite:
+            raise DataError(f"teacher top-k cache {path}: {problem}; choose another folder or rebuild it (overwrite)")
+        if problem == "":  # a matching manifest: load the cache unless a file is damaged
             try:
-                manifest = _read_manifest(path)
-            except DataError:
-                manifest = None
-            if manifest is not None:
-                problem = _mismatch(manifest, teacher_fingerprint, data_fingerprint, k, temperature)
-                if problem and not overwrite:
-                    raise DataError(
-                        f"teacher top-k cache {path}: {problem}; choose another folder or rebuild it (overwrite)"
-                    )
-                if not problem:
-                    try:
-                        return cls.load(path, teacher_fingerprint, data_fingerprint, k, temperature, verify, log)
-                    except DataError as exc:
-                        log(f"{exc}: rebuilding")
+                return cls.load(path, teacher_fingerprint, data_fingerprint, k, temperature, verify, log)
+            except DataError as exc:
+                log(f"{exc}: rebuilding")
         return cls.build(
             path, blocks, logits_fn, k, temperature, teacher_fingerprint, data_fingerprint, lengths, **build_kw
         )
@@ -662,40 +645,3 @@ def _remove_stale(folder: Path, shards: int) -> None:
         if number >= shards:
             file.unlink(missing_ok=True)
 
-
-def _read_manifest(path: Path) -> dict:
-    file = path / MANIFEST
-    if not file.is_file():
-        raise DataError(f"teacher top-k cache {path}: no {MANIFEST} (not built, or its build did not finish)")
-    try:
-        manifest = json.loads(file.read_text())
-    except ValueError as exc:
-        raise DataError(f"teacher top-k cache {path}: {MANIFEST} is not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise DataError(f"teacher top-k cache {path}: {MANIFEST} is not a {FORMAT} manifest")
-    return manifest
-
-
-def _mismatch(manifest: dict, teacher: str | None, data: str | None, k: int | None, temperature: float | None) -> str:
-    """'' when the manifest matches what is expected, else what differs (the first difference, one phrase)."""
-    if teacher is not None and manifest.get("teacher") != teacher:
-        return f"built from another teacher ({manifest.get('teacher')!r}, expected {teacher!r})"
-    if data is not None and manifest.get("data") != data:
-        return f"built from another data set ({manifest.get('data')!r}, expected {data!r})"
-    if k is not None and manifest.get("k") != int(k):
-        return f"built with k={manifest.get('k')}, expected k={k}"
-    if temperature is not None and not np.isclose(float(manifest.get("temperature", float("nan"))), temperature):
-        return f"built at kd temperature {manifest.get('temperature')}, expected {temperature:g}"
-    return ""
-
-
-def _check_file(file: Path, entry: dict, verify: bool) -> str:
-    """'' when the shard file is whole, else what is wrong with it."""
-    if not file.is_file():
-        return f"file {file.name} is missing"
-    size = file.stat().st_size
-    if size != entry["bytes"]:
-        return f"file {file.name} has {size} bytes, the manifest says {entry['bytes']} (truncated or altered)"
-    if verify and sha256_file(file) != entry["sha256"]:
-        return f"file {file.name} has been altered (its sha256 differs from the manifest)"
-    return ""
