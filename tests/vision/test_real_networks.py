@@ -5,13 +5,12 @@ served a PNG of a test image. (The vision tier: see conftest.py.)"""
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from tests.image_helpers import png, stored_pixels
 
 from kdkit.config import load_config
 from kdkit.data import build_data
@@ -51,21 +50,6 @@ def tiny_run(source, name, kwargs, data, tap) -> dict:
         "train": {"epochs": 1, "batch_size": 16},
         "eval": {"latency_repeats": 1, "latency_warmup": 0, "robustness": False},
     }
-
-
-def png(pixels: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def stored_pixels(x: torch.Tensor, description: dict) -> np.ndarray:
-    """Normalised inputs back to the 8-bit pixels they came from (whole numbers, or the description is wrong)."""
-    mean = np.asarray(description["mean"], dtype=np.float64).reshape(-1, 1, 1)
-    std = np.asarray(description["std"], dtype=np.float64).reshape(-1, 1, 1)
-    values = (x.double().numpy() * std + mean) * description["scale"]
-    assert np.abs(values - np.rint(values)).max() < 1e-3
-    return np.rint(values).astype(np.uint8)
 
 
 @pytest.mark.parametrize(("source", "name", "kwargs", "data", "tap", "folds"), NETWORKS, ids=lambda v: str(v))

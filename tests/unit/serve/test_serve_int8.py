@@ -7,7 +7,6 @@ backend gets one line listing the choices, and the CLI option reaches the server
 from __future__ import annotations
 
 import base64
-import io
 import json
 import shutil
 from dataclasses import replace
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from PIL import Image
+from tests.image_helpers import png, stored_pixels
 
 from kdkit.cli import main
 from kdkit.config import load_config
@@ -52,23 +51,8 @@ def digits_run(tmp_path_factory):
     return out, data
 
 
-def png(pixels: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def b64(blob: bytes) -> str:
     return base64.b64encode(blob).decode()
-
-
-def stored_pixels(x: torch.Tensor, description: dict) -> np.ndarray:
-    """Training inputs (B, C, H, W) back to the whole pixel values the data set stores (as test_raw_inputs does)."""
-    mean = np.asarray(description["mean"], dtype=np.float64).reshape(-1, 1, 1)
-    std = np.asarray(description["std"], dtype=np.float64).reshape(-1, 1, 1)
-    values = (x.double().numpy() * std + mean) * description["scale"]
-    assert np.abs(values - np.rint(values)).max() < 1e-3
-    return np.rint(values).astype(np.uint8)
 
 
 def ort_probabilities(model_path, x: np.ndarray) -> np.ndarray:
