@@ -312,7 +312,12 @@ class TeacherMember(Section):
 class TeacherConfig(Section):
     """The frozen teacher: one model or a weighted ensemble."""
 
-    members: list[TeacherMember] = Field(min_length=1, description="One or more teachers.")
+    members: list[TeacherMember] = Field(
+        min_length=1,
+        description="One or more teachers. causal_lm with the cross-tokenizer losses: members may mix tokenizers; "
+        "members of one tokenizer are averaged, each tokenizer's group is one aligned term weighted by its members' "
+        "share of the weight.",
+    )
     combine: Literal["probs", "logits"] = Field(
         "probs",
         description="How members are averaged: probs averages softmax probabilities (the ensemble's logits are "

@@ -69,6 +69,9 @@ class ModelOutputs:
     alignment: a teacher with another tokenizer (kdkit.run.cross_teacher): its logits are over its own tokens of
     the batch's text, (B, T_teacher, V_teacher), and this kdkit.data.align.AlignedBatch says which of its positions
     and the student's have read the same text (typed loosely: types sits below data).
+    groups: several teachers with tokenizers of their own (kdkit.run.teacher_groups): (weight, outputs) per group of
+    members that share a tokenizer, the weights summing to 1; logits is then None, and a loss that reads the teacher
+    counts as the weighted sum of its value against each group (kdkit.losses.combined).
     """
 
     logits: torch.Tensor | None
@@ -77,6 +80,7 @@ class ModelOutputs:
     hidden: torch.Tensor | None = None
     head: torch.nn.Module | None = None
     alignment: Any = None
+    groups: list = field(default_factory=list)
 
     def detach(self) -> ModelOutputs:
         return replace(

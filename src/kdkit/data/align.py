@@ -92,12 +92,15 @@ class Encoded:
 
 @dataclass
 class AlignedBatch:
-    """Texts tokenised by both tokenizers and aligned: what the cross-tokenizer losses read."""
+    """Texts tokenised by both tokenizers and aligned: what the cross-tokenizer losses read. vocab_map: (teacher ids,
+    student ids) of the tokens both vocabularies share (kdkit.losses.hybrid_kl.shared_vocab), sent by a source that
+    knows it (several teachers: each its own); None: hybrid_kl reads the map it was given."""
 
     teacher: Encoded
     student: Encoded
     spans: list[list[Span]]
     index: SpanIndex
+    vocab_map: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def byte_offsets(text: str, char_offsets: Offsets, side: str = "") -> list[tuple[int, int]]:

@@ -95,7 +95,7 @@ class WeightedLoss(nn.Module):
         for w, p, label in zip(self.weights, self.parts, self.part_names):
             if teacher is None and p.needs_teacher and w == 0:
                 continue  # needs_teacher told the engine it may skip the teacher for a zero-weight part
-            value = p(student, teacher, batch)
+            value = part_value(p, student, teacher, batch)
             parts[label] = value.detach()
             total = total + w * value
         return StepOutput(loss=total, parts=parts)
@@ -127,10 +127,18 @@ class WeightedLoss(nn.Module):
         parts = {label: v for (_, _, label), v in zip(token, values)}
         for w, p, label in live:
             if not hasattr(p, "token_term"):
-                value = p(student, teacher, batch)
+                value = part_value(p, student, teacher, batch)
                 parts[label] = value.detach()
                 total = total + w * value
         return StepOutput(loss=total, parts={label: parts[label] for _, _, label in live})
+
+
+def part_value(part: Loss, student: ModelOutputs, teacher: ModelOutputs | None, batch: Batch) -> torch.Tensor:
+    """A part's value. Against several teachers with tokenizers of their own (teacher.groups, kdkit.run.
+    teacher_groups), a part that reads the teacher is the weighted sum of its value against each group."""
+    if teacher is not None and teacher.groups and part.needs_teacher:
+        return sum(w * part(student, group, batch) for w, group in teacher.groups)
+    return part(student, teacher, batch)
 
 
 def _width(outputs: ModelOutputs) -> int | None:

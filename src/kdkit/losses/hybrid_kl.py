@@ -302,12 +302,17 @@ class HybridKL(Loss):
         alignment: AlignedBatch | None = None,
         num_real_tokens: int | torch.Tensor | None = None,
     ):
-        if not self._has_map:
+        sent = getattr(alignment if alignment is not None else getattr(teacher, "alignment", None), "vocab_map", None)
+        if not self._has_map and sent is None:
             raise ValueError("hybrid_kl: no vocabulary map; expected set_vocab_map(*shared_vocab(teacher, student))")
-        index = alignment_of(self, batch, alignment, teacher).index
+        aligned = alignment_of(self, batch, alignment, teacher)
+        # The source's own map where it sends one (several teachers: each group's), else the one set.
+        teacher_ids, student_ids = aligned.vocab_map if aligned.vocab_map is not None else (self.teacher_ids,
+                                                                                            self.student_ids)
+        index = aligned.index
         if teacher.logits is None and teacher.sparse is not None:  # the offline cache across tokenizers
             return hybrid_topk_loss(student.logits, teacher.sparse, index.student_last, index.teacher_last,
-                                    index.mask, self.teacher_ids, self.student_ids, self.direction, self.temperature,
+                                    index.mask, teacher_ids, student_ids, self.direction, self.temperature,
                                     num_real_tokens)
         return hybrid_kl_loss(
             student.logits,
@@ -315,8 +320,8 @@ class HybridKL(Loss):
             index.student_last,
             index.teacher_last,
             index.mask,
-            self.teacher_ids,
-            self.student_ids,
+            teacher_ids,
+            student_ids,
             self.direction,
             self.temperature,
             num_real_tokens,

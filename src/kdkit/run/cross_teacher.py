@@ -180,6 +180,7 @@ class CrossTeacher:
         self.teacher, self.tokenizer, self.data, self.max_length = teacher, teacher_tokenizer, data, max_length
         self.same = same_vocabulary(teacher_tokenizer, student_tokenizer)
         self.where = where
+        self.vocab_map = None  # (teacher ids, student ids) sent with every alignment, for hybrid_kl (several teachers)
         if len(data):
             self.align(data.collate([data[i] for i in range(min(8, len(data)))]))
 
@@ -224,8 +225,15 @@ class CrossTeacher:
         aligned = self.align(batch)
         device = batch.inputs.device
         out = self.teacher(aligned.teacher.input_ids.to(device))
-        aligned.index = aligned.index.to(device)
+        send(aligned, self.vocab_map, device)
         return ModelOutputs(logits=out.logits, alignment=aligned)
+
+
+def send(aligned: AlignedBatch, vocab_map, device) -> None:
+    """The alignment's index, and the source's shared-vocabulary map if it has one, on the batch's device."""
+    aligned.index = aligned.index.to(device)
+    if vocab_map is not None:
+        aligned.vocab_map = tuple(ids.to(device) for ids in vocab_map)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -292,6 +300,7 @@ class CachedCrossTeacher:
             raise DataError(f"teacher cache across tokenizers {cache.path}: {len(cache)} blocks, the training data "
                             f"{len(data)}; expected the cache of these blocks")
         self.cache, self.data, self.where = cache, data, where
+        self.vocab_map = None  # as CrossTeacher's
         if len(data):
             self.align(data.collate([data[i] for i in range(min(8, len(data)))]))
 
@@ -312,6 +321,6 @@ class CachedCrossTeacher:
     def __call__(self, batch: Batch) -> ModelOutputs:
         aligned, rows = self.align(batch)
         device = batch.inputs.device
-        aligned.index = aligned.index.to(device)
+        send(aligned, self.vocab_map, device)
         return ModelOutputs(logits=None, sparse=rows.sparse.to(device),
                             features={TEACHER_TOKEN_LOGPROBS: rows.token_logprobs.to(device)}, alignment=aligned)

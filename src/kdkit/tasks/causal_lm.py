@@ -42,6 +42,7 @@ from kdkit.run.features import wire_features
 from kdkit.run.losses import baseline_loss, loss_schedules, loss_terms
 from kdkit.run.phases import phase_summary
 from kdkit.run.teacher import LiveTeacher, frozen
+from kdkit.run.teacher_groups import TeacherGroup, one_source, teacher_groups
 from kdkit.tasks import causal_lm_eval
 from kdkit.tasks.base import CACHE_OFF
 from kdkit.tasks.causal_lm_eval import context_length
@@ -101,9 +102,14 @@ class CausalLM:
 
     def evaluate(self, cfg, data, teacher, results, run, best, recipe):
         untrained = LMStudents(cfg, teacher, data) if cfg.llm.draft.enabled else None
-        cross = cross_source(cfg, data.test, teacher, data.tokenizer) if cross_tokenizer(cfg) else None
+        cross = others = None
+        if cross_tokenizer(cfg):  # the teacher measured is members.0's group; the others' bits per byte beside it
+            groups = cross_groups(cfg, teacher)
+            cross, *rest = cross_sources(cfg, data.test, groups, data.tokenizer)
+            teacher = groups[0].ensemble
+            others = [(g.where, g.members, g.weight, source) for g, source in zip(groups[1:], rest)]
         return causal_lm_eval.evaluate(cfg, data, teacher, results, run.device, best, recipe,
-                                       untrained_draft=untrained, log=run.log, cross=cross)
+                                       untrained_draft=untrained, log=run.log, cross=cross, other_teachers=others)
 
     def save_student(self, model: nn.Module, folder: Path, data: LMBundle, cfg: KDConfig) -> None:
         save_lm_folder(model, data.tokenizer, folder)
@@ -125,7 +131,7 @@ class CausalLM:
         if not loss.needs_teacher:
             raise ConfigError("distill.losses: no loss reads the teacher (add token_kl), so there is nothing to cache")
         if cross_tokenizer(cfg):
-            _, info = cross_cache_source(cfg, kd_data, teacher, data.tokenizer, run)
+            _, info = cross_cache_source(cfg, kd_data, cross_groups(cfg, teacher), data.tokenizer, run)
         else:
             _, info = lm_teacher_source(cfg, kd_data, teacher, loss, run)
         return info["teacher_cache"]
@@ -168,15 +174,15 @@ def check_builtin_members(cfg: KDConfig) -> None:
             builtin_lm_file(member.model.path.split(":", 1)[1], f"teacher.members.{i}.model.path")
 
 
-def teacher_tokenizer(cfg: KDConfig):
-    """The first teacher member's tokenizer (the members' shared one)."""
+def teacher_tokenizer(cfg: KDConfig, member: int = 0):
+    """A teacher member's tokenizer (by default the first's: the data's tokenizer without data.tokenizer)."""
     from transformers import AutoTokenizer
 
     from kdkit.data.text import from_pretrained
     from kdkit.models.causal_lm import resolve_lm_path
 
-    where = "teacher.members.0.model.path"
-    path = cfg.teacher.members[0].model.path
+    where = f"teacher.members.{member}.model.path"
+    path = cfg.teacher.members[member].model.path
     try:
         return from_pretrained(AutoTokenizer, resolve_lm_path(path, where), where)
     except (ValueError, TypeError) as exc:  # transformers' own refusals, many lines long
@@ -200,17 +206,16 @@ def unloadable(where: str, path: str, exc: Exception) -> str:
 
 def build_lm_teacher(cfg: KDConfig, tokenizer, run: RunDir) -> TeacherEnsemble:
     """Each member from its folder / hub id / builtin name, frozen. Members must share the vocabulary of the
-    data's tokenizer (a padded output layer is fine), or, with the cross-tokenizer losses, one fast tokenizer of
-    their own (each reads its tokens of the text, at most its context)."""
-    members, cross, first = [], cross_tokenizer(cfg), None
+    data's tokenizer (a padded output layer is fine), or, with the cross-tokenizer losses, each have a fast
+    tokenizer; members may then mix tokenizers, one group per tokenizer (kdkit.run.teacher_groups; each reads its
+    tokens of the text, at most its context)."""
+    members, cross, tokenizers = [], cross_tokenizer(cfg), []
     for i, member in enumerate(cfg.teacher.members):
         model, tok = load_member(member.model.path, f"teacher.members.{i}.model.path")
         run.log(f"teacher member {i}: {type(model).__name__}, {footprint(model)['params'] / 1e6:.1f} M parameters")
         if cross:
             check_fast(tok, f"teacher.members.{i}")
-            first = tok if first is None else first
-            check_tokenizers(first, tok, f"teacher.members.{i}: tokenizer vs teacher.members.0 (members read one "
-                             "tokenisation of the text)")
+            tokenizers.append(tok)
             members.append(frozen(model, cfg.distill, tokenizer_example(tok), run.device, run.log))
             continue
         if cfg.data.max_length > context_length(model):
@@ -226,18 +231,24 @@ def build_lm_teacher(cfg: KDConfig, tokenizer, run: RunDir) -> TeacherEnsemble:
                 f"({', '.join(cross_tokenizer_losses())}) as its losses in distill.losses"
             ) from None
         members.append(frozen(model, cfg.distill, tokenizer_example(tokenizer), run.device, run.log))
-    if cross:
-        same = same_vocabulary(first, tokenizer)
-        run.log("cross-tokenizer teacher: " + ("the same vocabulary as the student's; it reads the student's ids"
-                                               if same else f"its own tokenizer ({len(first)} tokens, the student's "
-                                               f"{len(tokenizer)}); blocks aligned by byte offsets"))
-    widths = {m.model.get_output_embeddings().weight.shape[0] for m in members}
-    if len(widths) > 1:
-        raise CompatibilityError(
-            f"teacher.members: output vocabularies of different sizes ({sorted(widths)}); an ensemble averages "
-            "distributions id by id, so the members need one output size"
-        )
-    return TeacherEnsemble(members, [m.weight for m in cfg.teacher.members], cfg.teacher.combine)
+    weights = [m.weight for m in cfg.teacher.members]
+    groups = teacher_groups(members, weights, tokenizers) if cross else [TeacherGroup(list(range(len(members))),
+                                                                                      tokenizer, None, 1.0)]
+    for g in groups:
+        if cross:
+            same = same_vocabulary(g.tokenizer, tokenizer)
+            name = ("cross-tokenizer teacher" if len(groups) == 1 else
+                    f"cross-tokenizer teacher members {g.members} (weight {g.weight:.3g})")
+            run.log(f"{name}: " + ("the same vocabulary as the student's; it reads the student's ids" if same else
+                                   f"its own tokenizer ({len(g.tokenizer)} tokens, the student's {len(tokenizer)}); "
+                                   "blocks aligned by byte offsets"))
+        widths = {members[i].model.get_output_embeddings().weight.shape[0] for i in g.members}
+        if len(widths) > 1:
+            raise CompatibilityError(
+                f"teacher.members {g.members}: output vocabularies of different sizes ({sorted(widths)}) for one "
+                "tokenizer; an ensemble averages distributions id by id, so the members need one output size"
+            )
+    return TeacherEnsemble(members, weights, cfg.teacher.combine)
 
 
 def cross_tokenizer_losses() -> list[str]:
@@ -278,12 +289,33 @@ def check_cross_tokenizer(cfg: KDConfig) -> None:
                           "for a student with its own: set draft.enabled: false or use token_kl")
 
 
-def cross_source(cfg: KDConfig, data: LMData, teacher: TeacherEnsemble, student_tokenizer) -> CrossTeacher:
-    """The cross-tokenizer teacher source over `data` (its blocks with texts): the members' tokenizer, at most the
-    shortest member context per row."""
-    context = min(context_length(m.model) for m in teacher.members)
-    return CrossTeacher(teacher, teacher_tokenizer(cfg), student_tokenizer, data, context,
-                        where="teacher.members.0 (its tokenizer)")
+def cross_groups(cfg: KDConfig, teacher: TeacherEnsemble) -> list[TeacherGroup]:
+    """The members grouped by tokenizer (kdkit.run.teacher_groups), members.0's group first; one group (the whole
+    ensemble) when they share one."""
+    tokenizers = [teacher_tokenizer(cfg, i) for i in range(len(cfg.teacher.members))]
+    return teacher_groups(list(teacher.members), [m.weight for m in cfg.teacher.members], tokenizers,
+                          cfg.teacher.combine, whole=teacher)
+
+
+def group_context(group: TeacherGroup) -> int | None:
+    """The most tokens per row a group reads: its shortest member context."""
+    return min(context_length(m.model) for m in group.ensemble.members)
+
+
+def cross_sources(cfg: KDConfig, data: LMData, groups: list[TeacherGroup], student_tokenizer) -> list[CrossTeacher]:
+    """The cross-tokenizer teacher source of each group over `data` (its blocks with texts): the group's tokenizer,
+    at most its shortest member context per row."""
+    return [CrossTeacher(g.ensemble, g.tokenizer, student_tokenizer, data, group_context(g),
+                         where=f"{g.where} (its tokenizer)") for g in groups]
+
+
+def grouped(sources: list, groups: list[TeacherGroup], maps: list | None):
+    """The teacher source of the groups' sources (kdkit.run.teacher_groups.one_source); with several groups and
+    hybrid_kl, each source sends its own shared-vocabulary map (one group: the loss holds it)."""
+    if len(sources) > 1 and maps is not None:
+        for source, vocab_map in zip(sources, maps):
+            source.vocab_map = vocab_map
+    return one_source(sources, [g.weight for g in groups])
 
 
 def cross_kd_temperature(cfg: KDConfig) -> float:
@@ -302,15 +334,27 @@ def cross_kd_temperature(cfg: KDConfig) -> float:
     return temps[0] if temps else 1.0
 
 
-def cross_cache_source(cfg: KDConfig, data: LMData, teacher: TeacherEnsemble, student_tokenizer, run: RunDir):
-    """(the cached cross-tokenizer teacher source over `data`, info): the teacher's tokens of every block and its
-    top-k (kdkit.data.cross_cache), built once per (teacher, its tokenizer and context, block texts, k, T) and
-    reused by any student whose blocks hold the same texts; training then never runs the teacher."""
+def cross_cache_source(cfg: KDConfig, data: LMData, groups: list[TeacherGroup], student_tokenizer, run: RunDir,
+                       maps: list | None = None):
+    """(the cached cross-tokenizer teacher source over `data`, info): for each group (kdkit.run.teacher_groups) the
+    teacher's tokens of every block and its top-k (kdkit.data.cross_cache), built once per (teacher, its tokenizer
+    and context, block texts, k, T) and reused by any student whose blocks hold the same texts; training then never
+    runs a teacher. info["teacher_cache"]: the cache's description (several groups: each one's under "groups")."""
+    sources, infos = [], []
+    for g in groups:
+        source, info = group_cache_source(cfg, data, g, student_tokenizer, run)
+        sources.append(source)
+        infos.append(info)
+    described = infos[0] if len(infos) == 1 else {"groups": infos, "tokens": sum(i["tokens"] for i in infos)}
+    return grouped(sources, groups, maps), {"teacher_cache": described}
+
+
+def group_cache_source(cfg: KDConfig, data: LMData, group: TeacherGroup, student_tokenizer, run: RunDir):
+    """One group's cache across tokenizers (cross_cache_source) and its description."""
     from kdkit.data.cross_cache import CrossTopKCache, text_fingerprint
     from kdkit.run.cross_teacher import CachedCrossTeacher, cross_cache_key, teacher_tokens
 
-    tok = teacher_tokenizer(cfg)
-    context = min(context_length(m.model) for m in teacher.members)
+    tok, teacher, context = group.tokenizer, group.ensemble, group_context(group)
     same = same_vocabulary(tok, student_tokenizer)
     temperature, k = cross_kd_temperature(cfg), cfg.llm.top_k
     teacher_fp, data_fp = cross_cache_key(teacher.fingerprint(), tok, context, same), text_fingerprint(data)
@@ -324,9 +368,9 @@ def cross_cache_source(cfg: KDConfig, data: LMData, teacher: TeacherEnsemble, st
             batch_size=cfg.eval.batch_size, device=run.device, log=run.log,
         )
     info = cache.describe()
-    run.log(f"teacher cache across tokenizers: {info['tokens']:,} teacher tokens, {info['bytes_per_token']} "
-            f"bytes/teacher token at k={k}")
-    return CachedCrossTeacher(cache, data, where="teacher.members.0 (its cached tokens)"), {"teacher_cache": info}
+    run.log(f"teacher cache across tokenizers ({group.where}): {info['tokens']:,} teacher tokens, "
+            f"{info['bytes_per_token']} bytes/teacher token at k={k}")
+    return CachedCrossTeacher(cache, data, where=f"{group.where} (its cached tokens)"), info
 
 
 def tokenizer_example(tokenizer) -> torch.Tensor:
@@ -340,22 +384,27 @@ def tokenizer_example(tokenizer) -> torch.Tensor:
 
 def lm_recipe(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, run: RunDir, on_epoch) -> Recipe:
     """Per seed: a baseline on the text alone (token_ce) and the distilled student, same initialisation and order."""
-    cross = cross_source(cfg, data.train, teacher, data.tokenizer) if cross_tokenizer(cfg) else None
+    groups = cross_groups(cfg, teacher) if cross_tokenizer(cfg) else None
+    sources = cross_sources(cfg, data.train, groups, data.tokenizer) if groups else None
+    cross = sources[0] if sources else None  # members.0's group: the student's family and the loss's own map
     students = LMStudents(cfg, teacher, data, run.log, own_vocabulary=cross is not None and not cross.same)
     check_draft(cfg, teacher, run, students)
     kd_data = with_sequence_kd(cfg, data, teacher, run)
     losses = cfg.distill.losses
-    vocab_map = shared_vocab_map(cfg, cross, data.tokenizer, run)
+    maps = [shared_vocab_map(cfg, source, data.tokenizer, run, g.where)
+            for g, source in zip(groups, sources)] if sources else None
+    vocab_map = maps[0] if maps else None
     loss, schedules, base_loss = lm_loss(cfg, vocab_map), loss_schedules(losses), baseline_loss("token_ce", ())
     base_loss.fuse_head = cfg.llm.fused_head
     run.log(f"loss: {loss.formula()}   (baseline: {base_loss.formula()})")
     if cross is None:
         teacher_outputs, info = lm_teacher_source(cfg, kd_data, teacher, loss, run)
     elif cfg.distill.cache_teacher and loss.needs_teacher:
-        teacher_outputs, info = cross_cache_source(cfg, kd_data, teacher, data.tokenizer, run)
+        teacher_outputs, info = cross_cache_source(cfg, kd_data, groups, data.tokenizer, run,
+                                                   maps if vocab_map is not None else None)
     else:  # the live source over what the student trains on (the teacher's texts too, with sequence-level KD)
-        teacher_outputs = cross if kd_data is data.train else cross_source(cfg, kd_data, teacher, data.tokenizer)
-        info = {}
+        live = sources if kd_data is data.train else cross_sources(cfg, kd_data, groups, data.tokenizer)
+        teacher_outputs, info = grouped(live, groups, maps if vocab_map is not None else None), {}
     on_policy = make_on_policy(cfg, data.tokenizer, teacher)
     info["data"] = data_info(cfg, data, kd_data)
 
@@ -367,7 +416,8 @@ def lm_recipe(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, run: RunD
             return train_lm(cfg, data, data.train, run, phase, model, base_loss, on_epoch=on_epoch, target=target)
         loss = lm_loss(cfg, vocab_map)
         if vocab_map is not None:
-            check_vocab_map(cfg, vocab_map, model, teacher)
+            for g, group_map in zip(groups, maps):
+                check_vocab_map(cfg, group_map, model, g.ensemble)
         return train_lm(cfg, data, kd_data, run, phase, model, loss, teacher,
                         teacher_outputs, schedules, on_policy, on_epoch, target)
 
@@ -419,9 +469,11 @@ def lm_loss(cfg: KDConfig, vocab_map: tuple[torch.Tensor, torch.Tensor] | None =
     return loss
 
 
-def shared_vocab_map(cfg: KDConfig, cross: CrossTeacher | None, student_tokenizer, run: RunDir):
+def shared_vocab_map(cfg: KDConfig, cross: CrossTeacher | None, student_tokenizer, run: RunDir,
+                     member: str = "teacher.members.0"):
     """(teacher ids, student ids) of the tokens both vocabularies share (kdkit.losses.hybrid_kl.shared_vocab), once
-    per run, when a loss takes the map; else None."""
+    per run and teacher tokenizer (member: the group's first member, named in messages), when a loss takes the
+    map; else None."""
     if cross is None or not any(hasattr(LOSSES[t.name], "set_vocab_map") for t in cfg.distill.losses):
         return None
     from kdkit.losses.hybrid_kl import shared_vocab
@@ -430,11 +482,11 @@ def shared_vocab_map(cfg: KDConfig, cross: CrossTeacher | None, student_tokenize
     if teacher_ids.numel() == 0:
         i = next(i for i, t in enumerate(cfg.distill.losses) if hasattr(LOSSES[t.name], "set_vocab_map"))
         raise CompatibilityError(
-            f"distill.losses.{i} ({cfg.distill.losses[i].name}): the teacher's {len(cross.tokenizer)} tokens and the "
+            f"distill.losses.{i} ({cfg.distill.losses[i].name}): {member}'s {len(cross.tokenizer)} tokens and the "
             f"student's {len(student_tokenizer)} share none (no two decode to the same text), so its exact part is "
             "empty and it is uld exactly: use uld, or check the tokenizers' decoders"
         )
-    run.log(f"shared vocabulary: {teacher_ids.numel()} tokens of the teacher's {len(cross.tokenizer)} and the "
+    run.log(f"shared vocabulary: {teacher_ids.numel()} tokens of {member}'s {len(cross.tokenizer)} and the "
             f"student's {len(student_tokenizer)} decode to the same text")
     return teacher_ids, student_ids
 
@@ -568,9 +620,9 @@ def cross_sequence_kd(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, r
     from kdkit.run.cross_sequence import completion_text, cross_sequence_examples, teacher_prompts
     from kdkit.run.cross_teacher import pad_id_of
 
-    tok = teacher_tokenizer(cfg)
-    context = min(context_length(m.model) for m in teacher.members)
-    prompts = teacher_prompts(tok, data.train, rows, p, context)
+    first = cross_groups(cfg, teacher)[0]  # members.0 writes (teacher_continuations): its group's tokenizer
+    tok = first.tokenizer
+    prompts = teacher_prompts(tok, data.train, rows, p, group_context(first))
     completions = teacher_continuations(cfg, teacher, run, prompts, pad_id_of(tok), tok.eos_token_id, tok)
     written = [completion_text(tok, prompt, c) for prompt, c in zip(prompts, completions)]
     eos = data.tokenizer.eos_token if data.train.eos_id is not None else None

@@ -36,12 +36,17 @@ GAIN_KEYS = ("nll", "perplexity", "bits_per_byte", "bits_per_char", "accuracy", 
 
 def evaluate(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, results: dict, device: str, best: dict,
              recipe=None, untrained_draft: Callable[[int], nn.Module] | None = None,
-             log: Callable[[str], None] = print, cross: CrossTeacher | None = None):
+             log: Callable[[str], None] = print, cross: CrossTeacher | None = None, other_teachers=None):
     """(metrics.json, extras for the report) on the test blocks. untrained_draft(seed): the student as the recipe
     builds it before training (llm.draft.enabled: metrics.json's "draft", see draft_metrics). cross: the source of
-    a teacher with another tokenizer (module docstring)."""
+    a teacher with another tokenizer (module docstring). other_teachers: with members of several tokenizers, the
+    groups after members.0's (which `teacher` and `cross` are), each (name, members, weight, its CrossTeacher over
+    the test blocks): their bits per byte on their own tokens go to metrics.json's "other_teachers"."""
+    info = dict(recipe.info) if recipe is not None else {}
+    if other_teachers:
+        info["other_teachers"] = other_teacher_scores(other_teachers, data, cfg.eval.batch_size, device)
     if cross is not None and not cross.same:
-        return evaluate_cross(cfg, data, teacher, results, device, best, recipe, cross)
+        return evaluate_cross(cfg, data, teacher, results, device, best, info, cross)
     e = cfg.eval
     models: dict[str, Callable] = {"teacher": teacher.logits}
     for kind, _ in KINDS:
@@ -52,9 +57,8 @@ def evaluate(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, results: d
     widths = [teacher.members[0].model.get_output_embeddings().weight.shape[0]]
     widths += [r.model.get_output_embeddings().weight.shape[0] for k, _ in KINDS for r in results[k]]
     shared = min(widths) if len(set(widths)) > 1 else None
-    info = dict(recipe.info) if recipe is not None else {}
     cache = dict(info.get("teacher_cache") or {})
-    topk = TopKError(best["phase"], cache["k"], cache["kd_temperature"]) if cache else None
+    topk = TopKError(best["phase"], cache["k"], cache["kd_temperature"]) if "k" in cache else None
     drafts = {"student": best["phase"]}
     base = [r.phase.name for r in results["baseline"] if r.phase.seed == best["seed"]]
     if base:
@@ -96,8 +100,21 @@ def evaluate(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, results: d
     return metrics, extras
 
 
+def other_teacher_scores(others, data: LMBundle, batch_size: int, device: str) -> dict:
+    """{name: members, weight, and bits per byte / per char / tokens of the group on its own tokens of the test
+    texts} for the groups of other tokenizers (evaluate's other_teachers)."""
+    out = {}
+    for name, members, weight, source in others:
+        scores = lm_metrics({"teacher": source.teacher.logits}, source.teacher_data(data.test), batch_size, device,
+                            decode=text_decoder(source.tokenizer))["teacher"]
+        keys = ("bits_per_byte", "bits_per_char", "perplexity", "tokens")
+        out[name] = {"members": list(members), "weight": round(float(weight), 6), "vocabulary": len(source.tokenizer),
+                     **{k: scores[k] for k in keys if k in scores}}
+    return out
+
+
 def evaluate_cross(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, results: dict, device: str, best: dict,
-                   recipe, cross: CrossTeacher):
+                   info: dict, cross: CrossTeacher):
     """evaluate() for a teacher with another tokenizer: the students as usual without the teacher's comparisons,
     the teacher on its own tokens of the test texts (module docstring)."""
     e = cfg.eval
@@ -112,7 +129,7 @@ def evaluate_cross(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, resu
     agreement, spans = span_agreements(models, cross, data, e.batch_size, device)
     for name, value in agreement.items():
         scores[name]["span_agreement"] = value
-    info = dict(recipe.info) if recipe is not None else {}
+    info = dict(info)
     info["cross_tokenizer"] = {
         "teacher_vocabulary": len(cross.tokenizer),
         "student_vocabulary": len(data.tokenizer),

@@ -148,10 +148,12 @@ def test_hybrid_kl_with_no_shared_token_is_refused_uld_is_not(lm_world, tmp_path
     cross = SimpleNamespace(tokenizer=greek)
     run = SimpleNamespace(log=lambda m: None)
     cfg = load_config(config(corpus, teacher, other))
-    with pytest.raises(CompatibilityError, match=r"^distill.losses.1 \(hybrid_kl\): the teacher's \d+ tokens and the "
-                       r"student's \d+ share none .* it is uld exactly: use uld") as e:
+    with pytest.raises(CompatibilityError, match=r"^distill.losses.1 \(hybrid_kl\): teacher.members.0's \d+ tokens "
+                       r"and the student's \d+ share none .* it is uld exactly: use uld") as e:
         shared_vocab_map(cfg, cross, english, run)
     one_line(e)
+    with pytest.raises(CompatibilityError, match=r"^distill.losses.1 \(hybrid_kl\): teacher.members.2's \d+ tokens"):
+        shared_vocab_map(cfg, cross, english, run, "teacher.members.2")  # a later member's group names its member
     assert shared_vocab_map(load_config(config(corpus, teacher, other, loss="uld")), cross, english, run) is None
     # Two vocabularies that do share tokens: the map, logged.
     t_ids, s_ids = shared_vocab_map(cfg, SimpleNamespace(tokenizer=AutoTokenizer.from_pretrained(str(other))),
