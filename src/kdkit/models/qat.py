@@ -29,9 +29,9 @@ Why not torch.ao.quantization (prepare_qat_fx with the x86 or qnnpack qconfig): 
 (migrate to torchao's PT2E, not installed here); it traces the student into a GraphModule and swaps its layers for
 QAT modules (nnqat.Linear, fused ConvBnReLU2d), so feature taps registered on the student's modules stop firing and
 the saved folder would need its weights mapped back onto the architecture; and its x86 qconfig rounds activations
-to 7 bits (reduce_range), where ONNX Runtime's export rounds weights to 7 bits and activations to 8. Here the student keeps its modules: hooks add the
-rounding, core torch ops do it, and removing them gives back exactly the original network, which saves and loads
-as any student.
+to 7 bits (reduce_range), where ONNX Runtime's export rounds weights to 7 bits and activations to 8. Here the
+student keeps its modules: hooks add the rounding, core torch ops do it, and removing them gives back exactly the
+original network, which saves and loads as any student.
 
 The quantizers hang under the model as `kdkit_qat` (they move with .to(), and their ranges and the count of
 training batches are in state_dict(): the engine's checkpoints and kept-best state carry them, and a resumed run
