@@ -155,3 +155,23 @@ def test_sorted_l1_by_topk_equals_the_padded_full_sort_in_value_and_gradient(wid
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
     for g, w in zip(grads, want_grads):
         torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-10)
+
+
+def test_sorted_desc_is_torch_sort_with_its_gradient():
+    """The CPU path (numpy's order, then a gather) gives torch.sort's values and, without ties, its gradient; a
+    tensor without grad gets the values alone; a dtype numpy does not sort (bfloat16) goes through torch.sort."""
+    from kdkit.losses.uld import sorted_desc
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(5, 300, generator=g, dtype=torch.float64).requires_grad_()
+    weights = torch.randn(5, 300, generator=g, dtype=torch.float64)
+    got = sorted_desc(x)
+    (grad_got,) = torch.autograd.grad((got * weights).sum(), x)
+    want = x.sort(dim=-1, descending=True).values
+    (grad_want,) = torch.autograd.grad((want * weights).sum(), x)
+    assert torch.equal(got, want) and torch.equal(grad_got, grad_want)
+    plain = torch.rand(3, 7, generator=g)
+    assert torch.equal(sorted_desc(plain), plain.sort(dim=-1, descending=True).values)
+    half = plain.bfloat16()
+    assert torch.equal(sorted_desc(half), half.sort(dim=-1, descending=True).values)
+    assert sorted_desc(torch.zeros(2, 0)).shape == (2, 0)
