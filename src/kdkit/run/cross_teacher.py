@@ -225,15 +225,18 @@ class CrossTeacher:
         aligned = self.align(batch)
         device = batch.inputs.device
         out = self.teacher(aligned.teacher.input_ids.to(device))
-        send(aligned, self.vocab_map, device)
+        self.vocab_map = send(aligned, self.vocab_map, device)
         return ModelOutputs(logits=out.logits, alignment=aligned)
 
 
-def send(aligned: AlignedBatch, vocab_map, device) -> None:
-    """The alignment's index, and the source's shared-vocabulary map if it has one, on the batch's device."""
+def send(aligned: AlignedBatch, vocab_map, device):
+    """The alignment's index, and the source's shared-vocabulary map if it has one, on the batch's device; returns
+    the map there, for the source to keep (moved once, not every step)."""
     aligned.index = aligned.index.to(device)
     if vocab_map is not None:
-        aligned.vocab_map = tuple(ids.to(device) for ids in vocab_map)
+        vocab_map = tuple(ids.to(device) for ids in vocab_map)  # a no-op once they are there
+        aligned.vocab_map = vocab_map
+    return vocab_map
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -321,6 +324,6 @@ class CachedCrossTeacher:
     def __call__(self, batch: Batch) -> ModelOutputs:
         aligned, rows = self.align(batch)
         device = batch.inputs.device
-        send(aligned, self.vocab_map, device)
+        self.vocab_map = send(aligned, self.vocab_map, device)
         return ModelOutputs(logits=None, sparse=rows.sparse.to(device),
                             features={TEACHER_TOKEN_LOGPROBS: rows.token_logprobs.to(device)}, alignment=aligned)
