@@ -16,13 +16,14 @@ loss, backward, gradient clipping and the AdamW step.
   tokenize_corpus_with_text, as `with_text` builds them); every configuration gets the same batches.
 - Configurations: `token_kl` — same tokenizer, the teacher (kdkit's frozen TeacherEnsemble of one Teacher) reads
   the student's ids through LiveTeacher, with the fused head as the causal_lm task builds it by default
-  (llm.fused_head: true); `token_kl_logits` — the same on whole logits (llm.fused_head: false), since the
-  cross-tokenizer losses read whole logits; `hybrid_kl` (forward, T=1, the shared map from shared_vocab) and `uld`
-  — the teacher with its own tokenizer through CrossTeacher, alignment included in the step. The KD loss alone
-  (weight 1), no token_ce.
+  (llm.fused_head: true); `token_kl_logits` — the same on whole logits (llm.fused_head: false); `hybrid_kl`
+  (forward, T=1, the shared map from shared_vocab) and `uld` — the teacher with its own tokenizer through
+  CrossTeacher, alignment included in the step, both models' heads applied at the aligned span ends only
+  (kdkit.losses.at_positions, as the causal_lm task runs them by default); `hybrid_kl_logits` — hybrid_kl on both
+  models' whole logits (llm.fused_head: false). The KD loss alone (weight 1), no token_ce.
 
 Method (/work/shared/BENCH.md): one process; after a warm-up of every configuration, rounds run them in turn
-(A B C D, then D C B A, ...), `steps` steps each on the same batches. A step's stages are timed with
+(A B C D E, then E D C B A, ...), `steps` steps each on the same batches. A step's stages are timed with
 perf_counter: align (CrossTeacher.align: the teacher's tokenisation of the block texts and the alignment),
 teacher (the rest of the teacher source: its forward, the ensemble's log-softmax), student (its forward), loss,
 backward, optimizer (clipping, step, zero_grad). The ratio is per student token: the steps carry the same
@@ -57,8 +58,8 @@ from common import (  # noqa: I001
 )
 
 GOAL = 1.3  # hybrid_kl step time ÷ same-tokenizer token_kl step time per student token, at most (#14)
-CONFIGS = ("token_kl", "token_kl_logits", "hybrid_kl", "uld")
-CROSS = ("hybrid_kl", "uld")
+CONFIGS = ("token_kl", "token_kl_logits", "hybrid_kl", "hybrid_kl_logits", "uld")
+CROSS = ("hybrid_kl", "hybrid_kl_logits", "uld")
 STAGES = ("align", "teacher", "student", "loss", "backward", "optimizer")
 ALIGN_PARTS = ("student_encoding", "teacher_encoding", "align_offsets", "span_index")
 
@@ -207,17 +208,18 @@ class Config:
 
         self.name, self.s = name, s
         self.student = copy.deepcopy(student_init).train()
-        loss_name = "token_kl" if name.startswith("token_kl") else name
+        loss_name = name.removesuffix("_logits")
         params = {"direction": "forward", "temperature": 1.0} if loss_name != "uld" else {"temperature": 1.0}
         self.loss = build_loss([(loss_name, 1.0, params)])
-        self.loss.fuse_head = name == "token_kl"  # llm.fused_head (default true) as the causal_lm task sets it
+        self.loss.fuse_head = not name.endswith("_logits")  # llm.fused_head (default true) as the causal_lm task
         for part in self.loss.modules():
             if hasattr(part, "set_vocab_map"):
                 part.set_vocab_map(*vocab_map)
         teacher = TeacherEnsemble([Teacher(teacher_model)])
         self.stages: dict[str, float] = {}
         if name in CROSS:
-            self.source = CrossTeacher(teacher, teacher_tok, student_tok, data, max_length=4 * s.seq_len)
+            self.source = CrossTeacher(teacher, teacher_tok, student_tok, data, max_length=4 * s.seq_len,
+                                       hidden=self.loss.teacher_at_positions)  # as the causal_lm task sets it
             self.source.align = Timed(self.source.align, self.stages, "align")  # the instance's, for this bench
         else:
             self.source = LiveTeacher(teacher, hidden=self.loss.fuses_head)

@@ -228,13 +228,7 @@ def span_index(
     """The spans of each row of a padded batch (token indices into encodings of teacher_length and student_length
     positions) as index tensors (SpanIndex). Rows are padded with masked spans to the most spans of any row."""
     b, s = len(spans), max((len(row) for row in spans), default=0)
-    t_last = torch.zeros(b, s, dtype=torch.long)
-    s_last = torch.zeros(b, s, dtype=torch.long)
-    mask = torch.zeros(b, s, dtype=torch.bool)
-    b_start = torch.zeros(b, s, dtype=torch.long)
-    b_end = torch.zeros(b, s, dtype=torch.long)
-    t_span = torch.full((b, teacher_length), -1, dtype=torch.long)
-    s_span = torch.full((b, student_length), -1, dtype=torch.long)
+    flat = []  # (row, k, teacher start, teacher end, student start, student end, byte start, byte end) per span
     for r, row in enumerate(spans):
         for k, sp in enumerate(row):
             (ta, tb), (sa, sb) = sp.teacher, sp.student
@@ -243,11 +237,26 @@ def span_index(
                     f"row {r} span {k}: token ranges {sp.teacher}, {sp.student} beyond the encodings' lengths "
                     f"{teacher_length}, {student_length}; expected spans of these encodings"
                 )
-            t_last[r, k], s_last[r, k], mask[r, k] = tb - 1, sb - 1, True
-            b_start[r, k], b_end[r, k] = sp.byte_start, sp.byte_end
-            t_span[r, ta:tb] = k
-            s_span[r, sa:sb] = k
+            flat.append((r, k, ta, tb, sa, sb, sp.byte_start, sp.byte_end))
+    rows, ks, ta, tb, sa, sb, bs, be = torch.tensor(flat, dtype=torch.long).reshape(-1, 8).unbind(1)
+    t_last, s_last, b_start, b_end = (torch.zeros(b, s, dtype=torch.long) for _ in range(4))
+    mask = torch.zeros(b, s, dtype=torch.bool)
+    t_last[rows, ks], s_last[rows, ks], mask[rows, ks] = tb - 1, sb - 1, True
+    b_start[rows, ks], b_end[rows, ks] = bs, be
+    t_span = _token_spans(rows, ks, ta, tb, b, teacher_length)
+    s_span = _token_spans(rows, ks, sa, sb, b, student_length)
     return SpanIndex(t_last, s_last, mask, t_span, s_span, b_start, b_end).to(device or "cpu")
+
+
+def _token_spans(rows, ks, starts, ends, b: int, length: int) -> torch.Tensor:
+    """(b, length) int64: k at the positions [start, end) of each span (row, k), −1 elsewhere."""
+    out = torch.full((b, length), -1, dtype=torch.long)
+    sizes = ends - starts
+    total = int(sizes.sum())
+    first = torch.cumsum(sizes, 0) - sizes  # where each span's positions begin in the flat list
+    within = torch.arange(total) - first.repeat_interleave(sizes)
+    out[rows.repeat_interleave(sizes), starts.repeat_interleave(sizes) + within] = ks.repeat_interleave(sizes)
+    return out
 
 
 def align_batch(

@@ -67,6 +67,9 @@ class Loss(nn.Module):
     needs_teacher: bool = True
     needs_labels: bool = False
     reads_logits: bool = True  # False for a loss that reads tapped features only (it can run beside a fused head)
+    # True for a loss that reads the logits at a few positions only and takes a causal LM's hidden state and head
+    # instead (kdkit.losses.at_positions): it too runs beside a fused head, and never makes the whole logits.
+    reads_positions: bool = False
     name = "loss"
 
     def describe(self) -> str:

@@ -78,9 +78,17 @@ class WeightedLoss(nn.Module):
         """Every part that reads the student's logits can take its last hidden state and head instead
         (kdkit.losses.fused_head): the engine then asks a causal LM for those, and the logits never exist whole.
         `fuse_head = False` on this object turns it off."""
-        token = [p for p in self.parts if hasattr(p, "token_term")]
-        others_read_features = all(hasattr(p, "token_term") or not p.reads_logits for p in self.parts)
-        return self.fuse_head and bool(token) and others_read_features
+        headless = [p for p in self.parts if hasattr(p, "token_term") or p.reads_positions]
+        others_read_features = all(hasattr(p, "token_term") or p.reads_positions or not p.reads_logits
+                                   for p in self.parts)
+        return self.fuse_head and bool(headless) and others_read_features
+
+    @property
+    def teacher_at_positions(self) -> bool:
+        """Every part that reads the teacher reads its logits at a few positions only (Loss.reads_positions), so a
+        causal-LM teacher may give its last hidden state and head instead of its logits (a cross-tokenizer source)."""
+        readers = [p for w, p in zip(self.weights, self.parts) if p.needs_teacher and w > 0]
+        return self.fuse_head and bool(readers) and all(p.reads_positions for p in readers)
 
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, batch: Batch) -> StepOutput:
         if student.hidden is not None and student.logits is None:
@@ -88,8 +96,8 @@ class WeightedLoss(nn.Module):
             if fused is not None:
                 return fused
             student = student.with_logits()
-        if teacher is not None:
-            teacher = teacher.with_logits()
+        if teacher is not None and any(p.reads_logits and not p.reads_positions for p in self.parts):
+            teacher = teacher.with_logits()  # once for every part that reads the whole logits
         total = torch.zeros((), device=student.logits.device)
         parts = {}
         for w, p, label in zip(self.weights, self.parts, self.part_names):
@@ -102,7 +110,8 @@ class WeightedLoss(nn.Module):
 
     def _fused(self, student: ModelOutputs, teacher: ModelOutputs | None, batch: Batch) -> StepOutput | None:
         """The token parts in one fused pass over the student's hidden state and head (kdkit.losses.fused_head),
-        the other parts (which read features only) as usual; None when the parts cannot share that pass (mixed
+        the other parts (which read features, or the logits at a few positions: kdkit.losses.at_positions) as
+        usual; None when the parts cannot share that pass (mixed
         shift settings, a padded vocabulary, a teacher of another width), so that forward() falls back to logits."""
         live = [
             (w, p, label)
@@ -111,20 +120,24 @@ class WeightedLoss(nn.Module):
         ]
         token = [(w, p, label) for w, p, label in live if hasattr(p, "token_term")]
         shifts = {p.shift for _, p, _ in token}
-        if not token or len(shifts) != 1 or any(p.reads_logits and not hasattr(p, "token_term") for _, p, _ in live):
+        whole = [p for _, p, _ in live if p.reads_logits and not (hasattr(p, "token_term") or p.reads_positions)]
+        if len(shifts) > 1 or whole:
             return None
-        vocab = student.head.weight.shape[0]
-        if teacher is not None and _width(teacher) not in (None, vocab):
-            return None  # another vocabulary: the logits path names the mismatch
-        b, t = student.hidden.shape[:2]
-        rows, cols = Ft.real_positions(batch.labels, b, t, shifts.pop(), device=student.hidden.device)
-        terms = [p.token_term(teacher, batch, rows.numel(), w, vocab) for w, p, _ in token]
-        if any(term is None for term in terms):
-            return None
-        chunk = min((p.chunk_size for _, p, _ in token if getattr(p, "chunk_size", None)), default=None)
-        teacher_chunk = _teacher_chunk(teacher) if any(term.reads_teacher for term in terms) else None
-        total, values = fused_token_loss(student.hidden, student.head, rows, cols, terms, teacher_chunk, chunk)
-        parts = {label: v for (_, _, label), v in zip(token, values)}
+        total, parts = torch.zeros((), device=student.hidden.device), {}
+        if token:
+            vocab = student.head.weight.shape[0]
+            if teacher is not None and any(p.needs_teacher for _, p, _ in token) and _width(teacher) not in (None,
+                                                                                                             vocab):
+                return None  # another vocabulary: the logits path names the mismatch
+            b, t = student.hidden.shape[:2]
+            rows, cols = Ft.real_positions(batch.labels, b, t, shifts.pop(), device=student.hidden.device)
+            terms = [p.token_term(teacher, batch, rows.numel(), w, vocab) for w, p, _ in token]
+            if any(term is None for term in terms):
+                return None
+            chunk = min((p.chunk_size for _, p, _ in token if getattr(p, "chunk_size", None)), default=None)
+            teacher_chunk = _teacher_chunk(teacher) if any(term.reads_teacher for term in terms) else None
+            total, values = fused_token_loss(student.hidden, student.head, rows, cols, terms, teacher_chunk, chunk)
+            parts = {label: v for (_, _, label), v in zip(token, values)}
         for w, p, label in live:
             if not hasattr(p, "token_term"):
                 value = part_value(p, student, teacher, batch)
@@ -137,8 +150,16 @@ def part_value(part: Loss, student: ModelOutputs, teacher: ModelOutputs | None, 
     """A part's value. Against several teachers with tokenizers of their own (teacher.groups, kdkit.run.
     teacher_groups), a part that reads the teacher is the weighted sum of its value against each group."""
     if teacher is not None and teacher.groups and part.needs_teacher:
-        return sum(w * part(student, group, batch) for w, group in teacher.groups)
-    return part(student, teacher, batch)
+        return sum(w * part(student, _view(part, group), batch) for w, group in teacher.groups)
+    return part(student, _view(part, teacher), batch)
+
+
+def _view(part: Loss, teacher: ModelOutputs | None) -> ModelOutputs | None:
+    """The teacher outputs as the part reads them: with whole logits (ModelOutputs.with_logits) for a part that reads
+    them, as they came for one that reads features or the logits at a few positions (Loss.reads_positions)."""
+    if teacher is None or not part.reads_logits or part.reads_positions:
+        return teacher
+    return teacher.with_logits()
 
 
 def _width(outputs: ModelOutputs) -> int | None:

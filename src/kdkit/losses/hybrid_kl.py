@@ -53,6 +53,7 @@ import torch.nn.functional as F
 
 from kdkit.data.align import AlignedBatch, take
 from kdkit.losses import token_functional as Ft
+from kdkit.losses.at_positions import in_order, logits_at
 from kdkit.losses.base import Loss, choice, positive
 from kdkit.losses.uld import alignment_of, sorted_l1, topk_sorted_l1
 from kdkit.types import Batch, ModelOutputs, SparseLogprobs
@@ -131,6 +132,61 @@ def _check_map(teacher_ids: torch.Tensor, student_ids: torch.Tensor, v_teacher: 
             raise ValueError(f"{side}_ids repeat an id; expected a one-to-one map")
 
 
+def vocab_orders(teacher_ids: torch.Tensor, student_ids: torch.Tensor, v_teacher: int,
+                 v_student: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(teacher order (V_t,), student order (V_s,)): each side's ids with the shared ones first, paired in map order,
+    then the rest: the column orders hybrid_ordered reads. Checks the map (one-line ValueErrors)."""
+    _check_map(teacher_ids, student_ids, v_teacher, v_student)
+    t_rest, s_rest = _rest(teacher_ids, v_teacher), _rest(student_ids, v_student)
+    if (t_rest.numel() == 0) != (s_rest.numel() == 0):
+        side, n = ("student", t_rest.numel()) if s_rest.numel() == 0 else ("teacher", s_rest.numel())
+        raise ValueError(
+            f"hybrid_kl: every {side} id is shared but the other side has {n} unmatched ids; the split KL would be "
+            "infinite. Expected unmatched ids on both sides or on neither (use uld otherwise)"
+        )
+    return torch.cat([teacher_ids, t_rest]), torch.cat([student_ids, s_rest])
+
+
+def _log_softmax(logits: torch.Tensor, t: float) -> torch.Tensor:
+    x = Ft._upcast(logits)
+    return F.log_softmax(x if t == 1.0 else x / t, dim=-1)  # x / 1 is x: the division is skipped, not changed
+
+
+def hybrid_ordered(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    shared: int,
+    direction: str = "forward",
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """The hybrid divergence of the module docstring per row, × T², for logits whose first `shared` columns are the
+    shared ids, paired column by column, and whose other columns are each side's rest (vocab_orders): (N, V_s),
+    (N, V_t) → (N,) float32.
+
+    Computed in the equivalent form of the chain rule (forward; reverse exchanges p and q, weights r_q)
+
+        KL(Bern(m_p) ‖ Bern(m_q)) + m_p · KL(p̃_shared ‖ q̃_shared) = Σ_shared p (log p − log q) + r_p (log r_p − log r_q)
+
+    (r = 1 − m, the rest mass): no shared sub-vector is renormalised, and every part is a contiguous slice."""
+    if direction not in HYBRID_DIRECTIONS:
+        raise ValueError(f"direction={direction!r}; expected one of {', '.join(HYBRID_DIRECTIONS)}")
+    t = float(temperature)
+    log_q = _log_softmax(student_logits, t)
+    log_p = _log_softmax(teacher_logits.detach(), t)
+    if shared == log_p.shape[-1] == log_q.shape[-1]:  # every id shared: the KL itself (token_kl's arithmetic)
+        return Ft._divergence(log_p, log_q, direction, 0.5) * (t * t)
+    # One split per side (its backward is one concatenation, where two slices would each fill a zero (N, V) tensor).
+    (p_sh, p_rest), (q_sh, q_rest) = (x.split([shared, x.shape[-1] - shared], dim=-1) for x in (log_p, log_q))
+    kl_shared = Ft._kl(p_sh, q_sh) if direction == "forward" else Ft._kl(q_sh, p_sh)
+    log_r_p, log_r_q = p_rest.logsumexp(-1), q_rest.logsumexp(-1)
+    log_ra, log_rb = (log_r_p, log_r_q) if direction == "forward" else (log_r_q, log_r_p)
+    kl_rest_mass = Ft._kl(log_ra[:, None], log_rb[:, None])
+    lowest = torch.finfo(log_p.dtype).min  # a side with no rest mass: its normaliser stays finite
+    p_rest = (p_rest - log_r_p.clamp_min(lowest)[:, None]).exp()
+    q_rest = (q_rest - log_r_q.clamp_min(lowest)[:, None]).exp()
+    return (kl_shared + kl_rest_mass + log_ra.exp() * sorted_l1(p_rest, q_rest)) * (t * t)
+
+
 def hybrid_per_position(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -140,40 +196,9 @@ def hybrid_per_position(
     temperature: float = 1.0,
 ) -> torch.Tensor:
     """The hybrid divergence of the module docstring per row, × T²: (N, V_s), (N, V_t), (K,), (K,) → (N,) float32."""
-    if direction not in HYBRID_DIRECTIONS:
-        raise ValueError(f"direction={direction!r}; expected one of {', '.join(HYBRID_DIRECTIONS)}")
-    v_s, v_t = student_logits.shape[-1], teacher_logits.shape[-1]
-    _check_map(teacher_ids, student_ids, v_t, v_s)
-    t = float(temperature)
-    log_q = F.log_softmax(Ft._upcast(student_logits) / t, dim=-1)
-    log_p = F.log_softmax(Ft._upcast(teacher_logits.detach()) / t, dim=-1)
-    t_ids, s_ids = teacher_ids.to(log_p.device), student_ids.to(log_q.device)
-    t_rest, s_rest = _rest(t_ids, v_t), _rest(s_ids, v_s)
-    if t_rest.numel() == 0 and s_rest.numel() == 0:  # every id shared: m = 1 exactly, the KL itself
-        return Ft._divergence(log_p[:, t_ids], log_q[:, s_ids], direction, 0.5) * (t * t)
-    if t_rest.numel() == 0 or s_rest.numel() == 0:
-        side, n = ("student", t_rest.numel()) if s_rest.numel() == 0 else ("teacher", s_rest.numel())
-        raise ValueError(
-            f"hybrid_kl: every {side} id is shared but the other side has {n} unmatched ids; the split KL would be "
-            "infinite. Expected unmatched ids on both sides or on neither (use uld otherwise)"
-        )
-    lowest = torch.finfo(log_p.dtype).min  # a side with no mass on a part: its normaliser stays finite
-
-    def split(log_x: torch.Tensor, shared: torch.Tensor, rest: torch.Tensor):
-        log_sh, log_rest = log_x[:, shared], log_x[:, rest]
-        log_m, log_r = log_sh.logsumexp(-1, keepdim=True), log_rest.logsumexp(-1, keepdim=True)
-        return (
-            log_sh - log_m.clamp_min(lowest),
-            (log_rest - log_r.clamp_min(lowest)).exp(),
-            torch.cat([log_m, log_r], dim=-1),
-        )
-
-    p_sh, p_rest, p_mass = split(log_p, t_ids, t_rest)
-    q_sh, q_rest, q_mass = split(log_q, s_ids, s_rest)
-    mass = Ft._divergence(p_mass, q_mass, direction, 0.5)
-    shared = Ft._divergence(p_sh, q_sh, direction, 0.5)
-    weight = (p_mass if direction == "forward" else q_mass).exp()  # (N, 2): shared mass, rest mass
-    return (mass + weight[:, 0] * shared + weight[:, 1] * sorted_l1(p_rest, q_rest)) * (t * t)
+    t_order, s_order = vocab_orders(teacher_ids, student_ids, teacher_logits.shape[-1], student_logits.shape[-1])
+    return hybrid_ordered(in_order(student_logits, s_order), in_order(teacher_logits, t_order), teacher_ids.numel(),
+                          direction, temperature)
 
 
 def hybrid_topk_per_position(
@@ -227,8 +252,8 @@ def hybrid_topk_per_position(
 
 
 def hybrid_kl_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    student_logits: torch.Tensor | ModelOutputs,
+    teacher_logits: torch.Tensor | ModelOutputs,
     student_positions: torch.Tensor,
     teacher_positions: torch.Tensor,
     mask: torch.Tensor,
@@ -240,18 +265,28 @@ def hybrid_kl_loss(
 ) -> torch.Tensor:
     """Σ over real aligned positions of hybrid_per_position / N (N = their number, or num_real).
 
-    student_logits (B, T_s, V_s), teacher_logits (B, T_t, V_t); positions and mask (B, S) (kdkit.data.align.SpanIndex);
-    teacher_ids, student_ids (K,): the shared map (shared_vocab)."""
+    student_logits (B, T_s, V_s), teacher_logits (B, T_t, V_t), or either side's ModelOutputs with its hidden state
+    and head (kdkit.losses.at_positions: the head runs at the compared positions only); positions and mask (B, S)
+    (kdkit.data.align.SpanIndex); teacher_ids, student_ids (K,): the shared map (shared_vocab)."""
     if temperature <= 0:
         raise ValueError(f"temperature={temperature}; expected > 0")
-    s = take(student_logits, student_positions, mask)
-    t = take(teacher_logits.detach(), teacher_positions, mask)
-    denom = Ft.denominator(s.shape[0], num_real, student_logits.device)
-    return hybrid_per_position(s, t, teacher_ids, student_ids, direction, temperature).sum() / denom
+    v_t, v_s = (_width(x) for x in (teacher_logits, student_logits))
+    t_order, s_order = vocab_orders(teacher_ids, student_ids, v_t, v_s)
+    s = logits_at(student_logits, student_positions, mask, s_order)
+    t = logits_at(teacher_logits, teacher_positions, mask, t_order).detach()
+    denom = Ft.denominator(s.shape[0], num_real, s.device)
+    return hybrid_ordered(s, t, teacher_ids.numel(), direction, temperature).sum() / denom
+
+
+def _width(x: torch.Tensor | ModelOutputs) -> int:
+    """The vocabulary size of logits or of a ModelOutputs (its logits, or its head's rows)."""
+    if isinstance(x, torch.Tensor):
+        return x.shape[-1]
+    return x.logits.shape[-1] if x.logits is not None else x.head.weight.shape[0]
 
 
 def hybrid_topk_loss(
-    student_logits: torch.Tensor,
+    student_logits: torch.Tensor | ModelOutputs,
     sparse: SparseLogprobs,
     student_positions: torch.Tensor,
     teacher_positions: torch.Tensor,
@@ -266,8 +301,8 @@ def hybrid_topk_loss(
     positions of hybrid_topk_per_position / N."""
     if temperature <= 0:
         raise ValueError(f"temperature={temperature}; expected > 0")
-    s = take(student_logits, student_positions, mask)
-    device = student_logits.device
+    s = logits_at(student_logits, student_positions, mask)
+    device = s.device
     ids, lp, rest = (take(x.detach().to(device), teacher_positions, mask)
                      for x in (sparse.ids, sparse.logprobs, sparse.rest))
     denom = Ft.denominator(s.shape[0], num_real, device)
@@ -279,6 +314,7 @@ class HybridKL(Loss):
     loss.set_vocab_map(*shared_vocab(teacher_tokenizer, student_tokenizer)) (not a config value: it is derived)."""
 
     name = "hybrid_kl"
+    reads_positions = True  # reads both sides' logits at the aligned positions only (kdkit.losses.at_positions)
     cross_tokenizer = True  # reads a teacher with another tokenizer through the alignment (kdkit.run.cross_teacher)
 
     def __init__(self, direction: str = "forward", temperature: float = 1.0):
@@ -311,12 +347,12 @@ class HybridKL(Loss):
                                                                                             self.student_ids)
         index = aligned.index
         if teacher.logits is None and teacher.sparse is not None:  # the offline cache across tokenizers
-            return hybrid_topk_loss(student.logits, teacher.sparse, index.student_last, index.teacher_last,
+            return hybrid_topk_loss(student, teacher.sparse, index.student_last, index.teacher_last,
                                     index.mask, teacher_ids, student_ids, self.direction, self.temperature,
                                     num_real_tokens)
         return hybrid_kl_loss(
-            student.logits,
-            teacher.logits,
+            student,
+            teacher,
             index.student_last,
             index.teacher_last,
             index.mask,

@@ -170,14 +170,18 @@ class CrossTeacher:
     teacher: the frozen teacher (a TeacherEnsemble whose members share one tokenizer), called on its own ids.
     data: the LMData the engine trains on (its blocks with texts; batch.index indexes it). max_length: the most
     tokens per row the teacher reads (its context). same: the tokenizers share the vocabulary (same_vocabulary):
-    the teacher reads the student's ids. where: how errors name the teacher's tokenizer (teacher.members.0). The
-    first blocks are aligned once here (check_aligned), so tokenisations with no common text fail before training."""
+    the teacher reads the student's ids. where: how errors name the teacher's tokenizer (teacher.members.0). hidden:
+    every loss part that reads the teacher reads it at the aligned positions only (WeightedLoss.teacher_at_positions),
+    so a causal-LM teacher gives its last hidden state and head (Teacher.hidden_forward) and its head runs at those
+    positions only (kdkit.losses.at_positions), not over its whole (B, T_teacher, V_teacher) logits. The first
+    blocks are aligned once here (check_aligned), so tokenisations with no common text fail before training."""
 
     def __init__(self, teacher, teacher_tokenizer: Any, student_tokenizer: Any, data: LMData,
-                 max_length: int | None = None, where: str = "teacher"):
+                 max_length: int | None = None, where: str = "teacher", hidden: bool = False):
         if data.texts is None:
             raise DataError("cross-tokenizer teacher: the training blocks carry no text; build them with_text")
         self.teacher, self.tokenizer, self.data, self.max_length = teacher, teacher_tokenizer, data, max_length
+        self.hidden = hidden and hasattr(teacher, "hidden_forward")
         self.same = same_vocabulary(teacher_tokenizer, student_tokenizer)
         self.where = where
         self.vocab_map = None  # (teacher ids, student ids) sent with every alignment, for hybrid_kl (several teachers)
@@ -224,9 +228,10 @@ class CrossTeacher:
     def __call__(self, batch: Batch) -> ModelOutputs:
         aligned = self.align(batch)
         device = batch.inputs.device
-        out = self.teacher(aligned.teacher.input_ids.to(device))
+        ids = aligned.teacher.input_ids.to(device)
+        out = self.teacher.hidden_forward(ids) if self.hidden else self.teacher(ids)
         self.vocab_map = send(aligned, self.vocab_map, device)
-        return ModelOutputs(logits=out.logits, alignment=aligned)
+        return ModelOutputs(logits=out.logits, hidden=out.hidden, head=out.head, alignment=aligned)
 
 
 def send(aligned: AlignedBatch, vocab_map, device):

@@ -404,6 +404,8 @@ def lm_recipe(cfg: KDConfig, data: LMBundle, teacher: TeacherEnsemble, run: RunD
                                                    maps if vocab_map is not None else None)
     else:  # the live source over what the student trains on (the teacher's texts too, with sequence-level KD)
         live = sources if kd_data is data.train else cross_sources(cfg, kd_data, groups, data.tokenizer)
+        for source in live:  # every teacher part reads the aligned positions only: the teacher's head runs there
+            source.hidden = loss.teacher_at_positions  # (CrossTeacher's hidden)
         teacher_outputs, info = grouped(live, groups, maps if vocab_map is not None else None), {}
     on_policy = make_on_policy(cfg, data.tokenizer, teacher)
     info["data"] = data_info(cfg, data, kd_data)

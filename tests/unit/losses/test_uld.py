@@ -175,3 +175,28 @@ def test_sorted_desc_is_torch_sort_with_its_gradient():
     half = plain.bfloat16()
     assert torch.equal(sorted_desc(half), half.sort(dim=-1, descending=True).values)
     assert sorted_desc(torch.zeros(2, 0)).shape == (2, 0)
+
+
+def test_float32_order_by_integer_keys_is_argsort():
+    """float32 rows are ordered by sorting int64 keys (the value's bits made monotone, above its column): the same
+    order as numpy's argsort, for negatives, ±0, ±inf and ties; torch.sort's values and, without ties, its gradient."""
+    import numpy as np
+
+    from kdkit.losses.uld import _order_desc, sorted_desc
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 200, generator=g)
+    x[:, :3], x[:, 3], x[:, 4:6], x[:, 6], x[:, 7:20] = 0.0, -0.0, float("inf"), float("-inf"), x[:, 20:33]
+    order = _order_desc(x.numpy())
+    assert order.dtype == np.int64 and sorted(order[0].tolist()) == list(range(200))  # a permutation
+    np.testing.assert_array_equal(np.take_along_axis(x.numpy(), order, -1),
+                                  np.take_along_axis(x.numpy(), np.argsort(-x.numpy(), axis=-1), -1))
+    ordered = np.take_along_axis(x.numpy(), order, -1)
+    assert (ordered[:, :-1] >= ordered[:, 1:]).all()  # descending
+    y = torch.randn(5, 300, generator=g).requires_grad_()  # no ties
+    weights = torch.randn(5, 300, generator=g)
+    got = sorted_desc(y)
+    (grad_got,) = torch.autograd.grad((got * weights).sum(), y)
+    want = y.sort(dim=-1, descending=True).values
+    (grad_want,) = torch.autograd.grad((want * weights).sum(), y)
+    assert torch.equal(got, want) and torch.equal(grad_got, grad_want)

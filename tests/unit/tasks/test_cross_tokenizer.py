@@ -192,6 +192,51 @@ def test_one_tokenizer_hybrid_kl_through_the_source_is_token_kl(lm_world):
         assert torch.equal(got, expected), (got.item(), expected.item())
 
 
+@pytest.mark.parametrize("loss", ["hybrid_kl", "uld"])
+def test_heads_at_the_aligned_positions_equal_whole_logits(lm_world, loss, monkeypatch):
+    """llm.fused_head (the default): the student gives its hidden state and head (token_ce fused), the cross source's
+    teacher too (every teacher part reads the aligned positions only), and each head runs at the span ends only.
+    The step's loss, parts and gradients equal the whole-logits step's; no whole logits are made on either side."""
+    import copy
+
+    from kdkit.engine.step import distill_step
+    from kdkit.models.causal_lm import load_causal_lm
+
+    corpus, teacher, other = lm_world
+    student_tok = tokenizer(teacher)
+    ensemble, _, teacher_tok = frozen_teacher(other)
+    student, _ = load_causal_lm(str(teacher))
+    data = build_lm_data("text_folder", None, str(corpus), None, None, student_tok, 24, 0.1, 0.2, 0, None,
+                         with_text=True)
+    batch = data.train.collate([data.train[i] for i in range(6)])
+    params = {"temperature": 2.0} | ({"direction": "reverse"} if loss == "hybrid_kl" else {})
+    results = []
+    for fuse in (False, True):
+        weighted = build_loss([("token_ce", 0.4, {}), (loss, 0.6, params)])
+        weighted.fuse_head = fuse
+        for part in weighted.parts:
+            if hasattr(part, "set_vocab_map"):
+                part.set_vocab_map(*shared_vocab(teacher_tok, student_tok))
+        assert weighted.fuses_head == fuse and weighted.teacher_at_positions == fuse
+        source = CrossTeacher(ensemble, teacher_tok, student_tok, data.train, max_length=128,
+                              hidden=weighted.teacher_at_positions)
+        if fuse:  # neither side's whole logits are ever made
+            monkeypatch.setattr(ModelOutputs, "with_logits", lambda self: pytest.fail("whole logits were made"))
+        t_out = source(batch)
+        assert (t_out.logits is None and t_out.hidden is not None) == fuse
+        model = copy.deepcopy(student)
+        out = distill_step(model, weighted, batch, t_out)
+        out.loss.backward()
+        results.append((out.loss.item(), {k: v.item() for k, v in out.parts.items()},
+                        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (a, pa, ga), (b, pb, gb) = results
+    assert b == pytest.approx(a, rel=1e-5) and pb.keys() == pa.keys()
+    assert all(pb[k] == pytest.approx(pa[k], rel=1e-5) for k in pa)
+    assert gb.keys() == ga.keys()
+    for n in ga:
+        torch.testing.assert_close(gb[n], ga[n], rtol=1e-4, atol=1e-7, msg=n)
+
+
 def test_one_tokenizer_span_agreement_through_the_source_is_top1_agreement(lm_world):
     """The invariant through the real source and the evaluation's loop: one tokenizer, so every token but a block's
     last real one is a span; with a prefix-free decoding span agreement is argmax equality there, and with the
