@@ -179,6 +179,14 @@ class DataConfig(Section):
         "with data.tokenizer.",
     )
     max_length: int = Field(128, gt=1, description="Text data: tokens per text; longer texts are cut (and counted).")
+    block_chars: int | None = Field(
+        None,
+        ge=16,
+        description="causal_lm: cut each document into blocks of at most this many characters (before a "
+        "whitespace), one block each, padded to max_length tokens (the tokens past it are cut and counted), instead "
+        "of cutting the token stream: the block texts are then the same for every student tokenizer, so one "
+        "teacher cache across tokenizers serves them all.",
+    )
     image_size: int = Field(32, gt=0, description="Images are resized to image_size × image_size (image_folder, hf).")
     grayscale: bool = Field(False, description="Read images as one channel (image_folder, hf).")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="Share of the examples held out for validation.")
@@ -222,8 +230,9 @@ class DataConfig(Section):
                 f"train_tokenizer and tokenizer ({self.tokenizer!r}) are both set; expected one: a tokenizer to load, "
                 "or one to train on the training documents"
             )
-        if self.train_tokenizer is not None and self.task != "causal_lm":
-            raise ValueError(f"train_tokenizer needs task: causal_lm; got task: {self.task}")
+        for key in ("train_tokenizer", "block_chars"):
+            if getattr(self, key) is not None and self.task != "causal_lm":
+                raise ValueError(f"{key} needs task: causal_lm; got task: {self.task}")
         return self
 
 

@@ -16,7 +16,9 @@ The student is not in it: at training time its tokens are aligned to the cached 
 and context: teacher_fingerprint), the corpus text of the blocks (text_fingerprint: every block's text and where its
 document separators are, not the student's ids), k and the temperature. A student whose blocks hold the same texts
 reads the same cache; one whose blocks are cut elsewhere (another tokenisation of the stream cuts other texts)
-holds other texts and is refused in one line, like another teacher, k or temperature, or a truncated file.
+holds other texts and is refused in one line, like another teacher, k or temperature, or a truncated file. Blocks cut
+by text (data.block_chars, kdkit.data.text_blocks) hold the same texts and separators for every student tokenizer, so
+one cache serves them all.
 
 Files, in one folder: topk/ (a kdkit TopKCache: shards and its own manifest), tokens.ids.npy, tokens.lengths.npy,
 tokens.offsets.npy, tokens.logprob.npy, and cross.json (format, keys, file sizes and sha256, tokens, bytes per
@@ -52,7 +54,8 @@ KIND = CacheKind(
     FORMAT,
     teacher_words="another teacher or teacher tokenizer",
     data_words="other block texts",
-    data_note="; blocks cut from another tokenisation of the corpus hold other texts",
+    data_note="; blocks cut from another tokenisation of the corpus hold other texts: data.block_chars cuts them by "
+    "text, the same for every student",
 )
 
 
@@ -90,9 +93,13 @@ def text_fingerprint(data: LMData) -> str:
         raw = text.encode("utf-8", "surrogatepass")
         h.update(len(raw).to_bytes(8, "little"))
         h.update(raw)
-        n = int(data.lengths[i])
-        seps = (data.ids[i, :n] == data.eos_id) if data.eos_id is not None else torch.zeros(n, dtype=torch.bool)
-        spans = data.offsets[i, :n][seps].to(torch.int64).numpy()
+        given = data.separators([i])  # blocks cut by text: from the text alone
+        if given is not None:
+            spans = np.asarray(given[0], dtype=np.int64).reshape(-1, 2)
+        else:
+            n = int(data.lengths[i])
+            seps = (data.ids[i, :n] == data.eos_id) if data.eos_id is not None else torch.zeros(n, dtype=torch.bool)
+            spans = data.offsets[i, :n][seps].to(torch.int64).numpy()
         h.update(len(spans).to_bytes(8, "little"))
         h.update(np.ascontiguousarray(spans).tobytes())
     return f"text:{len(data.texts)}:{h.hexdigest()}"

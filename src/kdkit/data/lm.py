@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from kdkit.data.text_blocks import SEPARATOR, text_cut_blocks
 from kdkit.errors import DataError
 from kdkit.registry import lookup, suggest
 from kdkit.types import Batch
@@ -163,6 +164,8 @@ class LMData(Dataset):
         self.pad_id, self.eos_id = int(pad_id), eos_id
         self.labels = self.ids  # for code that counts examples through .labels
         self.prompt_lengths = torch.zeros(len(ids), dtype=torch.long)  # tokens at the start that are not predicted
+        self.truncated = 0  # blocks cut by text whose tokens did not all fit (kdkit.data.text_blocks)
+        self.text_ends: torch.Tensor | None = None  # blocks cut by text: (N,) bool, the text ends its document
         # With text (with_text): each block's text, and each token's character offsets into it (N, T, 2) int32.
         self.texts, self.offsets = texts, None if offsets is None else offsets.int()
 
@@ -182,6 +185,20 @@ class LMData(Dataset):
         offsets = None if self.offsets is None else self.offsets[idx]
         out = LMData(self.ids[idx], self.lengths[idx], self.pad_id, self.eos_id, texts, offsets)
         out.prompt_lengths = self.prompt_lengths[idx]
+        out.text_ends = None if self.text_ends is None else self.text_ends[idx]
+        return out
+
+    def separators(self, index) -> list[list[tuple[int, int]]] | None:
+        """The document-separator spans in each indexed block's text, for blocks cut by text (the text's last
+        characters, SEPARATOR, where it ends its document: known from the text alone, also where the block's tokens
+        were cut short before its end-of-sequence token); None for blocks of the token stream, whose separators
+        are where their end-of-sequence tokens are."""
+        if self.text_ends is None:
+            return None
+        out = []
+        for i in [int(i) for i in index]:
+            n = len(self.texts[i])
+            out.append([(n - len(SEPARATOR), n)] if bool(self.text_ends[i]) else [])
         return out
 
     def collate(self, items: list) -> Batch:
@@ -233,6 +250,7 @@ class LMBundle:
     tokens: int
     tokenizer: object = field(repr=False, default=None)
     modality: str = "lm"
+    truncated: int = 0  # blocks cut by text (data.block_chars) that held more than block_size tokens
 
     def collate(self, items: list) -> Batch:
         return self.train.collate(items)
@@ -333,13 +351,14 @@ def build_lm_data(
     split_seed: int,
     limit: int | None,
     with_text: bool = False,
+    block_chars: int | None = None,
 ) -> LMBundle:
     """The flat `data` fields of a causal_lm run → LMBundle. `limit` keeps this many blocks (a random subset).
     with_text: the blocks also carry their texts and token offsets (tokenize_corpus_with_text), for a teacher with
-    another tokenizer."""
+    another tokenizer. block_chars: blocks cut by text (kdkit.data.text_blocks), not from the token stream."""
     texts = read_corpus(source, name, path, data_files, text_column)
     pad = check_lm_tokenizer(tokenizer, block_size)
-    full, tokens = token_blocks(texts, tokenizer, block_size, pad, with_text)
+    full, tokens = token_blocks(texts, tokenizer, block_size, pad, with_text, block_chars)
     rng = np.random.default_rng(split_seed)
     order = rng.permutation(len(full))
     if limit is not None:
@@ -349,7 +368,8 @@ def build_lm_data(
     test = full.subset(np.sort(order[:n_test]))
     val = full.subset(np.sort(order[n_test : n_test + n_val])) if n_val else None
     train = full.subset(np.sort(order[n_test + n_val :]))
-    return LMBundle(train, val, test, len(tokenizer), block_size, len(texts), tokens, tokenizer)
+    return LMBundle(train, val, test, len(tokenizer), block_size, len(texts), tokens, tokenizer,
+                    truncated=full.truncated)
 
 
 def read_corpus(source: str, name: str | None, path: str | None, data_files, text_column: str | None) -> list[str]:
@@ -373,8 +393,16 @@ def check_lm_tokenizer(tokenizer, block_size: int) -> int:
     return int(pad)
 
 
-def token_blocks(texts: list[str], tokenizer, block_size: int, pad: int, with_text: bool) -> tuple[LMData, int]:
-    """Documents → (LMData of their blocks, tokens in the stream); with_text: with each block's text and offsets."""
+def token_blocks(texts: list[str], tokenizer, block_size: int, pad: int, with_text: bool,
+                 block_chars: int | None = None) -> tuple[LMData, int]:
+    """Documents → (LMData of their blocks, tokens in the stream); with_text: with each block's text and offsets;
+    block_chars: blocks cut by text (kdkit.data.text_blocks; LMData.truncated counts the chunks cut short)."""
+    if block_chars is not None:
+        cut = text_cut_blocks(texts, tokenizer, block_size, block_chars, pad, with_text)
+        data = LMData(cut.ids, cut.lengths, pad, tokenizer.eos_token_id, cut.texts, cut.offsets)
+        data.truncated = cut.truncated
+        data.text_ends = cut.ends if with_text and tokenizer.eos_token_id is not None else None
+        return data, cut.tokens
     if with_text:
         blocks, tokens, text_blocks = tokenize_corpus_with_text(texts, tokenizer, block_size)
         return LMData(blocks, None, pad, tokenizer.eos_token_id, text_blocks.texts, text_blocks.offsets), tokens
@@ -415,9 +443,10 @@ def split_documents(texts: list[str], val_fraction: float, test_fraction: float,
     return sorted(order), sorted(val), sorted(test)
 
 
-def _blocks_of(part: str, docs: list[str], tokenizer, block_size: int, pad: int, with_text: bool):
+def _blocks_of(part: str, docs: list[str], tokenizer, block_size: int, pad: int, with_text: bool,
+               block_chars: int | None):
     try:
-        return token_blocks(docs, tokenizer, block_size, pad, with_text)
+        return token_blocks(docs, tokenizer, block_size, pad, with_text, block_chars)
     except DataError as exc:  # say which split is too short
         raise DataError(f"{exc} (the {part} split: {len(docs)} documents)") from None
 
@@ -435,6 +464,7 @@ def build_lm_data_by_documents(
     split_seed: int,
     limit: int | None,
     with_text: bool = False,
+    block_chars: int | None = None,
 ) -> LMBundle:
     """build_lm_data for a tokenizer made from the training documents (module docstring): the documents split
     (split_documents), make_tokenizer(training documents) → the tokenizer, each split tokenised into its own blocks.
@@ -448,15 +478,15 @@ def build_lm_data_by_documents(
         n_test, n_val = split_counts(limit, val_fraction, test_fraction)
         wanted = {"train": limit - n_test - n_val, "val": n_val, "test": n_test}
     rng = np.random.default_rng(split_seed)
-    parts, tokens = {}, 0
+    parts, tokens, truncated = {}, 0, 0
     for part, idx in (("train", train_idx), ("val", val_idx), ("test", test_idx)):
         if not idx or wanted[part] == 0:
             parts[part] = None
             continue
-        blocks, n = _blocks_of(part, [texts[i] for i in idx], tokenizer, block_size, pad, with_text)
-        tokens += n
+        blocks, n = _blocks_of(part, [texts[i] for i in idx], tokenizer, block_size, pad, with_text, block_chars)
+        tokens, truncated = tokens + n, truncated + blocks.truncated
         keep = wanted[part]
         parts[part] = blocks if keep is None or keep >= len(blocks) else blocks.subset(
             np.sort(rng.permutation(len(blocks))[:keep]))
     return LMBundle(parts["train"], parts["val"], parts["test"], len(tokenizer), block_size, len(texts), tokens,
-                    tokenizer)
+                    tokenizer, truncated=truncated)

@@ -148,13 +148,17 @@ def build_data(
     label_fraction: float = 1.0,
     task: str = "classification",
     train_tokenizer: dict | None = None,
+    block_chars: int | None = None,
 ) -> DataBundle:
     """The flat arguments of the `data` config section → DataBundle (classification; language-model corpora,
-    task causal_lm, are built by kdkit.data.lm.build_lm_data, which alone reads train_tokenizer)."""
+    task causal_lm, are built by kdkit.data.lm.build_lm_data, which alone reads train_tokenizer and block_chars)."""
     if task != "classification":
         raise DataError(f"data.task: {task!r}; build_data makes classification data (causal_lm has its own flow)")
     if train_tokenizer is not None:
         raise DataError("data.train_tokenizer: trains a language model's tokenizer; expected data.task: causal_lm")
+    if block_chars is not None:
+        raise DataError(f"data.block_chars: {block_chars} cuts a language model's corpus; expected data.task: "
+                        "causal_lm")
     loader = lookup(DATA_SOURCES, source, "data.source")
     request = DataRequest(
         source=source,

@@ -11,7 +11,9 @@ without special tokens, and the teacher's end-of-sequence token stands where the
 same separator text: the teacher's input is built the way the student's stream was (kdkit.data.lm), so both
 predict the next document's start after an end-of-sequence token, and that position is aligned too. The block is
 cut from a longer text: where it starts inside a word, the teacher tokenises the word's tail as a word of its own
-(the student's first tokens are the stream's); rows longer than the teacher's context are cut at max_length.
+(the student's first tokens are the stream's); rows longer than the teacher's context are cut at max_length. The
+teacher reads the whole block text, also past the student's last token (a block cut by text whose tokens did not all
+fit, kdkit.data.text_blocks), so its tokens depend on the text alone.
 With the same vocabulary on both sides the teacher reads the student's own ids and offsets (nothing is
 re-tokenised), so the alignment is the identity over tokens and hybrid_kl is token_kl exactly.
 
@@ -76,28 +78,32 @@ def teacher_encoding(
     student: Encoded,
     student_eos: int | None,
     max_length: int | None = None,
+    separators: Sequence[Sequence[tuple[int, int]]] | None = None,
 ) -> Encoded:
-    """The teacher's tokens of each block text (module docstring): the document pieces between the student's
-    end-of-sequence tokens tokenised on their own (fast tokenizer, no special tokens, character offsets shifted
-    into the block text), the teacher's end-of-sequence token at each separator with the separator's offsets;
-    the first max_length tokens of a row are kept; right-padded (pad_id_of) with (0, 0) offsets."""
+    """The teacher's tokens of each block text (module docstring): the document pieces between the separators
+    tokenised on their own (fast tokenizer, no special tokens, character offsets shifted into the block text), the
+    teacher's end-of-sequence token at each separator with the separator's offsets; the first max_length tokens of
+    a row are kept; right-padded (pad_id_of) with (0, 0) offsets. separators: each row's separator spans (LMData.
+    separators: from the text alone for blocks cut by text); by default the student's end-of-sequence tokens'."""
     check_fast(tokenizer, "teacher")
     teacher_eos = tokenizer.eos_token_id
     rows: list[list[tuple[str, Any]]] = []  # per row: ("text", (start, end)) pieces and ("eos", (start, end))
     pieces: list[str] = []
     for r, text in enumerate(texts):
         row, at = [], 0
-        real = int(student.attention_mask[r].sum())
-        ids = student.input_ids[r, :real].tolist()
-        for k, token_id in enumerate(ids):
-            if student_eos is None or token_id != student_eos:
-                continue
-            s, e = student.offsets[r][k]
+        if separators is None:
+            real = int(student.attention_mask[r].sum())
+            ids = student.input_ids[r, :real].tolist()
+            seps = [student.offsets[r][k] for k, token_id in enumerate(ids)
+                    if student_eos is not None and token_id == student_eos]
+        else:
+            seps = separators[r]
+        for s, e in seps:
             if s > at:
                 row.append(("text", (at, s)))
             row.append(("eos", (s, e)))
             at = e
-        end = max((e for _, e in student.offsets[r][:real]), default=0)
+        end = len(text)  # the whole text: where the student's tokens stop (a truncated text-cut block) changes nothing
         if end > at:
             row.append(("text", (at, end)))
         rows.append(row)
@@ -199,7 +205,8 @@ class CrossTeacher:
         if self.same:
             teacher = student
         else:
-            teacher = teacher_encoding(self.tokenizer, texts, student, self.data.eos_id, self.max_length)
+            teacher = teacher_encoding(self.tokenizer, texts, student, self.data.eos_id, self.max_length,
+                                       self.data.separators(index))
         prompts = self.data.prompt_lengths[index].tolist()
         aligned = block_alignment(texts, teacher, student, prompts)
         check_aligned(aligned, index, self.where, prompts)
@@ -217,7 +224,7 @@ class CrossTeacher:
             index = list(range(start, min(start + batch_size, len(data))))
             student = student_encoding(data, index, data.ids[index], data.lengths[index])
             enc = teacher_encoding(self.tokenizer, [data.texts[i] for i in index], student, data.eos_id,
-                                   self.max_length)
+                                   self.max_length, data.separators(index))
             rows += list(enc.input_ids)
             lengths += enc.attention_mask.sum(1).tolist()
         width = max(len(r) for r in rows)
@@ -281,7 +288,7 @@ def teacher_tokens(tokenizer: Any, data: LMData, max_length: int | None, same: b
         index = list(range(start, min(start + batch_size, len(data))))
         student = student_encoding(data, index, data.ids[index], data.lengths[index])
         enc = student if same else teacher_encoding(tokenizer, [data.texts[i] for i in index], student,
-                                                    data.eos_id, max_length)
+                                                    data.eos_id, max_length, data.separators(index))
         for r in range(len(index)):
             n = int(enc.attention_mask[r].sum())
             rows.append(enc.input_ids[r, :n])

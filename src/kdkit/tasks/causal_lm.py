@@ -83,13 +83,16 @@ class CausalLM:
             check_builtin_members(cfg)  # a missing model package: one line now, not after training a tokenizer
             data = build_lm_data_by_documents(
                 d.source, d.name, d.path, d.data_files, d.text_column, student_tokenizer_trainer(cfg, run),
-                d.max_length, d.val_fraction, d.test_fraction, d.split_seed, d.limit, with_text=cross_tokenizer(cfg))
+                d.max_length, d.val_fraction, d.test_fraction, d.split_seed, d.limit, with_text=cross_tokenizer(cfg),
+                block_chars=d.block_chars)
         else:
             data = build_lm_data(d.source, d.name, d.path, d.data_files, d.text_column, lm_tokenizer(cfg),
                                  d.max_length, d.val_fraction, d.test_fraction, d.split_seed, d.limit,
-                                 with_text=cross_tokenizer(cfg))
+                                 with_text=cross_tokenizer(cfg), block_chars=d.block_chars)
+        cut = f" (cut by text, {d.block_chars} characters each: {data.truncated} held more tokens and were cut " \
+              "short)" if d.block_chars else ""
         run.log(
-            f"data: {data.documents} documents, {data.tokens:,} tokens → blocks of {data.block_size}: "
+            f"data: {data.documents} documents, {data.tokens:,} tokens → blocks of {data.block_size}{cut}: "
             f"{len(data.train)} train / {len(data.val) if data.val else 0} val / {len(data.test)} test"
         )
         return data

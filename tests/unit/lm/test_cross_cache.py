@@ -225,6 +225,57 @@ def test_a_second_student_tokenizer_reuses_the_cache(world, tmp_path):
     assert "\n" not in str(e.value)
 
 
+def test_blocks_cut_by_text_share_one_cache_across_student_vocabularies(world, tmp_path):
+    """data.block_chars: the blocks' texts (and their split) come from the corpus alone, so a student with a wholly
+    other vocabulary (another size, other merges) reads the cache built for the first, and its cached losses equal
+    its live ones (k = V); a block whose tokens did not all fit keeps its text, which the teacher reads whole."""
+    from tests.conftest import bpe_tokenizer
+
+    corpus, ensemble, teacher_tok, student_tok, _ = world
+    v_t = ensemble.members[0].model.get_output_embeddings().weight.shape[0]
+    texts = [p.read_text() for p in sorted(corpus.glob("*.txt"))]
+    second_tok = bpe_tokenizer(texts, 240)
+    assert len(second_tok) != len(student_tok)
+
+    def cut(tok):
+        return build_lm_data("text_folder", None, str(corpus), None, None, tok, BLOCK, 0.1, 0.2, 0, None,
+                             with_text=True, block_chars=300)
+
+    first, second = cut(student_tok), cut(second_tok)
+    assert first.train.texts == second.train.texts and first.test.texts == second.test.texts
+    assert first.truncated > 0  # the 120-token student cuts most 300-character blocks short: the texts stay whole
+    assert text_fingerprint(first.train) == text_fingerprint(second.train)
+    # The teacher's tokens come from the texts alone: equal for both students, its eos where a document ends, also
+    # in a block whose student tokens were cut short before their own eos.
+    t_first, t_second = (teacher_tokens(teacher_tok, d.train, 128) for d in (first, second))
+    assert torch.equal(t_first.ids, t_second.ids) and torch.equal(t_first.offsets, t_second.offsets)
+    d = first.train
+    cut_ends = [i for i in range(len(d)) if d.text_ends[i] and d.eos_id not in d.ids[i, :int(d.lengths[i])].tolist()]
+    assert cut_ends, "expected a document's last block cut short before its eos"
+    i = cut_ends[0]
+    assert t_first.ids[i, int(t_first.lengths[i]) - 1] == teacher_tok.eos_token_id
+    said: list[str] = []
+    build(tmp_path / "c", ensemble, teacher_tok, first.train, k=v_t, log=said.append)
+
+    def never():
+        raise AssertionError("the cache was rebuilt")
+
+    key = cross_cache_key(ensemble.fingerprint(), teacher_tok, 128, False)
+    said.clear()
+    cache = CrossTopKCache.build_or_load(tmp_path / "c", never, ensemble.members[0].logits, v_t, 1.0, key,
+                                         text_fingerprint(second.train), log=said.append)
+    assert said and said[0].startswith("teacher cache across tokenizers: reading")
+    data = second.train
+    batch = data.collate([data[i] for i in range(8)])
+    t_live = CrossTeacher(ensemble, teacher_tok, second_tok, data, 128)(batch)
+    t_cached = CachedCrossTeacher(cache, data)(batch)
+    student = ModelOutputs(logits=student_logits(batch, len(second_tok)))
+    for loss in (hybrid("forward", 1.0, teacher_tok, second_tok),
+                 build_loss([("uld", 1.0, {"temperature": 1.0})]).parts[0]):
+        torch.testing.assert_close(loss(student, t_cached, batch), loss(student, t_live, batch), rtol=1e-3,
+                                   atol=1e-5)
+
+
 def test_refusals_name_what_differs_in_one_line(world, tmp_path):
     corpus, ensemble, teacher_tok, student_tok, data = world
     cache = build(tmp_path / "c", ensemble, teacher_tok, data, k=4)

@@ -141,3 +141,25 @@ def test_temperatures_the_cache_cannot_hold_are_refused(lm_world, tmp_path, loss
     with pytest.raises(ConfigError, match=match) as e:
         CausalLM().check(cfg)
     assert "\n" not in str(e.value)
+
+
+def test_blocks_cut_by_text_build_one_cache_for_two_student_tokenizers(lm_world, tmp_path):
+    """data.block_chars: `kdkit cache-teacher` for one student tokenizer, then a run with a wholly other student
+    vocabulary trains from that cache: its blocks hold the same texts, so nothing is rebuilt."""
+    from tests.conftest import bpe_tokenizer
+
+    corpus, teacher, other = lm_world
+    second = tmp_path / "second_tokenizer"
+    bpe_tokenizer([p.read_text() for p in sorted(corpus.glob("*.txt"))], 240).save_pretrained(second)
+    losses = [{"name": "hybrid_kl", "weight": 0.5, "params": {"temperature": 2.0}}]
+    said: list[str] = []
+    info = cache_teacher(cross_config(corpus, teacher, other, tmp_path, losses, data={"block_chars": 30}),
+                         log=said.append)
+    assert info["tokens"] > 0 and any("cut by text, 30 characters each" in s for s in said)
+    said.clear()
+    result = distill(cross_config(corpus, teacher, second, tmp_path, losses, data={"block_chars": 30}),
+                     out=tmp_path / "run", log=said.append)
+    assert any("teacher cache across tokenizers: reading" in s for s in said)
+    assert not any("blocks ×" in s for s in said)  # nothing was rebuilt
+    assert len(list((tmp_path / "runs" / "cache").glob("lm-cross-topk-*"))) == 1
+    assert math.isfinite(result.metrics["student"]["bits_per_byte"])
