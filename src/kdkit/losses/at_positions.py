@@ -25,7 +25,7 @@ def logits_at(outputs: torch.Tensor | ModelOutputs, positions: torch.Tensor, mas
     if not isinstance(outputs, torch.Tensor) and outputs.logits is None and outputs.hidden is not None:
         hidden = take(outputs.hidden, positions, mask)
         weight, bias = outputs.head.weight, getattr(outputs.head, "bias", None)
-        if columns is not None and not _identity(columns):
+        if columns is not None and not is_identity(columns):
             columns = columns.to(weight.device)
             weight, bias = weight[columns], None if bias is None else bias[columns]
         return head_logits(hidden, weight, bias)
@@ -34,10 +34,11 @@ def logits_at(outputs: torch.Tensor | ModelOutputs, positions: torch.Tensor, mas
 
 def in_order(logits: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
     """logits (N, V) with their columns in the order `columns` (V,); the logits themselves for None or the identity."""
-    if columns is None or _identity(columns):
+    if columns is None or is_identity(columns):
         return logits
     return logits[:, columns.to(logits.device)]
 
 
-def _identity(columns: torch.Tensor) -> bool:
+def is_identity(columns: torch.Tensor) -> bool:
+    """columns is 0, 1, ..., V − 1 (a comparison read back to the host: callers on a hot path pass None instead)."""
     return torch.equal(columns, torch.arange(columns.numel(), device=columns.device))

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 from kdkit.data.align import AlignedBatch, take
 from kdkit.losses import token_functional as Ft
-from kdkit.losses.at_positions import in_order, logits_at
+from kdkit.losses.at_positions import in_order, is_identity, logits_at
 from kdkit.losses.base import Loss, choice, positive
 from kdkit.losses.uld import alignment_of, sorted_l1, topk_sorted_l1
 from kdkit.types import Batch, ModelOutputs, SparseLogprobs
@@ -135,7 +135,8 @@ def _check_map(teacher_ids: torch.Tensor, student_ids: torch.Tensor, v_teacher: 
 def vocab_orders(teacher_ids: torch.Tensor, student_ids: torch.Tensor, v_teacher: int,
                  v_student: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(teacher order (V_t,), student order (V_s,)): each side's ids with the shared ones first, paired in map order,
-    then the rest: the column orders hybrid_ordered reads. Checks the map (one-line ValueErrors)."""
+    then the rest: the column orders hybrid_ordered reads. Checks the map (one-line ValueErrors). The checks read
+    values back to the host: HybridKL computes these once per map (VocabOrders), not every step."""
     _check_map(teacher_ids, student_ids, v_teacher, v_student)
     t_rest, s_rest = _rest(teacher_ids, v_teacher), _rest(student_ids, v_student)
     if (t_rest.numel() == 0) != (s_rest.numel() == 0):
@@ -262,16 +263,18 @@ def hybrid_kl_loss(
     direction: str = "forward",
     temperature: float = 1.0,
     num_real: int | torch.Tensor | None = None,
+    orders: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Σ over real aligned positions of hybrid_per_position / N (N = their number, or num_real).
 
     student_logits (B, T_s, V_s), teacher_logits (B, T_t, V_t), or either side's ModelOutputs with its hidden state
     and head (kdkit.losses.at_positions: the head runs at the compared positions only); positions and mask (B, S)
-    (kdkit.data.align.SpanIndex); teacher_ids, student_ids (K,): the shared map (shared_vocab)."""
+    (kdkit.data.align.SpanIndex); teacher_ids, student_ids (K,): the shared map (shared_vocab). orders: the map's
+    vocab_orders when already computed (None: computed here)."""
     if temperature <= 0:
         raise ValueError(f"temperature={temperature}; expected > 0")
     v_t, v_s = (_width(x) for x in (teacher_logits, student_logits))
-    t_order, s_order = vocab_orders(teacher_ids, student_ids, v_t, v_s)
+    t_order, s_order = orders if orders is not None else vocab_orders(teacher_ids, student_ids, v_t, v_s)
     s = logits_at(student_logits, student_positions, mask, s_order)
     t = logits_at(teacher_logits, teacher_positions, mask, t_order).detach()
     denom = Ft.denominator(s.shape[0], num_real, s.device)
@@ -309,6 +312,25 @@ def hybrid_topk_loss(
     return hybrid_topk_per_position(s, ids, lp, rest, teacher_ids, student_ids, direction, temperature).sum() / denom
 
 
+class VocabOrders:
+    """vocab_orders of the maps a HybridKL reads, computed once per map and vocabulary sizes (the map is fixed for a
+    run, or one per teacher group; its tensors are held here, so their ids name them while cached)."""
+
+    def __init__(self):
+        self._cache: dict[tuple, tuple] = {}
+
+    def __call__(self, teacher_ids: torch.Tensor, student_ids: torch.Tensor, v_teacher: int, v_student: int):
+        key = (id(teacher_ids), id(student_ids), v_teacher, v_student)
+        if key not in self._cache:
+            if len(self._cache) >= 16:  # maps replaced over and over (set_vocab_map in a loop): keep the newest
+                self._cache.clear()
+            orders = vocab_orders(teacher_ids, student_ids, v_teacher, v_student)
+            # An identity order is None: in_order then returns the logits without comparing the order every step.
+            orders = tuple(None if is_identity(o) else o for o in orders)
+            self._cache[key] = (teacher_ids, student_ids, orders)
+        return self._cache[key][2]
+
+
 class HybridKL(Loss):
     """hybrid_kl_loss at each span's last token. The shared map is set once the tokenizers are known:
     loss.set_vocab_map(*shared_vocab(teacher_tokenizer, student_tokenizer)) (not a config value: it is derived)."""
@@ -324,6 +346,7 @@ class HybridKL(Loss):
         self.register_buffer("teacher_ids", torch.zeros(0, dtype=torch.long), persistent=False)
         self.register_buffer("student_ids", torch.zeros(0, dtype=torch.long), persistent=False)
         self._has_map = False
+        self._orders = VocabOrders()
 
     def set_vocab_map(self, teacher_ids: torch.Tensor, student_ids: torch.Tensor) -> None:
         self.teacher_ids = teacher_ids.to(self.teacher_ids.device, torch.long)
@@ -361,6 +384,7 @@ class HybridKL(Loss):
             self.direction,
             self.temperature,
             num_real_tokens,
+            self._orders(teacher_ids, student_ids, _width(teacher), _width(student)),
         )
 
     def describe(self) -> str:

@@ -203,3 +203,32 @@ def test_bad_maps_and_parameters_are_refused():
     empty = Batch(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long), torch.arange(1))
     with pytest.raises(ValueError, match="hybrid_kl: no vocabulary map"):
         HybridKL()(ModelOutputs(s[None]), ModelOutputs(t[None]), empty)
+
+
+def test_the_orders_of_a_map_are_computed_once(monkeypatch):
+    """HybridKL checks its map and orders the vocabulary once per map (VocabOrders), not every step: those checks
+    read values back to the host. A second map gets its own orders."""
+    import kdkit.losses.hybrid_kl as hk
+
+    calls = []
+    real = hk.vocab_orders
+    monkeypatch.setattr(hk, "vocab_orders", lambda *a: calls.append(a) or real(*a))
+    g = torch.Generator().manual_seed(4)
+    student, teacher = torch.randn(1, 3, 6, generator=g), torch.randn(1, 3, 8, generator=g)
+    index = torch.tensor([[0, 1, 2]])
+    aligned = type("A", (), {"index": type("I", (), {"student_last": index, "teacher_last": index,
+                                                     "mask": torch.ones(1, 3, dtype=torch.bool)})(),
+                             "vocab_map": None})()
+    loss = HybridKL()
+    loss.set_vocab_map(torch.tensor([0, 2, 5]), torch.tensor([4, 1, 0]))
+    batch = Batch(torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long), torch.arange(1))
+    values = [loss(ModelOutputs(student), ModelOutputs(teacher), batch, alignment=aligned) for _ in range(3)]
+    assert len(calls) == 1 and values[0] == values[1] == values[2]
+    expected = hybrid_kl_loss(student, teacher, index, index, torch.ones(1, 3, dtype=torch.bool),
+                              torch.tensor([0, 2, 5]), torch.tensor([4, 1, 0]))
+    assert torch.equal(values[0], expected)  # the functional form computes the orders itself
+    calls.clear()
+    loss.set_vocab_map(torch.tensor([1, 3]), torch.tensor([2, 5]))
+    for _ in range(2):
+        loss(ModelOutputs(student), ModelOutputs(teacher), batch, alignment=aligned)
+    assert len(calls) == 1
